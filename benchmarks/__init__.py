@@ -1,0 +1,1 @@
+"""The rnnjax benchmark suite (``rnnjax-bench``): rnnjax against its peers, interleaved, as ratios."""

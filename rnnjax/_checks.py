@@ -1,0 +1,96 @@
+"""Input validation shared by the public functions.
+
+Every error names the public function, what was expected, what was given and
+how to fix it. Value checks (lengths in range, no NaNs) only run on concrete
+arrays: under ``jit`` the values are not known, and the checks are skipped.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def require_float(fn: str, name: str, x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        hint = " (token ids go through rnnjax.layers.embedding first)" if jnp.issubdtype(x.dtype, jnp.integer) else ""
+        raise TypeError(
+            f"{fn}: expected a floating-point {name}, got dtype {x.dtype}{hint}. "
+            f"Fix: pass {name}.astype(jnp.float32)."
+        )
+
+
+def require_features(fn: str, name: str, x, expected: int) -> None:
+    if x.ndim < 1 or x.shape[-1] != expected:
+        raise ValueError(
+            f"{fn}: expected {name} with {expected} features in the last axis "
+            f"(the parameters were initialised with input_size={expected}), got shape {tuple(x.shape)}. "
+            f"Fix: pass inputs of shape [..., {expected}] or re-initialise with input_size={x.shape[-1] if x.ndim else 0}."
+        )
+
+
+def tree_shapes(tree) -> str:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    shapes = [f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}" for leaf in leaves]
+    return str(jax.tree_util.tree_unflatten(treedef, shapes)).replace("'", "")
+
+
+def require_like(fn: str, name: str, given, expected, fix: str) -> None:
+    """Checks that ``given`` has the structure, shapes and dtypes of ``expected`` (ShapeDtypeStructs)."""
+    g_leaves, g_def = jax.tree_util.tree_flatten(given)
+    e_leaves, e_def = jax.tree_util.tree_flatten(expected)
+    ok = g_def == e_def and all(
+        tuple(jnp.shape(g)) == tuple(e.shape) and jnp.result_type(g) == e.dtype for g, e in zip(g_leaves, e_leaves)
+    )
+    if not ok:
+        raise ValueError(
+            f"{fn}: {name} does not match: expected {tree_shapes(expected)}, "
+            f"got {tree_shapes(jax.tree_util.tree_map(jnp.asarray, given))}. Fix: {fix}"
+        )
+
+
+def lengths_to_mask(fn: str, lengths, batch_shape: tuple[int, ...], T: int):
+    """Validates ``lengths`` and returns a time-major boolean mask ``[T, *B]``."""
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(
+            f"{fn}: expected integer lengths, got dtype {lengths.dtype}. "
+            "Fix: pass lengths.astype(jnp.int32) holding whole numbers of valid steps."
+        )
+    if tuple(lengths.shape) != tuple(batch_shape):
+        raise ValueError(
+            f"{fn}: expected lengths of shape {tuple(batch_shape)} (the batch dimensions of xs), "
+            f"got shape {tuple(lengths.shape)}. Fix: pass one length per sequence."
+        )
+    if is_concrete(lengths):
+        values = np.asarray(lengths)
+        if values.size and values.min() < 0:
+            raise ValueError(
+                f"{fn}: lengths must be >= 0, got a minimum of {values.min()}. "
+                "Fix: pass the number of valid steps of each sequence."
+            )
+        if values.size and values.max() > T:
+            raise ValueError(
+                f"{fn}: lengths must be <= T = {T} (the time axis of xs), got a maximum of {values.max()}. "
+                "Fix: pad xs to the longest sequence or clip the lengths."
+            )
+    return jnp.arange(T).reshape((T,) + (1,) * len(batch_shape)) < lengths[None]
+
+
+def check_mask(fn: str, mask, batch_shape: tuple[int, ...], T: int, time_major: bool, name: str = "mask"):
+    """Validates a boolean ``mask`` and returns it time-major ``[T, *B]``."""
+    mask = jnp.asarray(mask)
+    expected = (T, *batch_shape) if time_major else (*batch_shape, T)
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"{fn}: expected {name} of shape {expected} (xs without its feature axis), "
+            f"got shape {tuple(mask.shape)}. Fix: pass one boolean per step of each sequence."
+        )
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"{fn}: expected a boolean {name}, got dtype {mask.dtype}. Fix: pass {name}.astype(bool).")
+    return mask if time_major else jnp.moveaxis(mask, -1, 0)

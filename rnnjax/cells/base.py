@@ -1,0 +1,186 @@
+"""The cell contract: a NamedTuple of pure functions, built by a factory.
+
+A cell is to rnnjax what a ``GradientTransformation`` is to optax::
+
+    cell = rnnjax.cells.lstm(hidden_size=256)
+    params = cell.init(key, input_size=128)          # a NamedTuple pytree
+    carry = cell.initial_carry(params, batch_shape=(B,))
+    px = cell.project(params, xs)                     # input projection, any leading dims
+    carry, y = cell.step(params, carry, px[..., t, :])
+
+``step`` has ``lax.scan``'s argument order, so
+``lax.scan(partial(cell.step, params), carry, px)`` works as it stands.
+Everything works on ``x[..., F]``: any number of leading batch dimensions,
+none at all, or under ``vmap``. Static settings live in the factory's
+closure, never in ``params``; params and carries hold no PRNG keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.types import Array, InitSpec, PRNGKey
+
+
+class Cell(NamedTuple):
+    """A recurrent cell: pure functions over a params pytree.
+
+    Attributes:
+      init: ``(key, input_size) -> params``.
+      initial_carry: ``(params, batch_shape=()) -> carry`` (zeros).
+      project: ``(params, xs[..., F]) -> px[..., G]``, the part of the step
+        that depends on the input only; the driver may run it on all steps
+        at once (one big matmul) or inside the time loop.
+      step: ``(params, carry, px[..., G]) -> (carry, y[..., O])``.
+      input_size: ``params -> F``, read from the parameter shapes.
+      output_size: ``O``, the width of ``y``.
+      name: a short name used in messages and benchmarks.
+    """
+
+    init: Callable[[PRNGKey, int], Any]
+    initial_carry: Callable[..., Any]
+    project: Callable[[Any, Array], Array]
+    step: Callable[[Any, Any, Array], tuple[Any, Array]]
+    input_size: Callable[[Any], int]
+    output_size: int
+    name: str
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda x: x,
+}
+
+
+def get_activation(fn: str, name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(
+            f"{fn}: unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}. "
+            "Fix: pass one of those names."
+        )
+    return ACTIVATIONS[name]
+
+
+def check_size(fn: str, name: str, value: int, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{fn}: expected {name} to be an integer >= {minimum}, got {value!r}. "
+                         f"Fix: pass a whole number such as {name}={max(minimum, 1) * 64}.")
+    return value
+
+
+# Initialisers. Each takes (key, shape, dtype); ``hidden_size`` fixes the
+# PyTorch-style bound 1/sqrt(H) that nn.RNN/LSTM/GRU use for every tensor.
+
+def _torch_uniform(hidden_size: int):
+    bound = 1.0 / math.sqrt(hidden_size)
+
+    def init(key, shape, dtype):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+_NAMED = {
+    "xavier": jax.nn.initializers.glorot_uniform,
+    "he": jax.nn.initializers.he_uniform,
+    "orthogonal": jax.nn.initializers.orthogonal,
+    "zeros": lambda: jax.nn.initializers.zeros,
+}
+
+
+def initializer(fn: str, spec: InitSpec, hidden_size: int):
+    """Resolves ``"uniform"`` (PyTorch's U(±1/√H)), ``"xavier"``, ``"he"``,
+    ``"orthogonal"``, ``"zeros"`` or a ``(key, shape, dtype)`` callable."""
+    if callable(spec):
+        return spec
+    if spec == "uniform":
+        return _torch_uniform(hidden_size)
+    if spec in _NAMED:
+        return _NAMED[spec]()
+    raise ValueError(
+        f"{fn}: unknown initialiser {spec!r}; expected 'uniform', 'xavier', 'he', "
+        "'orthogonal', 'zeros' or a callable (key, shape, dtype) -> array. Fix: pass one of those."
+    )
+
+
+def gate_blocks(init, key: PRNGKey, rows: int, hidden: int, gates: int, dtype) -> Array:
+    """A ``[rows, gates * hidden]`` matrix initialised one ``[rows, hidden]``
+    gate block at a time, so fan-based and orthogonal initialisers see the
+    shape of one gate (as in Keras and cuDNN)."""
+    keys = jax.random.split(key, gates)
+    return jnp.concatenate([init(k, (rows, hidden), dtype) for k in keys], axis=1)
+
+
+def affine(x: Array, w: Array, b: Array | None) -> Array:
+    y = x @ w
+    return y if b is None else y + b
+
+
+def zeros_carry(batch_shape, size: int, dtype) -> Array:
+    return jnp.zeros((*tuple(batch_shape), size), dtype)
+
+
+class Weights(NamedTuple):
+    """The input and recurrent weights shared by the classic cells."""
+
+    w_ih: Array
+    w_hh: Array
+    b_ih: Array | None
+    b_hh: Array | None
+
+
+class InitConfig(NamedTuple):
+    """Initialisers chosen in a cell factory, resolved once."""
+
+    input: Callable
+    recurrent: Callable
+    bias: Callable
+    dtype: Any
+
+
+def init_config(fn: str, hidden_size: int, input_init: InitSpec, recurrent_init: InitSpec,
+                bias_init: InitSpec, param_dtype) -> InitConfig:
+    return InitConfig(
+        initializer(fn, input_init, hidden_size),
+        initializer(fn, recurrent_init, hidden_size),
+        initializer(fn, bias_init, hidden_size),
+        jnp.dtype(param_dtype),
+    )
+
+
+def init_weights(cfg: InitConfig, key: PRNGKey, input_size: int, recurrent_rows: int,
+                 hidden: int, gates: int, bias: bool) -> Weights:
+    """``w_ih [F, gates*H]``, ``w_hh [rows, gates*H]`` and two biases, as PyTorch lays them out (transposed)."""
+    k_ih, k_hh, k_bi, k_bh = jax.random.split(key, 4)
+    width = gates * hidden
+    return Weights(
+        gate_blocks(cfg.input, k_ih, input_size, hidden, gates, cfg.dtype),
+        gate_blocks(cfg.recurrent, k_hh, recurrent_rows, hidden, gates, cfg.dtype),
+        cfg.bias(k_bi, (width,), cfg.dtype) if bias else None,
+        cfg.bias(k_bh, (width,), cfg.dtype) if bias else None,
+    )
+
+
+def layer_norm(x: Array, gain: Array | None, shift: Array | None, eps: float) -> Array:
+    """Normalises the last axis (float32 statistics), then scales and shifts."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    if gain is not None:
+        y = y * gain
+    if shift is not None:
+        y = y + shift
+    return y
+
+
+def gate_layer_norm(x: Array, gain: Array, shift: Array, gates: int, eps: float) -> Array:
+    """Layer norm of each gate's block of ``x[..., gates*H]`` separately; ``gain``/``shift`` are ``[gates, H]``."""
+    blocks = x.reshape(*x.shape[:-1], gates, x.shape[-1] // gates)
+    return layer_norm(blocks, gain, shift, eps).reshape(x.shape)

@@ -1,0 +1,98 @@
+"""Simple recurrent networks: Elman (hidden-state feedback) and Jordan (output feedback)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells.base import (
+    Cell,
+    Weights,
+    get_activation,
+    affine,
+    check_size,
+    init_config,
+    init_weights,
+    zeros_carry,
+)
+from rnnjax.types import Array, InitSpec
+
+
+def elman(hidden_size: int, *, activation: str = "tanh", bias: bool = True,
+          input_init: InitSpec = "uniform", recurrent_init: InitSpec = "uniform",
+          bias_init: InitSpec = "uniform", param_dtype=jnp.float32) -> Cell:
+    """Elman network, ``h' = act(x W_ih + b_ih + h W_hh + b_hh)``; equals ``torch.nn.RNN``.
+
+    Params are :class:`~rnnjax.cells.base.Weights` (``w_ih [F, H]``,
+    ``w_hh [H, H]``, ``b_ih``, ``b_hh``); the carry is ``h [..., H]``.
+    ``activation`` is ``"tanh"`` or ``"relu"`` (any name in
+    ``rnnjax.cells.ACTIVATIONS``).
+    """
+    fn = "rnnjax.cells.elman"
+    H = check_size(fn, "hidden_size", hidden_size)
+    act = get_activation(fn, activation)
+    cfg = init_config(fn, H, input_init, recurrent_init, bias_init, param_dtype)
+
+    def init(key, input_size: int) -> Weights:
+        return init_weights(cfg, key, check_size(fn, "input_size", input_size), H, H, 1, bias)
+
+    def initial_carry(params: Weights, batch_shape=()) -> Array:
+        return zeros_carry(batch_shape, H, params.w_hh.dtype)
+
+    def project(params: Weights, xs: Array) -> Array:
+        return affine(xs, params.w_ih, params.b_ih)
+
+    def step(params: Weights, h: Array, px: Array):
+        h = act(px + affine(h, params.w_hh, params.b_hh))
+        return h, h
+
+    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], H, "elman")
+
+
+class JordanParams(NamedTuple):
+    w_ih: Array  # [F, H]
+    w_yh: Array  # [O, H]: the context (previous output) into the hidden layer
+    b_h: Array | None  # [H]
+    w_hy: Array  # [H, O]
+    b_y: Array | None  # [O]
+
+
+def jordan(hidden_size: int, output_size: int, *, activation: str = "tanh",
+           output_activation: str = "tanh", bias: bool = True, input_init: InitSpec = "uniform",
+           recurrent_init: InitSpec = "uniform", bias_init: InitSpec = "uniform",
+           param_dtype=jnp.float32) -> Cell:
+    """Jordan network: the context fed back is the previous *output*, not the hidden state::
+
+        h_t = act(x_t W_ih + y_{t-1} W_yh + b_h)
+        y_t = output_act(h_t W_hy + b_y)
+
+    The carry is ``y_{t-1} [..., O]`` and the step returns ``y_t``.
+    """
+    fn = "rnnjax.cells.jordan"
+    H = check_size(fn, "hidden_size", hidden_size)
+    O = check_size(fn, "output_size", output_size)
+    act = get_activation(fn, activation)
+    out_act = get_activation(fn, output_activation)
+    cfg = init_config(fn, H, input_init, recurrent_init, bias_init, param_dtype)
+
+    def init(key, input_size: int) -> JordanParams:
+        k1, k2, k3 = jax.random.split(key, 3)
+        hidden = init_weights(cfg, k1, check_size(fn, "input_size", input_size), O, H, 1, bias)
+        w_hy = cfg.input(k2, (H, O), cfg.dtype)
+        b_y = cfg.bias(k3, (O,), cfg.dtype) if bias else None
+        return JordanParams(hidden.w_ih, hidden.w_hh, hidden.b_ih, w_hy, b_y)
+
+    def initial_carry(params: JordanParams, batch_shape=()) -> Array:
+        return zeros_carry(batch_shape, O, params.w_hy.dtype)
+
+    def project(params: JordanParams, xs: Array) -> Array:
+        return affine(xs, params.w_ih, params.b_h)
+
+    def step(params: JordanParams, y_prev: Array, px: Array):
+        h = act(px + y_prev @ params.w_yh)
+        y = out_act(affine(h, params.w_hy, params.b_y))
+        return y, y
+
+    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], O, "jordan")

@@ -1,0 +1,102 @@
+"""Gated recurrent units: both formulations, and the layer-normalised GRU."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells.base import (
+    Cell,
+    Weights,
+    affine,
+    check_size,
+    gate_layer_norm,
+    init_config,
+    init_weights,
+    zeros_carry,
+)
+from rnnjax.types import Array, InitSpec
+
+
+def gru(hidden_size: int, *, reset_after: bool = True, bias: bool = True, input_init: InitSpec = "uniform",
+        recurrent_init: InitSpec = "uniform", bias_init: InitSpec = "uniform", param_dtype=jnp.float32) -> Cell:
+    """GRU, gate order r, z, n (PyTorch's); params are ``Weights`` with ``3H`` columns.
+
+    ``reset_after=True`` (default) is the cuDNN/PyTorch formulation and
+    equals ``torch.nn.GRU``: ``n = tanh(x W_in + b_in + r * (h W_hn + b_hn))``.
+    ``reset_after=False`` is Cho et al. (2014): the reset gate acts before
+    the recurrent matmul, ``n = tanh(x W_in + b_in + (r * h) W_hn + b_hn)``,
+    which costs a second, dependent matmul per step.
+    In both, ``h' = (1 - z) * n + z * h``.
+    """
+    fn = "rnnjax.cells.gru"
+    H = check_size(fn, "hidden_size", hidden_size)
+    cfg = init_config(fn, H, input_init, recurrent_init, bias_init, param_dtype)
+
+    def init(key, input_size: int) -> Weights:
+        return init_weights(cfg, key, check_size(fn, "input_size", input_size), H, H, 3, bias)
+
+    def initial_carry(params: Weights, batch_shape=()) -> Array:
+        return zeros_carry(batch_shape, H, params.w_hh.dtype)
+
+    def project(params: Weights, xs: Array) -> Array:
+        return affine(xs, params.w_ih, params.b_ih)
+
+    def step(params: Weights, h: Array, px: Array):
+        x_r, x_z, x_n = jnp.split(px, 3, axis=-1)
+        if reset_after:
+            h_r, h_z, h_n = jnp.split(affine(h, params.w_hh, params.b_hh), 3, axis=-1)
+            r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
+            n = jnp.tanh(x_n + r * h_n)
+        else:
+            b_rz, b_n = (None, None) if params.b_hh is None else (params.b_hh[:2 * H], params.b_hh[2 * H:])
+            h_r, h_z = jnp.split(affine(h, params.w_hh[:, :2 * H], b_rz), 2, axis=-1)
+            r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
+            n = jnp.tanh(x_n + affine(r * h, params.w_hh[:, 2 * H:], b_n))
+        h = n + z * (h - n)
+        return h, h
+
+    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], H, "gru")
+
+
+class LayerNormGRUParams(NamedTuple):
+    w_ih: Array  # [F, 3H]
+    w_hh: Array  # [H, 3H]
+    ln_x: Array  # [2, 3, H]: gain and shift of each gate's input part
+    ln_h: Array  # [2, 3, H]: gain and shift of each gate's recurrent part
+
+
+def layer_norm_gru(hidden_size: int, *, eps: float = 1e-5, input_init: InitSpec = "uniform",
+                   recurrent_init: InitSpec = "uniform", param_dtype=jnp.float32) -> Cell:
+    """Layer-normalised GRU (Ba et al. 2016), in the reset-after form::
+
+        a = LN(x W_ih);  b = LN(h W_hh)      (each gate's block normalised on its own)
+        r = σ(a_r + b_r);  z = σ(a_z + b_z);  n = tanh(a_n + r * b_n)
+        h' = (1 - z) * n + z * h
+    """
+    fn = "rnnjax.cells.layer_norm_gru"
+    H = check_size(fn, "hidden_size", hidden_size)
+    cfg = init_config(fn, H, input_init, recurrent_init, "zeros", param_dtype)
+
+    def init(key, input_size: int) -> LayerNormGRUParams:
+        w = init_weights(cfg, key, check_size(fn, "input_size", input_size), H, H, 3, False)
+        gate_ln = jnp.stack([jnp.ones((3, H), cfg.dtype), jnp.zeros((3, H), cfg.dtype)])
+        return LayerNormGRUParams(w.w_ih, w.w_hh, gate_ln, gate_ln)
+
+    def initial_carry(params: LayerNormGRUParams, batch_shape=()) -> Array:
+        return zeros_carry(batch_shape, H, params.w_hh.dtype)
+
+    def project(params: LayerNormGRUParams, xs: Array) -> Array:
+        return gate_layer_norm(xs @ params.w_ih, params.ln_x[0], params.ln_x[1], 3, eps)
+
+    def step(params: LayerNormGRUParams, h: Array, px: Array):
+        x_r, x_z, x_n = jnp.split(px, 3, axis=-1)
+        h_r, h_z, h_n = jnp.split(gate_layer_norm(h @ params.w_hh, params.ln_h[0], params.ln_h[1], 3, eps), 3, axis=-1)
+        r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
+        n = jnp.tanh(x_n + r * h_n)
+        h = n + z * (h - n)
+        return h, h
+
+    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], H, "layer_norm_gru")

@@ -1,0 +1,148 @@
+"""Long short-term memory: the PyTorch-compatible LSTM and the layer-normalised LSTM."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells.base import (
+    Cell,
+    affine,
+    check_size,
+    gate_layer_norm,
+    init_config,
+    init_weights,
+    layer_norm,
+    zeros_carry,
+)
+from rnnjax.types import Array, InitSpec
+
+
+class LSTMParams(NamedTuple):
+    w_ih: Array  # [F, 4H], gate order i, f, g, o (PyTorch's)
+    w_hh: Array  # [P or H, 4H]
+    b_ih: Array | None  # [4H]
+    b_hh: Array | None  # [4H]
+    w_hr: Array | None  # [H, P] projection of h (proj_size), else None
+    w_peep: Array | None  # [3, H] peephole weights for i, f, o, else None
+
+
+class LSTMCarry(NamedTuple):
+    h: Array  # [..., P or H]
+    c: Array  # [..., H]
+
+
+def _forget_bias(fn: str, forget_bias: float, bias: bool) -> float:
+    if forget_bias and not bias:
+        raise ValueError(
+            f"{fn}: forget_bias={forget_bias} needs bias=True (it is added to the forget gate's bias). "
+            "Fix: pass bias=True or forget_bias=0.0."
+        )
+    return float(forget_bias)
+
+
+def lstm(hidden_size: int, *, proj_size: int = 0, peepholes: bool = False, forget_bias: float = 0.0,
+         bias: bool = True, input_init: InitSpec = "uniform", recurrent_init: InitSpec = "uniform",
+         bias_init: InitSpec = "uniform", param_dtype=jnp.float32) -> Cell:
+    """LSTM with fused gates; equals ``torch.nn.LSTM`` (including ``proj_size``).
+
+    One ``[.., P or H] x [P or H, 4H]`` matmul per step computes all four
+    gates. ``forget_bias`` is added to the forget gate's initial input bias
+    (1.0 is the common choice for training from scratch; 0.0 keeps PyTorch's
+    initialisation). ``peepholes=True`` adds Gers & Schmidhuber's diagonal
+    connections from the cell state to the input, forget and output gates.
+    With ``proj_size=P > 0`` the hidden state is projected, ``h = (o *
+    tanh(c)) W_hr``, and ``y``/``h`` have ``P`` features.
+    """
+    fn = "rnnjax.cells.lstm"
+    H = check_size(fn, "hidden_size", hidden_size)
+    P = check_size(fn, "proj_size", proj_size, minimum=0)
+    if P >= H and P:
+        raise ValueError(f"{fn}: proj_size must be smaller than hidden_size={H}, got {P} (as in torch.nn.LSTM). "
+                         "Fix: pass a smaller proj_size, or 0 for no projection.")
+    out = P or H
+    fb = _forget_bias(fn, forget_bias, bias)
+    cfg = init_config(fn, H, input_init, recurrent_init, bias_init, param_dtype)
+
+    def init(key, input_size: int) -> LSTMParams:
+        k_w, k_r, k_p = jax.random.split(key, 3)
+        w = init_weights(cfg, k_w, check_size(fn, "input_size", input_size), out, H, 4, bias)
+        b_ih = w.b_ih.at[H:2 * H].add(fb) if bias else None
+        w_hr = cfg.input(k_r, (H, P), cfg.dtype) if P else None
+        w_peep = cfg.bias(k_p, (3, H), cfg.dtype) if peepholes else None
+        return LSTMParams(w.w_ih, w.w_hh, b_ih, w.b_hh, w_hr, w_peep)
+
+    def initial_carry(params: LSTMParams, batch_shape=()) -> LSTMCarry:
+        dtype = params.w_hh.dtype
+        return LSTMCarry(zeros_carry(batch_shape, out, dtype), zeros_carry(batch_shape, H, dtype))
+
+    def project(params: LSTMParams, xs: Array) -> Array:
+        return affine(xs, params.w_ih, params.b_ih)
+
+    def step(params: LSTMParams, carry: LSTMCarry, px: Array):
+        z = px + affine(carry.h, params.w_hh, params.b_hh)
+        zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
+        if params.w_peep is not None:
+            zi = zi + carry.c * params.w_peep[0]
+            zf = zf + carry.c * params.w_peep[1]
+        c = jax.nn.sigmoid(zf) * carry.c + jax.nn.sigmoid(zi) * jnp.tanh(zg)
+        if params.w_peep is not None:
+            zo = zo + c * params.w_peep[2]
+        h = jax.nn.sigmoid(zo) * jnp.tanh(c)
+        if params.w_hr is not None:
+            h = h @ params.w_hr
+        return LSTMCarry(h, c), h
+
+    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], out, "lstm")
+
+
+class LayerNormLSTMParams(NamedTuple):
+    w_ih: Array  # [F, 4H]
+    w_hh: Array  # [H, 4H]
+    ln_x: Array  # [2, 4, H]: gain and shift of each gate's input part
+    ln_h: Array  # [2, 4, H]: gain and shift of each gate's recurrent part
+    ln_c: Array  # [2, H]: gain and shift of the cell state before the output tanh
+
+
+def layer_norm_lstm(hidden_size: int, *, forget_bias: float = 0.0, eps: float = 1e-5,
+                    input_init: InitSpec = "uniform", recurrent_init: InitSpec = "uniform",
+                    param_dtype=jnp.float32) -> Cell:
+    """Layer-normalised LSTM (Ba, Kiros & Hinton 2016)::
+
+        z = LN(x W_ih) + LN(h W_hh)          (each gate's block normalised on its own)
+        c' = σ(f) c + σ(i) tanh(g);   h' = σ(o) tanh(LN(c'))
+
+    Each layer norm has a gain (init 1) and a shift (init 0); the shifts
+    play the part of the biases. ``forget_bias`` initialises the forget
+    gate's input shift. The input part is normalised in ``project``, so it
+    is hoisted with the input matmul.
+    """
+    fn = "rnnjax.cells.layer_norm_lstm"
+    H = check_size(fn, "hidden_size", hidden_size)
+    cfg = init_config(fn, H, input_init, recurrent_init, "zeros", param_dtype)
+
+    def init(key, input_size: int) -> LayerNormLSTMParams:
+        w = init_weights(cfg, key, check_size(fn, "input_size", input_size), H, H, 4, False)
+        gate_ln = jnp.stack([jnp.ones((4, H), cfg.dtype), jnp.zeros((4, H), cfg.dtype)])
+        return LayerNormLSTMParams(
+            w.w_ih, w.w_hh, gate_ln.at[1, 1].set(forget_bias), gate_ln,
+            jnp.stack([jnp.ones((H,), cfg.dtype), jnp.zeros((H,), cfg.dtype)]),
+        )
+
+    def initial_carry(params: LayerNormLSTMParams, batch_shape=()) -> LSTMCarry:
+        dtype = params.w_hh.dtype
+        return LSTMCarry(zeros_carry(batch_shape, H, dtype), zeros_carry(batch_shape, H, dtype))
+
+    def project(params: LayerNormLSTMParams, xs: Array) -> Array:
+        return gate_layer_norm(xs @ params.w_ih, params.ln_x[0], params.ln_x[1], 4, eps)
+
+    def step(params: LayerNormLSTMParams, carry: LSTMCarry, px: Array):
+        z = px + gate_layer_norm(carry.h @ params.w_hh, params.ln_h[0], params.ln_h[1], 4, eps)
+        zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
+        c = jax.nn.sigmoid(zf) * carry.c + jax.nn.sigmoid(zi) * jnp.tanh(zg)
+        h = jax.nn.sigmoid(zo) * jnp.tanh(layer_norm(c, params.ln_c[0], params.ln_c[1], eps))
+        return LSTMCarry(h, c), h
+
+    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], H, "layer_norm_lstm")

@@ -1,0 +1,1 @@
+"""Interoperability with other frameworks (:mod:`rnnjax.interop.torch`: PyTorch's recurrent modules)."""

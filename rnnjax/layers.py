@@ -1,0 +1,309 @@
+"""Combinators over cells: sequence layers (``rnn``, ``bidirectional``, ``stack``)
+and pointwise modules (``dense``, ``embedding``, ``layer_norm``).
+
+A :class:`Layer` maps whole sequences to sequences with the driver's
+semantics (lengths, mask, resets, time_major); a :class:`Module` maps each
+position on its own. A 2-layer bidirectional LSTM with dropout over a padded
+batch::
+
+    model = layers.stack([layers.bidirectional(cells.lstm(128))] * 2, dropout=0.3)
+    params = model.init(key, input_size=F)
+    carry, ys = model.apply(params, xs, lengths=lengths, key=dropout_key)   # training
+    carry, ys = model.apply(params, xs, lengths=lengths)                   # evaluation
+
+Dropout is on exactly when a PRNG ``key`` is passed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax import _checks, scan
+from rnnjax.cells.base import Cell, check_size, initializer, layer_norm as _layer_norm
+from rnnjax.types import Array, InitSpec
+
+
+class Layer(NamedTuple):
+    """A sequence layer.
+
+    Attributes:
+      init: ``(key, input_size) -> params``.
+      apply: ``(params, xs, *, carry=None, lengths=None, mask=None,
+        resets=None, key=None, time_major=False) -> (carry, ys)``.
+      initial_carry: ``(params, batch_shape=()) -> carry``.
+      step: ``(params, carry, x[*B, F], *, reset=None) -> (carry, y)``:
+        one step of streaming inference (no dropout).
+      output_size: features of ``ys``.
+      name: a short name for messages.
+    """
+
+    init: Callable[..., Any]
+    apply: Callable[..., tuple[Any, Any]]
+    initial_carry: Callable[..., Any]
+    step: Callable[..., tuple[Any, Any]]
+    output_size: int
+    name: str
+
+
+class Module(NamedTuple):
+    """A pointwise module: ``init(key, input_size) -> params``, ``apply(params, x) -> y``."""
+
+    init: Callable[..., Any]
+    apply: Callable[..., Any]
+    output_size: int
+
+
+def rnn(cell: Cell, *, reverse: bool = False, unroll: int = 1, remat: scan.Remat = None,
+        hoist: scan.Hoist = "auto") -> Layer:
+    """A cell as a sequence layer: ``apply`` is :func:`rnnjax.unroll`."""
+
+    def apply(params, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None, time_major=False):
+        del key
+        return scan.unroll(cell, params, xs, carry=carry, lengths=lengths, mask=mask, resets=resets,
+                           reverse=reverse, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist)
+
+    def step(params, carry, x, *, reset=None):
+        if reverse:
+            raise ValueError("rnnjax.layers.rnn: a reverse layer reads the sequence from its end and cannot be "
+                             "stepped forward in time. Fix: stream with reverse=False, or call apply on the "
+                             "whole sequence.")
+        return scan.step(cell, params, carry, x, reset=reset)
+
+    return Layer(cell.init, apply, cell.initial_carry, step, cell.output_size, cell.name)
+
+
+class BidirectionalParams(NamedTuple):
+    forward: Any
+    backward: Any
+
+
+MERGES = ("concat", "sum", "mean", "none")
+
+
+def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str = "concat", unroll: int = 1,
+                  remat: scan.Remat = None, hoist: scan.Hoist = "auto") -> Layer:
+    """Runs ``forward`` left to right and ``backward`` (default: the same cell
+    type, own parameters) right to left within each sequence's length.
+
+    ``merge``: ``"concat"`` (features ``O_f + O_b``), ``"sum"``, ``"mean"``,
+    or ``"none"`` to return the pair ``(ys_forward, ys_backward)``. The
+    carry is ``(forward_carry, backward_carry)``; the backward one is the
+    state after reading each sequence's first step, as in PyTorch's ``h_n``.
+    """
+    fn = "rnnjax.layers.bidirectional"
+    backward = forward if backward is None else backward
+    if merge not in MERGES:
+        raise ValueError(f"{fn}: unknown merge {merge!r}; expected one of {MERGES}. Fix: pass one of those.")
+    if merge in ("sum", "mean") and forward.output_size != backward.output_size:
+        raise ValueError(f"{fn}: merge={merge!r} needs equal output sizes, got forward {forward.output_size} "
+                         f"and backward {backward.output_size}. Fix: use merge='concat'.")
+    size = forward.output_size + backward.output_size if merge == "concat" else forward.output_size
+
+    def init(key, input_size: int) -> BidirectionalParams:
+        k_f, k_b = jax.random.split(key)
+        return BidirectionalParams(forward.init(k_f, input_size), backward.init(k_b, input_size))
+
+    def initial_carry(params: BidirectionalParams, batch_shape=()):
+        return forward.initial_carry(params.forward, batch_shape), backward.initial_carry(params.backward, batch_shape)
+
+    def apply(params, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None, time_major=False):
+        del key
+        if resets is not None:
+            raise ValueError(f"{fn}: resets are not defined for a bidirectional layer (the backward pass would "
+                             "cross the boundary from the other side). Fix: split the sequences and pass lengths.")
+        c_f, c_b = (None, None) if carry is None else carry
+        opts = dict(lengths=lengths, mask=mask, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist)
+        c_f, y_f = scan.unroll(forward, params.forward, xs, carry=c_f, **opts)
+        c_b, y_b = scan.unroll(backward, params.backward, xs, carry=c_b, reverse=True, **opts)
+        if merge == "concat":
+            ys = jnp.concatenate([y_f, y_b], axis=-1)
+        elif merge == "sum":
+            ys = y_f + y_b
+        elif merge == "mean":
+            ys = (y_f + y_b) / 2
+        else:
+            ys = (y_f, y_b)
+        return (c_f, c_b), ys
+
+    def step(params, carry, x, *, reset=None):
+        raise ValueError(f"{fn}: a bidirectional layer needs the whole sequence and cannot be stepped one "
+                         "step at a time. Fix: call apply on the whole sequence, or stream a unidirectional stack.")
+
+    return Layer(init, apply, initial_carry, step, size, f"bi{forward.name}")
+
+
+class StackParams(NamedTuple):
+    layers: tuple  # per-layer params
+    norms: tuple | None  # per-layer (gain, shift) when layer_norm=True
+
+
+def stack(layers: Sequence[Union[Cell, Layer]], *, dropout: float = 0.0, variational: bool = False,
+          residual: bool = False, layer_norm: bool = False, eps: float = 1e-5) -> Layer:
+    """A deep RNN: each layer reads the previous layer's outputs.
+
+    Args:
+      layers: cells (wrapped with :func:`rnn`) or layers; sizes may differ.
+      dropout: rate applied to the input of every layer but the first (as
+        ``torch.nn.LSTM(dropout=...)``), only when ``apply`` gets a ``key``.
+      variational: one dropout mask per sequence, shared by all its steps
+        (Gal & Ghahramani 2016; "locked" dropout) instead of one per step.
+      residual: add each layer's input to its output (all layers but the
+        first); needs equal input and output sizes.
+      layer_norm: layer-normalise each layer's output (learned gain and shift).
+
+    The carry is a tuple with one carry per layer. Outputs are zero past
+    each sequence's length.
+    """
+    fn = "rnnjax.layers.stack"
+    layers = tuple(rnn(layer) if isinstance(layer, Cell) else layer for layer in layers)
+    if not layers:
+        raise ValueError(f"{fn}: expected at least one layer, got none. Fix: pass a list of cells or layers.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout}. Fix: pass a rate such as 0.2.")
+    if residual:
+        for i in range(1, len(layers)):
+            if layers[i].output_size != layers[i - 1].output_size:
+                raise ValueError(
+                    f"{fn}: residual=True adds each layer's input to its output, so layer {i} must output "
+                    f"{layers[i - 1].output_size} features (its input size), got {layers[i].output_size}. "
+                    "Fix: give the layers equal sizes or pass residual=False.")
+
+    def init(key, input_size: int) -> StackParams:
+        keys = jax.random.split(key, len(layers))
+        params, size = [], input_size
+        for layer, k in zip(layers, keys):
+            params.append(layer.init(k, size))
+            size = layer.output_size
+        norms = None
+        if layer_norm:
+            norms = tuple((jnp.ones(layer.output_size), jnp.zeros(layer.output_size)) for layer in layers)
+        return StackParams(tuple(params), norms)
+
+    def initial_carry(params: StackParams, batch_shape=()):
+        return tuple(layer.initial_carry(p, batch_shape) for layer, p in zip(layers, params.layers))
+
+    def between(i, params, h, inp):
+        if residual and i > 0:
+            h = h + inp
+        if params.norms is not None:
+            h = _layer_norm(h, *params.norms[i], eps)
+        return h
+
+    def apply(params, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None, time_major=False):
+        xs = jnp.asarray(xs)
+        carries = (None,) * len(layers) if carry is None else carry
+        valid = None
+        if (residual or layer_norm) and (lengths is not None or mask is not None):
+            t_axis = 0 if time_major else xs.ndim - 2
+            T, batch_shape = xs.shape[t_axis], tuple(s for a, s in enumerate(xs.shape[:-1]) if a != t_axis)
+            valid = scan.valid_steps(fn, batch_shape, T, lengths=lengths, mask=mask, time_major=time_major)
+            valid = valid if time_major else jnp.moveaxis(valid, 0, -1)
+        out_carries, h = [], xs
+        for i, layer in enumerate(layers):
+            inp = h
+            if i > 0 and dropout > 0.0 and key is not None:
+                h = _dropout(jax.random.fold_in(key, i), h, dropout, variational, time_major)
+            c, h = layer.apply(params.layers[i], h, carry=carries[i], lengths=lengths, mask=mask, resets=resets,
+                               time_major=time_major)
+            h = between(i, params, h, inp)
+            if valid is not None:
+                h = jnp.where(valid[..., None], h, 0)
+            out_carries.append(c)
+        return tuple(out_carries), h
+
+    def step(params, carry, x, *, reset=None):
+        out_carries, h = [], x
+        for i, layer in enumerate(layers):
+            inp = h
+            c, h = layer.step(params.layers[i], carry[i], h, reset=reset)
+            h = between(i, params, h, inp)
+            out_carries.append(c)
+        return tuple(out_carries), h
+
+    return Layer(init, apply, initial_carry, step, layers[-1].output_size, "stack")
+
+
+def _dropout(key, x: Array, rate: float, variational: bool, time_major: bool) -> Array:
+    shape = list(x.shape)
+    if variational:
+        shape[0 if time_major else x.ndim - 2] = 1
+    keep = jax.random.bernoulli(key, 1.0 - rate, tuple(shape))
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def dropout(x: Array, rate: float, key: Array | None, *, variational: bool = False, time_major: bool = False) -> Array:
+    """Inverted dropout of a sequence ``[*B, T, F]``; identity when ``key`` is None.
+
+    ``variational=True`` draws one mask per sequence, shared over time.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rnnjax.layers.dropout: rate must be in [0, 1), got {rate}. Fix: pass a rate such as 0.2.")
+    if key is None or rate == 0.0:
+        return x
+    return _dropout(key, x, rate, variational, time_major)
+
+
+class DenseParams(NamedTuple):
+    w: Array  # [F, O]
+    b: Array | None  # [O]
+
+
+def dense(features: int, *, bias: bool = True, init: InitSpec = "uniform", param_dtype=jnp.float32) -> Module:
+    """``y = x W + b`` on the last axis. ``init="uniform"`` is ``torch.nn.Linear``'s U(±1/√F)."""
+    fn = "rnnjax.layers.dense"
+    O = check_size(fn, "features", features)
+
+    def init_fn(key, input_size: int) -> DenseParams:
+        F = check_size(fn, "input_size", input_size)
+        w_init, b_init = initializer(fn, init, F), initializer(fn, "uniform", F)
+        k_w, k_b = jax.random.split(key)
+        return DenseParams(w_init(k_w, (F, O), param_dtype), b_init(k_b, (O,), param_dtype) if bias else None)
+
+    def apply(params: DenseParams, x: Array) -> Array:
+        x = jnp.asarray(x)
+        _checks.require_features(fn, "x", x, params.w.shape[0])
+        y = x @ params.w
+        return y if params.b is None else y + params.b
+
+    return Module(init_fn, apply, O)
+
+
+def embedding(vocab_size: int, features: int, *, param_dtype=jnp.float32) -> Module:
+    """Token ids ``[...]`` to vectors ``[..., features]`` (N(0, 1) init, as ``torch.nn.Embedding``).
+
+    ``init`` ignores ``input_size`` (pass the vocabulary size, or anything).
+    """
+    fn = "rnnjax.layers.embedding"
+    V = check_size(fn, "vocab_size", vocab_size)
+    E = check_size(fn, "features", features)
+
+    def init_fn(key, input_size: int | None = None) -> Array:
+        del input_size
+        return jax.random.normal(key, (V, E), param_dtype)
+
+    def apply(table: Array, ids: Array) -> Array:
+        ids = jnp.asarray(ids)
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"{fn}: expected integer token ids, got dtype {ids.dtype}. Fix: pass ids.astype(jnp.int32).")
+        if _checks.is_concrete(ids) and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+            raise ValueError(f"{fn}: token ids must be in [0, {V}), got values in [{int(ids.min())}, "
+                             f"{int(ids.max())}]. Fix: map tokens through the model's vocabulary.")
+        return table[ids]
+
+    return Module(init_fn, apply, E)
+
+
+def layer_norm(*, eps: float = 1e-5, param_dtype=jnp.float32) -> Module:
+    """Layer norm over the last axis with a learned gain (1) and shift (0)."""
+
+    def init_fn(key, input_size: int):
+        del key
+        return jnp.ones(input_size, param_dtype), jnp.zeros(input_size, param_dtype)
+
+    def apply(params, x: Array) -> Array:
+        return _layer_norm(jnp.asarray(x), params[0], params[1], eps)
+
+    return Module(init_fn, apply, -1)

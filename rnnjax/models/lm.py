@@ -1,0 +1,191 @@
+"""A recurrent language model: embedding -> stack of cells -> dense readout.
+
+::
+
+    model = language_model(vocab_size=80, cell="lstm", layers=2, hidden=512)
+    params = model.init(key)
+    carry, logits = model.apply(params, ids)                  # ids [*B, T] -> logits [*B, T, V]
+    carry, logits = model.apply(params, ids, key=dropout_key)  # training (dropout on)
+    carry, logits_t = model.step(params, carry, ids[..., t])   # one token at a time
+    text_ids = generate(model, params, key, prompt_ids, length=500, temperature=0.8)
+
+``step`` uses the stack's own ``step``, so generation costs one recurrent
+step per token; feeding ``ids`` one at a time through ``step`` gives the
+same logits as ``apply`` on the whole sequence.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Mapping, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax import cells, layers as L
+from rnnjax.cells.base import Cell, check_size
+from rnnjax.decode import check_sampling, sample_logits
+from rnnjax.types import Array, PRNGKey
+
+# Cell factories by name, with the options used unless ``cell_options`` overrides them.
+# forget_bias=1.0 is the usual choice for LSTMs trained from scratch (Jozefowicz et al. 2015).
+CELLS: dict[str, tuple[Callable[..., Cell], dict]] = {
+    "lstm": (cells.lstm, {"forget_bias": 1.0}),
+    "gru": (cells.gru, {}),
+    "elman": (cells.elman, {}),
+    "layer_norm_lstm": (cells.layer_norm_lstm, {"forget_bias": 1.0}),
+    "layer_norm_gru": (cells.layer_norm_gru, {}),
+}
+
+
+class LMParams(NamedTuple):
+    embed: Array  # [V, E]
+    rnn: Any  # rnnjax.layers.StackParams
+    readout: L.DenseParams  # w [H, V], b [V]
+
+
+class LanguageModel(NamedTuple):
+    """Pure functions of a language model (hashable, so it can be a static ``jit`` argument).
+
+    Attributes:
+      init: ``key -> LMParams``.
+      apply: ``(params, ids[*B, T], *, carry=None, key=None) -> (carry, logits[*B, T, V])``;
+        dropout is on exactly when ``key`` is given.
+      initial_carry: ``(params, batch_shape=()) -> carry`` (zeros; a tuple, one per layer).
+      step: ``(params, carry, ids_t[*B]) -> (carry, logits_t[*B, V])`` (no dropout).
+      vocab_size: ``V``.
+      name: e.g. ``"lstm-2x512"``.
+    """
+
+    init: Callable[[PRNGKey], LMParams]
+    apply: Callable[..., tuple[Any, Array]]
+    initial_carry: Callable[..., Any]
+    step: Callable[..., tuple[Any, Array]]
+    vocab_size: int
+    name: str
+
+
+def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] = "lstm", layers: int = 2,
+                   hidden: int = 512, embed: int | None = None, dropout: float = 0.0, variational: bool = False,
+                   cell_options: Mapping[str, Any] | None = None, unroll: int = 1, remat=None,
+                   hoist="auto") -> LanguageModel:
+    """A character/token language model.
+
+    Args:
+      vocab_size: number of token ids ``V``.
+      cell: ``"lstm"``, ``"gru"``, ``"elman"``, ``"layer_norm_lstm"``,
+        ``"layer_norm_gru"``, or a factory ``hidden_size -> Cell``.
+      layers, hidden: depth and width of the recurrent stack.
+      embed: embedding width (default ``min(hidden, 256)``; any width ``>= V``
+        is as expressive as one-hot input, and a narrow one keeps the first
+        layer's input matmul cheap).
+      dropout: rate on the embeddings, between layers and before the readout
+        (Zaremba et al. 2014: non-recurrent connections only); on only when
+        ``apply`` gets a ``key``.
+      variational: one dropout mask per sequence, shared over time.
+      cell_options: keyword arguments for the cell factory, overriding the
+        defaults in ``CELLS`` (e.g. ``{"forget_bias": 0.0}``).
+      unroll, remat, hoist: passed to :func:`rnnjax.unroll` for every layer.
+    """
+    fn = "rnnjax.models.language_model"
+    V = check_size(fn, "vocab_size", vocab_size)
+    n_layers = check_size(fn, "layers", layers)
+    H = check_size(fn, "hidden", hidden)
+    E = check_size(fn, "embed", min(H, 256) if embed is None else embed)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout}.")
+    if isinstance(cell, str):
+        if cell not in CELLS:
+            raise ValueError(f"{fn}: unknown cell {cell!r}; expected one of {', '.join(CELLS)}.")
+        factory, defaults = CELLS[cell]
+        make_cell = partial(factory, **{**defaults, **(cell_options or {})})
+        cell_name = cell
+    elif callable(cell):
+        make_cell = partial(cell, **(cell_options or {}))
+        cell_name = getattr(cell, "__name__", "cell")
+    else:
+        raise TypeError(f"{fn}: cell must be a name ({', '.join(CELLS)}) or a factory hidden_size -> Cell, "
+                        f"got {type(cell).__name__}.")
+
+    embedding = L.embedding(V, E)
+    rnn_layers = [L.rnn(make_cell(H), unroll=unroll, remat=remat, hoist=hoist) for _ in range(n_layers)]
+    stack = L.stack(rnn_layers, dropout=dropout, variational=variational)
+    readout = L.dense(V)
+
+    def init(key: PRNGKey) -> LMParams:
+        k_e, k_r, k_o = jax.random.split(key, 3)
+        return LMParams(embedding.init(k_e), stack.init(k_r, E), readout.init(k_o, stack.output_size))
+
+    def initial_carry(params: LMParams, batch_shape=()):
+        return stack.initial_carry(params.rnn, batch_shape)
+
+    def check_ids(name: str, ids, min_ndim: int) -> Array:
+        ids = jnp.asarray(ids)
+        if ids.ndim < min_ndim or not jnp.issubdtype(ids.dtype, jnp.integer):
+            want = "[*batch, T]" if min_ndim else "[*batch]"
+            raise ValueError(f"{fn}.{name}: expected integer token ids of shape {want}, got "
+                             f"{ids.dtype}{list(ids.shape)}. Fix: encode text with a Vocabulary "
+                             "(ids.astype(jnp.int32)).")
+        return ids
+
+    def apply(params: LMParams, ids, *, carry=None, key: PRNGKey | None = None):
+        ids = check_ids("apply", ids, 1)
+        k_e = k_s = k_o = None
+        if key is not None and dropout > 0.0:
+            k_e, k_s, k_o = jax.random.split(key, 3)
+        x = embedding.apply(params.embed, ids)
+        x = L.dropout(x, dropout, k_e, variational=variational)
+        carry, h = stack.apply(params.rnn, x, carry=carry, key=k_s)
+        h = L.dropout(h, dropout, k_o, variational=variational)
+        return carry, readout.apply(params.readout, h)
+
+    def step(params: LMParams, carry, ids_t):
+        ids_t = check_ids("step", ids_t, 0)
+        carry, h = stack.step(params.rnn, carry, embedding.apply(params.embed, ids_t))
+        return carry, readout.apply(params.readout, h)
+
+    return LanguageModel(init, apply, initial_carry, step, V, f"{cell_name}-{n_layers}x{H}")
+
+
+@partial(jax.jit, static_argnames=("model", "length", "temperature", "top_k", "top_p"))
+def _generate(model: LanguageModel, params, key, prompt, *, length, temperature, top_k, top_p):
+    carry, logits = model.apply(params, prompt)
+    sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    keys = jax.random.split(key, length)
+    first = sample(keys[0], logits[..., -1, :])
+
+    def body(state, k):
+        carry, tok = state
+        carry, logits_t = model.step(params, carry, tok)
+        nxt = sample(k, logits_t)
+        return (carry, nxt), nxt
+
+    _, rest = jax.lax.scan(body, (carry, first), keys[1:])
+    return jnp.concatenate([first[..., None], jnp.moveaxis(rest, 0, -1)], axis=-1)
+
+
+def generate(model: LanguageModel, params: LMParams, key: PRNGKey, prompt_ids, length: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Array:
+    """Continues ``prompt_ids [*B, P]`` by ``length`` tokens; returns int32 ``[*B, length]``
+    (the new tokens only).
+
+    The prompt is read with one ``apply``; then each new token costs one
+    ``model.step`` inside a jitted ``lax.scan``. ``temperature=0`` is greedy
+    decoding; ``top_k``/``top_p`` restrict sampling as in
+    :func:`rnnjax.decode.sample_logits`. Compiles once per distinct
+    (model, prompt shape, length, temperature, top_k, top_p).
+    """
+    fn = "rnnjax.models.generate"
+    prompt = jnp.asarray(prompt_ids)
+    if prompt.ndim < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer) or prompt.shape[-1] == 0:
+        raise ValueError(f"{fn}: expected a non-empty prompt of integer ids [*batch, P] with P >= 1, got "
+                         f"{prompt.dtype}{list(prompt.shape)}. Fix: start from at least one token "
+                         "(e.g. a newline).")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise ValueError(f"{fn}: length must be an integer >= 0, got {length!r}.")
+    check_sampling(fn, temperature, top_k, top_p, model.vocab_size)
+    if length == 0:
+        return jnp.zeros(prompt.shape[:-1] + (0,), jnp.int32)
+    return _generate(model, params, key, prompt.astype(jnp.int32), length=length,
+                     temperature=float(temperature), top_k=top_k,
+                     top_p=None if top_p is None else float(top_p))

