@@ -57,13 +57,14 @@ class Module(NamedTuple):
 
 
 def rnn(cell: Cell, *, reverse: bool = False, unroll: int = 1, remat: scan.Remat = None,
-        hoist: scan.Hoist = "auto") -> Layer:
-    """A cell as a sequence layer: ``apply`` is :func:`rnnjax.unroll`."""
+        hoist: scan.Hoist = "auto", backward: scan.Backward = "auto") -> Layer:
+    """A cell as a sequence layer: ``apply`` is :func:`rnnjax.unroll` (with these options)."""
 
     def apply(params, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None, time_major=False):
         del key
         return scan.unroll(cell, params, xs, carry=carry, lengths=lengths, mask=mask, resets=resets,
-                           reverse=reverse, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist)
+                           reverse=reverse, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist,
+                           backward=backward)
 
     def step(params, carry, x, *, reset=None):
         if reverse:
@@ -83,10 +84,12 @@ class BidirectionalParams(NamedTuple):
 MERGES = ("concat", "sum", "mean", "none")
 
 
-def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str = "concat", unroll: int = 1,
-                  remat: scan.Remat = None, hoist: scan.Hoist = "auto") -> Layer:
-    """Runs ``forward`` left to right and ``backward`` (default: the same cell
+def bidirectional(forward: Cell, reverse: Cell | None = None, *, merge: str = "concat", unroll: int = 1,
+                  remat: scan.Remat = None, hoist: scan.Hoist = "auto", backward: scan.Backward = "auto") -> Layer:
+    """Runs ``forward`` left to right and ``reverse`` (default: the same cell
     type, own parameters) right to left within each sequence's length.
+    ``unroll``, ``remat``, ``hoist`` and ``backward`` are passed to
+    :func:`rnnjax.unroll` for both directions.
 
     ``merge``: ``"concat"`` (features ``O_f + O_b``), ``"sum"``, ``"mean"``,
     or ``"none"`` to return the pair ``(ys_forward, ys_backward)``. The
@@ -94,20 +97,20 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str = "
     state after reading each sequence's first step, as in PyTorch's ``h_n``.
     """
     fn = "rnnjax.layers.bidirectional"
-    backward = forward if backward is None else backward
+    reverse_cell = forward if reverse is None else reverse
     if merge not in MERGES:
         raise ValueError(f"{fn}: unknown merge {merge!r}; expected one of {MERGES}. Fix: pass one of those.")
-    if merge in ("sum", "mean") and forward.output_size != backward.output_size:
+    if merge in ("sum", "mean") and forward.output_size != reverse_cell.output_size:
         raise ValueError(f"{fn}: merge={merge!r} needs equal output sizes, got forward {forward.output_size} "
-                         f"and backward {backward.output_size}. Fix: use merge='concat'.")
-    size = forward.output_size + backward.output_size if merge == "concat" else forward.output_size
+                         f"and reverse {reverse_cell.output_size}. Fix: use merge='concat'.")
+    size = forward.output_size + reverse_cell.output_size if merge == "concat" else forward.output_size
 
     def init(key, input_size: int) -> BidirectionalParams:
         k_f, k_b = jax.random.split(key)
-        return BidirectionalParams(forward.init(k_f, input_size), backward.init(k_b, input_size))
+        return BidirectionalParams(forward.init(k_f, input_size), reverse_cell.init(k_b, input_size))
 
     def initial_carry(params: BidirectionalParams, batch_shape=()):
-        return forward.initial_carry(params.forward, batch_shape), backward.initial_carry(params.backward, batch_shape)
+        return forward.initial_carry(params.forward, batch_shape), reverse_cell.initial_carry(params.backward, batch_shape)
 
     def apply(params, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None, time_major=False):
         del key
@@ -115,9 +118,10 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str = "
             raise ValueError(f"{fn}: resets are not defined for a bidirectional layer (the backward pass would "
                              "cross the boundary from the other side). Fix: split the sequences and pass lengths.")
         c_f, c_b = (None, None) if carry is None else carry
-        opts = dict(lengths=lengths, mask=mask, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist)
+        opts = dict(lengths=lengths, mask=mask, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist,
+                    backward=backward)
         c_f, y_f = scan.unroll(forward, params.forward, xs, carry=c_f, **opts)
-        c_b, y_b = scan.unroll(backward, params.backward, xs, carry=c_b, reverse=True, **opts)
+        c_b, y_b = scan.unroll(reverse_cell, params.backward, xs, carry=c_b, reverse=True, **opts)
         if merge == "concat":
             ys = jnp.concatenate([y_f, y_b], axis=-1)
         elif merge == "sum":

@@ -25,10 +25,12 @@ import jax.numpy as jnp
 
 from rnnjax import _checks
 from rnnjax.cells.base import Cell
+from rnnjax.fused import fused_unroll
 from rnnjax.types import Array, Carry, Params
 
 Remat = Union[bool, int, None]
 Hoist = Union[bool, Literal["auto"]]
+Backward = Literal["auto", "fused", "autodiff"]
 
 
 def _where_batch(mask: Array, new, old):
@@ -53,26 +55,45 @@ def valid_steps(fn: str, batch_shape: tuple[int, ...], T: int, *, lengths=None, 
     return valid
 
 
-def should_hoist(cell: Cell, batch_size: int, time_steps: int) -> bool:
-    """Whether ``unroll(hoist="auto")`` computes the input projection for all
-    steps before the time loop.
+# Strategy choices for ``"auto"``, measured with ``rnnjax-bench`` on a 2-core
+# CPU (1-layer LSTM, fwd+bwd; README, Performance). XLA's CPU backend runs
+# the two independent matmuls of a step (input and recurrent) side by side
+# on the two cores, and autodiff's per-step weight-gradient matmul beside the
+# carry's, so at large batches the per-step forms win there; at small
+# batches per-step overhead dominates and the big-matmul forms win. On
+# accelerators the big-matmul forms always pay.
+SMALL_CPU_BATCH = 16
 
-    Hoisting turns ``T`` small ``[B, F] x [F, G]`` matmuls into one
-    ``[T*B, F] x [F, G]`` matmul. On accelerators that always pays. On CPU
-    XLA runs the two independent per-step matmuls side by side on the cores,
-    and the hoisted version measured slower at B=64, faster at small batch
-    (``benchmarks/``), so the CPU rule hoists only for small batches.
+
+def _small_batch_or_accelerator(batch_size: int) -> bool:
+    return jax.default_backend() != "cpu" or batch_size <= SMALL_CPU_BATCH
+
+
+def should_hoist(cell: Cell, batch_size: int, time_steps: int) -> bool:
+    """Whether ``hoist="auto"`` computes the input projection of all steps
+    as one ``[T*B, F] x [F, G]`` matmul before the time loop.
+
+    Measured at C1 (B=64, T=128, F=H=256) on CPU: hoisted 0.77x the
+    in-loop speed; at B=1 (C3) 1.45x.
     """
     del cell, time_steps
-    if jax.default_backend() != "cpu":
-        return True
-    return batch_size <= 16
+    return _small_batch_or_accelerator(batch_size)
+
+
+def should_fuse(cell: Cell, batch_size: int, time_steps: int) -> bool:
+    """Whether ``backward="auto"`` uses the fused sequence VJP (:mod:`rnnjax.fused`).
+
+    Measured on CPU, fwd+bwd against autodiff of the scan: 1.5x at B=1
+    (C3), 1.2x at B=16 (C2), 0.8x at B=64 (C1), 0.85x at B=256 (C4).
+    """
+    del time_steps
+    return cell.recurrence is not None and _small_batch_or_accelerator(batch_size)
 
 
 def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None, lengths: Array | None = None,
            mask: Array | None = None, resets: Array | None = None, reverse: bool = False,
            time_major: bool = False, unroll: int = 1, remat: Remat = None,
-           hoist: Hoist = "auto") -> tuple[Carry, Array]:
+           hoist: Hoist = "auto", backward: Backward = "auto") -> tuple[Carry, Array]:
     """Runs ``cell`` over the time axis of ``xs``; returns ``(final_carry, ys)``.
 
     Args:
@@ -93,6 +114,11 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
         the ``k`` steps between (memory ``O(T/k + k)`` instead of ``O(T)``).
       hoist: compute ``cell.project`` for all steps before the loop (``True``),
         inside it (``False``), or as :func:`should_hoist` decides.
+      backward: how gradients are computed. ``"fused"``: a custom VJP over
+        the whole sequence whose weight gradients are big matmuls after the
+        backward loop (:mod:`rnnjax.fused`; needs ``cell.recurrence`` and no
+        remat); ``"autodiff"``: JAX's autodiff of the scan; ``"auto"``:
+        as :func:`should_fuse` decides.
 
     Returns:
       ``(carry, ys)`` with ``ys`` ``[*B, T, O]`` (time-major ``[T, *B, O]``),
@@ -128,8 +154,13 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
         _checks.require_like(fn, "carry", carry, jax.eval_shape(lambda: zero_carry),
                              f"build it with cell.initial_carry(params, batch_shape={batch_shape}).")
 
+    batch_size = math.prod(batch_shape)
     if hoist == "auto":
-        hoist = should_hoist(cell, math.prod(batch_shape), T)
+        hoist = should_hoist(cell, batch_size, T)
+    if _use_fused(fn, cell, backward, remat, batch_size, T):
+        carry, ys = fused_unroll(cell, params, xs_t, carry, valid, resets, hoist=hoist, reverse=reverse,
+                                 unroll=unroll)
+        return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
     inputs = cell.project(params, xs_t) if hoist else xs_t
 
     def body(c, inp):
@@ -145,6 +176,21 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
     carry, ys = _scan(body, carry, (inputs, valid, resets), T=T, reverse=reverse, unroll=unroll, remat=remat,
                       batch_shape=batch_shape)
     return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
+
+
+def _use_fused(fn: str, cell: Cell, backward: str, remat: Remat, batch_size: int, T: int) -> bool:
+    if backward not in ("auto", "fused", "autodiff"):
+        raise ValueError(f"{fn}: backward must be 'auto', 'fused' or 'autodiff', got {backward!r}. "
+                         "Fix: pass one of those.")
+    possible = cell.recurrence is not None and (remat is None or remat is False)
+    if backward == "fused" and not possible:
+        why = "remat recomputes steps in the backward pass" if cell.recurrence else (
+            f"the cell {cell.name!r} has no Recurrence split")
+        raise ValueError(f"{fn}: backward='fused' is not available here: {why}. "
+                         "Fix: pass backward='auto' or 'autodiff'.")
+    if backward == "auto":
+        return possible and should_fuse(cell, batch_size, T)
+    return backward == "fused"
 
 
 def _scan(body, carry, inputs, *, T: int, reverse: bool, unroll: int, remat: Remat, batch_shape):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import B, CELLS, F, H, T, random_carry, random_inputs
+from conftest import B, H, T, random_carry, random_inputs
 
 import rnnjax
 from rnnjax import cells

@@ -124,7 +124,7 @@ CASES = {
         "Fix: pass one of those."),
     "sum of unequal directions": (
         ValueError, lambda: layers.bidirectional(cells.gru(3), cells.gru(4), merge="sum"),
-        "rnnjax.layers.bidirectional: merge='sum' needs equal output sizes, got forward 3 and backward 4. Fix: use "
+        "rnnjax.layers.bidirectional: merge='sum' needs equal output sizes, got forward 3 and reverse 4. Fix: use "
         "merge='concat'."),
     "stepping a bidirectional layer": (
         ValueError, lambda: layers.bidirectional(cells.gru(3)).step(None, None, None),

@@ -26,6 +26,35 @@ import jax.numpy as jnp
 from rnnjax.types import Array, InitSpec, PRNGKey
 
 
+class Recurrence(NamedTuple):
+    """A cell's step split into one recurrent matmul and a pointwise rest::
+
+        W, b = weights(params)
+        step(params, carry, px) == pointwise(pointwise_params(params), carry, px, read(carry) @ W + b)
+
+    With this split :func:`rnnjax.unroll` differentiates a whole sequence with
+    a custom VJP: the backward scan only propagates the carry's cotangent,
+    and the gradients of ``W`` (and of the input projection) become single
+    matmuls over all ``T x B`` rows after the loop. ``read`` must be linear
+    (it picks the fed-back state out of the carry).
+    """
+
+    weights: Callable[[Any], tuple[Array, Array | None]]
+    pointwise_params: Callable[[Any], Any]
+    read: Callable[[Any], Array]
+    pointwise: Callable[[Any, Any, Array, Array], tuple[Any, Array]]
+
+
+def step_from(rec: Recurrence) -> Callable[[Any, Any, Array], tuple[Any, Array]]:
+    """The cell's ``step`` as its :class:`Recurrence` defines it."""
+
+    def step(params, carry, px):
+        w, b = rec.weights(params)
+        return rec.pointwise(rec.pointwise_params(params), carry, px, affine(rec.read(carry), w, b))
+
+    return step
+
+
 class Cell(NamedTuple):
     """A recurrent cell: pure functions over a params pytree.
 
@@ -39,6 +68,8 @@ class Cell(NamedTuple):
       input_size: ``params -> F``, read from the parameter shapes.
       output_size: ``O``, the width of ``y``.
       name: a short name used in messages and benchmarks.
+      recurrence: the :class:`Recurrence` split of ``step`` that enables the
+        fused backward pass, or None (autodiff of the scan is used).
     """
 
     init: Callable[[PRNGKey, int], Any]
@@ -48,6 +79,12 @@ class Cell(NamedTuple):
     input_size: Callable[[Any], int]
     output_size: int
     name: str
+    recurrence: Recurrence | None = None
+
+
+def cell_from(recurrence: Recurrence, init, initial_carry, project, input_size, output_size: int, name: str) -> Cell:
+    """A :class:`Cell` whose ``step`` is defined by ``recurrence``."""
+    return Cell(init, initial_carry, project, step_from(recurrence), input_size, output_size, name, recurrence)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    Recurrence,
     Weights,
+    cell_from,
     get_activation,
     affine,
     check_size,
@@ -18,6 +20,10 @@ from rnnjax.cells.base import (
     zeros_carry,
 )
 from rnnjax.types import Array, InitSpec
+
+
+def _identity(h: Array) -> Array:
+    return h
 
 
 def elman(hidden_size: int, *, activation: str = "tanh", bias: bool = True,
@@ -44,11 +50,12 @@ def elman(hidden_size: int, *, activation: str = "tanh", bias: bool = True,
     def project(params: Weights, xs: Array) -> Array:
         return affine(xs, params.w_ih, params.b_ih)
 
-    def step(params: Weights, h: Array, px: Array):
-        h = act(px + affine(h, params.w_hh, params.b_hh))
+    def pointwise(_, h: Array, px: Array, hz: Array):
+        h = act(px + hz)
         return h, h
 
-    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], H, "elman")
+    rec = Recurrence(lambda p: (p.w_hh, p.b_hh), lambda p: (), _identity, pointwise)
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "elman")
 
 
 class JordanParams(NamedTuple):
@@ -90,9 +97,9 @@ def jordan(hidden_size: int, output_size: int, *, activation: str = "tanh",
     def project(params: JordanParams, xs: Array) -> Array:
         return affine(xs, params.w_ih, params.b_h)
 
-    def step(params: JordanParams, y_prev: Array, px: Array):
-        h = act(px + y_prev @ params.w_yh)
-        y = out_act(affine(h, params.w_hy, params.b_y))
+    def pointwise(readout, y_prev: Array, px: Array, hz: Array):
+        y = out_act(affine(act(px + hz), *readout))
         return y, y
 
-    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], O, "jordan")
+    rec = Recurrence(lambda p: (p.w_yh, None), lambda p: (p.w_hy, p.b_y), _identity, pointwise)
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], O, "jordan")

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    Recurrence,
     Weights,
+    cell_from,
     affine,
     check_size,
     gate_layer_norm,
@@ -18,6 +20,10 @@ from rnnjax.cells.base import (
     zeros_carry,
 )
 from rnnjax.types import Array, InitSpec
+
+
+def _identity(h: Array) -> Array:
+    return h
 
 
 def gru(hidden_size: int, *, reset_after: bool = True, bias: bool = True, input_init: InitSpec = "uniform",
@@ -44,21 +50,29 @@ def gru(hidden_size: int, *, reset_after: bool = True, bias: bool = True, input_
     def project(params: Weights, xs: Array) -> Array:
         return affine(xs, params.w_ih, params.b_ih)
 
-    def step(params: Weights, h: Array, px: Array):
+    def pointwise(candidate, h: Array, px: Array, hz: Array):
         x_r, x_z, x_n = jnp.split(px, 3, axis=-1)
         if reset_after:
-            h_r, h_z, h_n = jnp.split(affine(h, params.w_hh, params.b_hh), 3, axis=-1)
+            h_r, h_z, h_n = jnp.split(hz, 3, axis=-1)
             r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
             n = jnp.tanh(x_n + r * h_n)
-        else:
-            b_rz, b_n = (None, None) if params.b_hh is None else (params.b_hh[:2 * H], params.b_hh[2 * H:])
-            h_r, h_z = jnp.split(affine(h, params.w_hh[:, :2 * H], b_rz), 2, axis=-1)
+        else:  # the candidate's recurrent matmul needs r first, so it stays in the pointwise part
+            h_r, h_z = jnp.split(hz, 2, axis=-1)
             r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
-            n = jnp.tanh(x_n + affine(r * h, params.w_hh[:, 2 * H:], b_n))
+            n = jnp.tanh(x_n + affine(r * h, *candidate))
         h = n + z * (h - n)
         return h, h
 
-    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], H, "gru")
+    def bias_part(b, part):
+        return None if b is None else b[part]
+
+    if reset_after:
+        rec = Recurrence(lambda p: (p.w_hh, p.b_hh), lambda p: (), _identity, pointwise)
+    else:
+        rz, n = slice(0, 2 * H), slice(2 * H, 3 * H)
+        rec = Recurrence(lambda p: (p.w_hh[:, rz], bias_part(p.b_hh, rz)),
+                         lambda p: (p.w_hh[:, n], bias_part(p.b_hh, n)), _identity, pointwise)
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "gru")
 
 
 class LayerNormGRUParams(NamedTuple):
@@ -91,12 +105,13 @@ def layer_norm_gru(hidden_size: int, *, eps: float = 1e-5, input_init: InitSpec 
     def project(params: LayerNormGRUParams, xs: Array) -> Array:
         return gate_layer_norm(xs @ params.w_ih, params.ln_x[0], params.ln_x[1], 3, eps)
 
-    def step(params: LayerNormGRUParams, h: Array, px: Array):
+    def pointwise(ln_h, h: Array, px: Array, hz: Array):
         x_r, x_z, x_n = jnp.split(px, 3, axis=-1)
-        h_r, h_z, h_n = jnp.split(gate_layer_norm(h @ params.w_hh, params.ln_h[0], params.ln_h[1], 3, eps), 3, axis=-1)
+        h_r, h_z, h_n = jnp.split(gate_layer_norm(hz, ln_h[0], ln_h[1], 3, eps), 3, axis=-1)
         r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
         n = jnp.tanh(x_n + r * h_n)
         h = n + z * (h - n)
         return h, h
 
-    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], H, "layer_norm_gru")
+    rec = Recurrence(lambda p: (p.w_hh, None), lambda p: p.ln_h, _identity, pointwise)
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "layer_norm_gru")

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    Recurrence,
+    cell_from,
     affine,
     check_size,
     gate_layer_norm,
@@ -32,6 +34,10 @@ class LSTMParams(NamedTuple):
 class LSTMCarry(NamedTuple):
     h: Array  # [..., P or H]
     c: Array  # [..., H]
+
+
+def _read_h(carry: LSTMCarry) -> Array:
+    return carry.h
 
 
 def _forget_bias(fn: str, forget_bias: float, bias: bool) -> float:
@@ -81,21 +87,22 @@ def lstm(hidden_size: int, *, proj_size: int = 0, peepholes: bool = False, forge
     def project(params: LSTMParams, xs: Array) -> Array:
         return affine(xs, params.w_ih, params.b_ih)
 
-    def step(params: LSTMParams, carry: LSTMCarry, px: Array):
-        z = px + affine(carry.h, params.w_hh, params.b_hh)
-        zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
-        if params.w_peep is not None:
-            zi = zi + carry.c * params.w_peep[0]
-            zf = zf + carry.c * params.w_peep[1]
+    def pointwise(extras, carry: LSTMCarry, px: Array, hz: Array):
+        w_hr, w_peep = extras
+        zi, zf, zg, zo = jnp.split(px + hz, 4, axis=-1)
+        if w_peep is not None:
+            zi = zi + carry.c * w_peep[0]
+            zf = zf + carry.c * w_peep[1]
         c = jax.nn.sigmoid(zf) * carry.c + jax.nn.sigmoid(zi) * jnp.tanh(zg)
-        if params.w_peep is not None:
-            zo = zo + c * params.w_peep[2]
+        if w_peep is not None:
+            zo = zo + c * w_peep[2]
         h = jax.nn.sigmoid(zo) * jnp.tanh(c)
-        if params.w_hr is not None:
-            h = h @ params.w_hr
+        if w_hr is not None:
+            h = h @ w_hr
         return LSTMCarry(h, c), h
 
-    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], out, "lstm")
+    rec = Recurrence(lambda p: (p.w_hh, p.b_hh), lambda p: (p.w_hr, p.w_peep), _read_h, pointwise)
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], out, "lstm")
 
 
 class LayerNormLSTMParams(NamedTuple):
@@ -138,11 +145,12 @@ def layer_norm_lstm(hidden_size: int, *, forget_bias: float = 0.0, eps: float = 
     def project(params: LayerNormLSTMParams, xs: Array) -> Array:
         return gate_layer_norm(xs @ params.w_ih, params.ln_x[0], params.ln_x[1], 4, eps)
 
-    def step(params: LayerNormLSTMParams, carry: LSTMCarry, px: Array):
-        z = px + gate_layer_norm(carry.h @ params.w_hh, params.ln_h[0], params.ln_h[1], 4, eps)
-        zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
+    def pointwise(norms, carry: LSTMCarry, px: Array, hz: Array):
+        ln_h, ln_c = norms
+        zi, zf, zg, zo = jnp.split(px + gate_layer_norm(hz, ln_h[0], ln_h[1], 4, eps), 4, axis=-1)
         c = jax.nn.sigmoid(zf) * carry.c + jax.nn.sigmoid(zi) * jnp.tanh(zg)
-        h = jax.nn.sigmoid(zo) * jnp.tanh(layer_norm(c, params.ln_c[0], params.ln_c[1], eps))
+        h = jax.nn.sigmoid(zo) * jnp.tanh(layer_norm(c, ln_c[0], ln_c[1], eps))
         return LSTMCarry(h, c), h
 
-    return Cell(init, initial_carry, project, step, lambda p: p.w_ih.shape[0], H, "layer_norm_lstm")
+    rec = Recurrence(lambda p: (p.w_hh, None), lambda p: (p.ln_h, p.ln_c), _read_h, pointwise)
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "layer_norm_lstm")

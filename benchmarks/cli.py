@@ -1,0 +1,288 @@
+"""``rnnjax-bench``: rnnjax against its peers, interleaved in the same rounds, reported as ratios.
+
+    rnnjax-bench --preset all --mode fwd,fwdbwd --compare torch,flax,haiku,equinox --cell lstm
+    rnnjax-bench --preset C1 --compare rnnjax,rnnjax-hoisted,rnnjax-inloop,torch --json out.jsonl
+    rnnjax-bench --quick                      # tiny shapes, all modes, under a minute (CI)
+
+The only module of ``benchmarks`` that reads argv. Bad input prints one line
+(``rnnjax-bench: error: ...``) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import inspect
+import os
+import platform
+import sys
+
+from benchmarks import impls, report, timing, torch_memory
+from benchmarks.config import CELLS, DTYPES, MODES, PRESETS, QUICK, Config
+
+PROG = "rnnjax-bench"
+DEFAULT_ROUNDS, QUICK_ROUNDS, MIN_ROUNDS = 7, 3, 5
+DEFAULT_MODES, QUICK_MODES = "fwd,fwdbwd", "fwd,fwdbwd,train"
+PEAK_SIZE, QUICK_PEAK_SIZE = 2048, 512
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Benchmark rnnjax against torch, flax, haiku and equinox: implementations run interleaved "
+                    "in rotating order within each round; reports tokens/s (median [min-max]), the ratio to each "
+                    "peer, achieved GFLOP/s against a float32 matmul peak timed in the same rounds, first-call "
+                    "(compile) time and memory.")
+    shape = p.add_argument_group("what to run")
+    shape.add_argument("--preset", help="comma list of C1 (B64 T128 F=H=256), C2 (B16 T512 F=H=512), "
+                                        "C3 (B1 T1024 F=H=128), C4 (B256 T64 F=H=1024) or 'all' (default: C1; "
+                                        "with --quick a tiny B8 T16 F=H=32 shape)")
+    shape.add_argument("--batch", type=_positive_int, help="custom shape: batch B (others default to C1's)")
+    shape.add_argument("--time", type=_positive_int, help="custom shape: time steps T")
+    shape.add_argument("--features", type=_positive_int, help="custom shape: input features F")
+    shape.add_argument("--hidden", type=_positive_int, help="custom shape: hidden units H")
+    shape.add_argument("--cell", default="lstm", help=f"comma list of cells: {', '.join(CELLS)} (default lstm)")
+    shape.add_argument("--layers", type=_positive_int, default=1, help="stacked layers (default 1)")
+    shape.add_argument("--bidirectional", action="store_true", help="bidirectional layers (outputs concatenated)")
+    shape.add_argument("--dtype", choices=DTYPES, default="float32", help="parameters and inputs (default float32)")
+    shape.add_argument("--compare", help="comma list of implementations (see --list); rnnjax is added unless an "
+                                         "rnnjax variant is named (default: rnnjax and every installed peer)")
+    shape.add_argument("--mode", help=f"comma list of {', '.join(MODES)} (default {DEFAULT_MODES}; "
+                                      f"--quick: {QUICK_MODES})")
+    timing_ = p.add_argument_group("timing")
+    timing_.add_argument("--rounds", type=_positive_int,
+                         help=f"timed rounds, >= {MIN_ROUNDS} (default {DEFAULT_ROUNDS}; --quick {QUICK_ROUNDS})")
+    timing_.add_argument("--warmup", type=_nonnegative_int, default=1,
+                         help="untimed calls after the first (compile) call (default 1)")
+    timing_.add_argument("--peak-size", type=_positive_int,
+                         help=f"n of the n^3 float32 matmul peak (default {PEAK_SIZE}; --quick {QUICK_PEAK_SIZE})")
+    timing_.add_argument("--torch-threads", type=_positive_int, default=impls.TORCH_THREADS,
+                         help=f"torch.set_num_threads (default {impls.TORCH_THREADS}: the shared 2-core machine; "
+                              "use the core count elsewhere)")
+    timing_.add_argument("--no-torch-memory", action="store_true",
+                         help="skip torch's peak-RSS measurement (a subprocess per config)")
+    timing_.add_argument("--quick", action="store_true",
+                         help="few rounds, all modes, and (unless --preset or a shape is given) tiny shapes: "
+                              "a smoke test under a minute (CI)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="FILE", help="write JSON lines, one per implementation x config x mode")
+    out.add_argument("--markdown", metavar="FILE", help="write the results table as Markdown")
+    out.add_argument("--plot", metavar="FILE.png", help="bar chart of tokens/s per implementation per config")
+    out.add_argument("--list", action="store_true", help="list implementations, cells and presets, then exit")
+    return p
+
+
+def _split(text: str) -> list[str]:
+    return list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+
+
+def _choose(option: str, text: str, known, what: str) -> list[str]:
+    names = _split(text)
+    if not names:
+        raise UsageError(f"{option} is empty; expected a comma list of {what}s from: {', '.join(known)}.")
+    for name in names:
+        if name not in known:
+            raise UsageError(f"unknown {what} {name!r} in {option}; expected one of: {', '.join(known)}.")
+    return names
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """Checks the arguments and turns them into a plan: configs (without mode), modes, implementations."""
+    cells = _choose("--cell", args.cell, CELLS, "cell")
+    modes = _choose("--mode", args.mode or (QUICK_MODES if args.quick else DEFAULT_MODES), MODES, "mode")
+    if args.compare is None:
+        names = ["rnnjax"]
+        for peer in impls.PEERS:
+            if impls.installed(peer):
+                names.append(peer)
+            else:
+                impls.note(f"{peer} skipped: package {impls.PACKAGES[peer]!r} is not installed "
+                           "(pip install 'rnnjax[bench]')")
+    else:
+        names = _choose("--compare", args.compare, list(impls.IMPLS), "implementation")
+        if not any(impls.is_rnnjax(n) for n in names):
+            names.insert(0, "rnnjax")
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    if rounds < MIN_ROUNDS and not args.quick:
+        raise UsageError(f"--rounds must be >= {MIN_ROUNDS} for a measurement (got {rounds}); "
+                         "use --quick for a smoke test.")
+    dims = {k: getattr(args, k) for k in ("batch", "time", "features", "hidden") if getattr(args, k) is not None}
+    if args.preset and dims:
+        raise UsageError("--preset and --batch/--time/--features/--hidden are exclusive; "
+                         "pass a preset or a custom shape.")
+    if dims:
+        shapes = {"custom": {**(QUICK["quick"] if args.quick else PRESETS["C1"]), **dims}}
+    elif args.preset:
+        chosen = list(PRESETS) if args.preset.strip() == "all" else \
+            _choose("--preset", args.preset, [*PRESETS, "all"], "preset")
+        if "all" in chosen:
+            chosen = list(PRESETS)
+        shapes = {name: PRESETS[name] for name in chosen}
+    else:
+        shapes = dict(QUICK) if args.quick else {"C1": PRESETS["C1"]}
+    groups = [Config(**shape, cell=cell, mode="", layers=args.layers, bidirectional=args.bidirectional,
+                     dtype=args.dtype, preset=preset)
+              for preset, shape in shapes.items() for cell in cells]
+    return dict(groups=groups, modes=modes, names=names, rounds=rounds, warmup=args.warmup,
+                peak_size=args.peak_size or (QUICK_PEAK_SIZE if args.quick else PEAK_SIZE))
+
+
+def environment(torch_threads: int) -> dict:
+    """Versions and the machine, recorded in every JSON line."""
+    import jax
+
+    import rnnjax
+
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    device = jax.devices()[0]
+    return dict(
+        backend=jax.default_backend(), device=getattr(device, "device_kind", str(device)),
+        cpu_count=os.cpu_count(), machine=platform.machine(), python=platform.python_version(),
+        jax=jax.__version__, rnnjax=rnnjax.__version__,
+        rnnjax_unroll_backward="backward" in inspect.signature(rnnjax.unroll).parameters,
+        torch=version("torch"), torch_threads=torch_threads, flax=version("flax"), haiku=version("dm-haiku"),
+        equinox=version("equinox"), optax=version("optax"),
+        load_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    )
+
+
+def list_all() -> str:
+    lines = ["implementations: " + ", ".join(impls.IMPLS),
+             "default comparison: rnnjax, " + ", ".join(impls.PEERS),
+             "cells: " + ", ".join(CELLS),
+             "presets: " + ", ".join(f"{k} (B{v['batch']} T{v['time']} F{v['features']} H{v['hidden']})"
+                                     for k, v in PRESETS.items()),
+             "modes: " + ", ".join(MODES)]
+    return "\n".join(lines)
+
+
+def run(plan: dict, args: argparse.Namespace) -> int:
+    impls.TORCH_THREADS = args.torch_threads
+    env = environment(args.torch_threads)
+    print(f"{PROG}: {env['backend']} ({env['device']}, {env['cpu_count']} CPUs), jax {env['jax']}, "
+          f"torch {env['torch']} ({env['torch_threads']} threads), flax {env['flax']}, haiku {env['haiku']}, "
+          f"equinox {env['equinox']}; {plan['rounds']} rounds, {plan['warmup']} warm-up", flush=True)
+    if env["load_1m"] is not None and env["cpu_count"] and env["load_1m"] > 0.5 * env["cpu_count"]:
+        impls.note(f"the machine is busy before the run (1-minute load {env['load_1m']:.1f} on {env['cpu_count']} "
+                   "CPUs): expect noise; torch's OpenMP threads suffer most when a core is taken "
+                   "(try --torch-threads 1), so compare ratios from a quiet machine")
+    json_file = open(args.json, "w") if args.json else None
+    all_rows, peaks_by_group, rnnjax_failed = [], [], False
+    try:
+        for group in plan["groups"]:
+            # torch's memory is measured in a subprocess that runs while this process builds the
+            # first runners (untimed work); it is collected before any timing starts.
+            pending_mem = None
+            if "torch" in plan["names"] and not args.no_torch_memory and impls.installed("torch") \
+                    and group.cell in ("lstm", "gru", "elman") and impls.torch_device().type == "cpu":
+                pending_mem = torch_memory.start([group._replace(mode=m) for m in plan["modes"]],
+                                                 threads=args.torch_threads)
+            torch_mem: dict = {}
+            for mode in plan["modes"]:
+                cfg = group._replace(mode=mode)
+                runners: dict = {}
+                for name in plan["names"]:
+                    runner, error = impls.build(name, cfg)
+                    if error is not None:
+                        print(f"error: {name} failed to build at {cfg.label()} {mode}: {error}", flush=True)
+                        rnnjax_failed |= impls.is_rnnjax(name)
+                    if runner is not None:
+                        runners[name] = runner
+                if not runners:
+                    continue
+                if pending_mem is not None:
+                    torch_mem, pending_mem = torch_memory.collect(pending_mem), None
+                peaks = impls.peak_runners(plan["peak_size"])
+                timed = {**runners, **{report.PEAK_PREFIX + n: f for n, (f, _) in peaks.items()}}
+                results = timing.measure(timed, rounds=plan["rounds"], warmup=plan["warmup"])
+                for name, r in results.items():
+                    if "error" in r:
+                        print(f"error: {name} failed at {cfg.label()} {mode}: {r['error']}", flush=True)
+                        rnnjax_failed |= impls.is_rnnjax(name)
+                infos = {name: dict(r.info) for name, r in runners.items()}
+                if "torch" in infos and torch_mem.get(mode) is not None:
+                    infos["torch"].update(memory_bytes=torch_mem[mode], memory_kind="rss-delta")
+                notes = {name: r.note for name, r in runners.items() if r.note}
+                peak = report.peak_stats(results, {n: fl for n, (_, fl) in peaks.items()})
+                rows = report.make_rows(cfg, results, infos, notes, peak, rounds=plan["rounds"], env=env)
+                print(f"\n== {cfg.label()} | {mode} | B{cfg.batch} T{cfg.time} F{cfg.features} H{cfg.hidden}",
+                      flush=True)
+                print(report.text_table(rows))
+                print(report.peak_line(peak), flush=True)
+                if json_file:
+                    for row in rows:
+                        json_file.write(report.json_line(row) + "\n")
+                    json_file.flush()
+                all_rows += rows
+                peaks_by_group.append((f"{cfg.label()} {mode}", peak))
+                del runners, timed
+                gc.collect()
+            if pending_mem is not None:  # no runner was built for any mode
+                torch_memory.collect(pending_mem)
+            impls.clear_cache()
+            gc.collect()
+    finally:
+        if json_file:
+            json_file.close()
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(all_rows, peaks_by_group))
+        print(f"wrote {args.markdown}")
+    if args.plot and all_rows:
+        report.plot(all_rows, args.plot)
+        print(f"wrote {args.plot}")
+    if args.json:
+        print(f"wrote {args.json}")
+    return 1 if rnnjax_failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rnnjax-bench``; returns the exit status (0 ok, 1 an rnnjax runner failed, 2 bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a malformed option (2), message already printed
+        return int(exit_.code or 0)
+    if args.list:
+        print(list_all())
+        return 0
+    try:
+        plan = resolve(args)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    return run(plan, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""What is measured: benchmark configurations, presets, and the analytic FLOP count.
+
+Shapes follow rnnjax's legend: ``B`` batch, ``T`` time, ``F`` input features,
+``H`` hidden units. Every implementation reads the same batch-major
+``[B, T, F]`` inputs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+MODES = ("fwd", "fwdbwd", "train")
+DTYPES = ("float32", "bfloat16")
+
+# Cells the rnnjax runner knows, by --cell name. Peers declare their own subsets (impls.py).
+CELLS = ("lstm", "gru", "elman", "layer_norm_lstm", "layer_norm_gru", "jordan", "gru_cho")
+
+# Classes of the dense readout in --mode train (cross-entropy on integer targets).
+READOUT_CLASSES = 32
+
+
+class Config(NamedTuple):
+    """One benchmark point: a model shape, a cell and a mode."""
+
+    batch: int
+    time: int
+    features: int
+    hidden: int
+    cell: str = "lstm"
+    mode: str = "fwdbwd"
+    layers: int = 1
+    bidirectional: bool = False
+    dtype: str = "float32"
+    preset: str = "custom"
+
+    @property
+    def tokens(self) -> int:
+        """Tokens processed by one call: ``B * T``."""
+        return self.batch * self.time
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self) -> int:
+        """Features of the last layer's output (both directions concatenated)."""
+        return self.hidden * self.directions
+
+    def label(self) -> str:
+        """A short name for tables: preset, cell and the non-default options."""
+        parts = [self.preset, self.cell]
+        if self.preset == "custom" or self.preset.startswith("quick"):
+            parts.append(f"B{self.batch} T{self.time} F{self.features} H{self.hidden}")
+        if self.layers > 1:
+            parts.append(f"L{self.layers}")
+        if self.bidirectional:
+            parts.append("bi")
+        if self.dtype != "float32":
+            parts.append(self.dtype)
+        return " ".join(parts)
+
+    def group(self) -> "Config":
+        """The config without its mode: implementations are compared within one group and mode."""
+        return self._replace(mode="")
+
+
+PRESETS = {
+    "C1": dict(batch=64, time=128, features=256, hidden=256),
+    "C2": dict(batch=16, time=512, features=512, hidden=512),
+    "C3": dict(batch=1, time=1024, features=128, hidden=128),
+    "C4": dict(batch=256, time=64, features=1024, hidden=1024),
+}
+
+# --quick: tiny shapes that still exercise batching and the time loop.
+QUICK = {"quick": dict(batch=8, time=16, features=32, hidden=32)}
+
+
+# --- analytic FLOPs --------------------------------------------------------------
+#
+# Only the matmuls count (2 FLOPs per multiply-add); elementwise gate math,
+# layer norms and the optimiser are left out. Per layer and direction, for
+# input width F_l (F for the first layer, H * directions after it):
+#
+#   fwd   = 2 * T * B * [(F_l + H_rec) * G + extra]
+#   bwd   = 2 * fwd            (one matmul for the input gradient, one for the
+#                               weight gradient, per forward matmul)
+#   fwdbwd = 3 * fwd
+#   train  = 3 * fwd + 3 * 2 * T * B * O * C   (the dense readout to C classes)
+#
+# where G is the gate width and H_rec the width of what is fed back:
+#
+#   cell                          G     H_rec   extra
+#   lstm, layer_norm_lstm         4H    H       0
+#   gru, gru_cho, layer_norm_gru  3H    H       0
+#   elman                         H     H       0
+#   jordan (output size O = H)    H     H       H * H   (the output matmul h W_hy)
+#
+# fwdbwd differentiates w.r.t. the parameters only, so the first layer's
+# input gradient is not actually needed; the 3x convention counts it anyway
+# (it is a small share: the T*B*F*G input-gradient matmul of one layer).
+
+GATES = {"lstm": 4, "layer_norm_lstm": 4, "gru": 3, "gru_cho": 3, "layer_norm_gru": 3, "elman": 1, "jordan": 1}
+
+
+def forward_flops_per_layer(cell: str, batch: int, time: int, input_size: int, hidden: int) -> int:
+    """Matmul FLOPs of one forward pass of one layer in one direction."""
+    G = GATES[cell] * hidden
+    extra = hidden * hidden if cell == "jordan" else 0
+    return 2 * time * batch * ((input_size + hidden) * G + extra)
+
+
+def flops(cfg: Config, mode: str | None = None) -> int:
+    """Matmul FLOPs of one call of ``cfg`` in ``mode`` (default ``cfg.mode``), as in the table above."""
+    mode = cfg.mode if mode is None else mode
+    fwd = 0
+    for layer in range(cfg.layers):
+        width = cfg.features if layer == 0 else cfg.hidden * cfg.directions
+        fwd += cfg.directions * forward_flops_per_layer(cfg.cell, cfg.batch, cfg.time, width, cfg.hidden)
+    if mode == "fwd":
+        return fwd
+    if mode == "fwdbwd":
+        return 3 * fwd
+    if mode == "train":
+        return 3 * fwd + 3 * 2 * cfg.tokens * cfg.output_size * READOUT_CLASSES
+    raise ValueError(f"benchmarks.config.flops: unknown mode {mode!r}; expected one of {MODES}.")

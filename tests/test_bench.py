@@ -1,0 +1,117 @@
+"""The benchmark CLI (benchmarks/): a quick end-to-end run, the FLOP count, bad input, interleaving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import cli, config, impls, report, timing
+from benchmarks.config import Config
+
+
+def test_quick_run_writes_consistent_json_lines(tmp_path, capsys):
+    path = tmp_path / "bench.jsonl"
+    assert cli.main(["--quick", "--json", str(path)]) == 0
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    expected_impls = ["rnnjax"] + [p for p in impls.PEERS if impls.installed(p)]
+    modes = cli.QUICK_MODES.split(",")
+    assert sorted((r["impl"], r["mode"]) for r in rows) == sorted((i, m) for i in expected_impls for m in modes)
+
+    for row in rows:
+        assert row["tokens"] == row["batch"] * row["time"] == 8 * 16
+        assert 0 < row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["median_s"], rel=1e-12)
+        assert row["flops"] == config.flops(Config(**{k: row[k] for k in (
+            "batch", "time", "features", "hidden", "cell", "mode", "layers", "bidirectional")}))
+        assert row["gflops"] == pytest.approx(row["flops"] / row["median_s"] / 1e9, rel=1e-12)
+        assert len(row["samples_s"]) == row["rounds"] == cli.QUICK_ROUNDS
+        assert row["first_call_s"] > 0
+        if row["impl"] != "torch":
+            assert row["memory_kind"] == "xla-planned" and row["memory_bytes"] > 0 and row["compile_s"] > 0
+
+    # Every ratio is the quotient of the two reported medians (same config and mode), against every peer.
+    by_key = {(r["config"], r["mode"], r["impl"]): r for r in rows}
+    for row in rows:
+        peers = {i for i in expected_impls if i != "rnnjax" and i != row["impl"]}
+        assert set(row["ratio_vs"]) == peers
+        for other, ratio in row["ratio_vs"].items():
+            other_row = by_key[(row["config"], row["mode"], other)]
+            assert ratio == pytest.approx(row["tokens_per_s"] / other_row["tokens_per_s"], rel=1e-12)
+
+    out = capsys.readouterr().out
+    assert "tok/s median [min-max]" in out and "float32 matmul peak" in out
+
+
+def test_lstm_flops_match_a_hand_count():
+    # One layer: 2 * T * B * (F + H) * 4H = 2 * 3 * 2 * (5 + 7) * 28 = 4032 multiply-adds x 2.
+    cfg = Config(batch=2, time=3, features=5, hidden=7, cell="lstm", mode="fwd")
+    assert config.flops(cfg) == 4032
+    assert config.flops(cfg, "fwdbwd") == 3 * 4032
+    # Train adds the readout: 3 * 2 * T * B * H * C.
+    assert config.flops(cfg, "train") == 3 * 4032 + 3 * 2 * 6 * 7 * config.READOUT_CLASSES
+    # Two bidirectional layers: layer 1 reads F, layer 2 reads both directions (2H), each in 2 directions.
+    deep = cfg._replace(layers=2, bidirectional=True)
+    assert config.flops(deep) == 2 * (2 * 3 * 2 * (5 + 7) * 28) + 2 * (2 * 3 * 2 * (14 + 7) * 28)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cell", "lsmt"], "rnnjax-bench: error: unknown cell 'lsmt' in --cell; expected one of: lstm, gru, "
+                         "elman, layer_norm_lstm, layer_norm_gru, jordan, gru_cho."),
+    (["--compare", "torch,pytorch"], "rnnjax-bench: error: unknown implementation 'pytorch' in --compare; "
+                                     "expected one of: rnnjax, rnnjax-autodiff, rnnjax-fused, rnnjax-hoisted, "
+                                     "rnnjax-inloop, torch, flax, flax-lstmcell, haiku, equinox."),
+    (["--mode", "fwd,backward"], "rnnjax-bench: error: unknown mode 'backward' in --mode; "
+                                 "expected one of: fwd, fwdbwd, train."),
+    (["--rounds", "3"], "rnnjax-bench: error: --rounds must be >= 5 for a measurement (got 3); "
+                        "use --quick for a smoke test."),
+])
+def test_bad_names_exit_2_with_a_clear_message(argv, message, capsys):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == message
+    assert captured.out == ""
+
+
+def test_measure_interleaves_in_rotating_order():
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    results = timing.measure(runners, rounds=4, warmup=1)
+    # First (compile) call and one warm-up per runner, then rounds rotated left by one each time.
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
+    assert calls[6:] == list("abc" "bca" "cab" "abc")
+    assert all(len(r["samples_s"]) == 4 for r in results.values())
+
+
+def test_measure_statistics_and_failures():
+    durations = {"fast": [1, 1, 1, 2, 3], "slow": [4, 9, 5, 6, 7]}  # first call, then 4 rounds (warmup=0)
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    def runner(name):
+        seq = iter(durations[name])
+
+        def run():
+            now[0] += next(seq)
+        return run
+
+    def broken():
+        raise RuntimeError("no XLA today")
+
+    results = timing.measure({"fast": runner("fast"), "slow": runner("slow"), "broken": broken},
+                             rounds=4, warmup=0, clock=clock)
+    assert results["fast"] == dict(first_call_s=1, median_s=1.5, min_s=1, max_s=3, samples_s=[1, 1, 2, 3])
+    assert results["slow"]["first_call_s"] == 4 and results["slow"]["median_s"] == 6.5
+    assert results["broken"] == {"error": "RuntimeError: no XLA today"}
+
+
+def test_ratios_are_quotients_of_medians():
+    rows = [dict(impl=i, config="c", mode="fwd", tokens_per_s=t)
+            for i, t in [("rnnjax", 300.0), ("rnnjax-hoisted", 600.0), ("torch", 200.0), ("flax", 400.0)]]
+    report.add_ratios(rows)
+    r = {row["impl"]: row["ratio_vs"] for row in rows}
+    assert r["rnnjax"] == {"torch": 1.5, "flax": 0.75}
+    assert r["rnnjax-hoisted"] == {"rnnjax": 2.0, "torch": 3.0, "flax": 1.5}
+    assert r["torch"] == {"flax": 0.5}
