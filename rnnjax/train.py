@@ -1,4 +1,5 @@
-"""Training glue: the train state, a jitted train step, evaluation (the only module that knows optax).
+"""Training glue: the train state, a jitted train step, evaluation, early stopping and the
+training loop (the only module that knows optax).
 
 ::
 
@@ -9,27 +10,41 @@
         state, metrics = train_step(state, batch)       # state is donated: don't reuse the old one
     val_loss = evaluate(language_model_loss(model), state.params, val_batches)
 
+Truncated backpropagation through time (stateful training over a long
+stream, :class:`rnnjax.data.TokenStream`) threads the model's carry from
+one window to the next::
+
+    train_step = make_train_step(language_model_loss(model, carry=True), optimizer, carry=True)
+    carry = model.initial_carry(state.params, (batch_size,))
+    for batch in stream:                               # {"x", "y", "resets"}
+        state, carry, metrics = train_step(state, batch, carry)
+
 A loss function has the signature ``loss_fn(params, batch, key) -> loss``
-(a scalar); ``key`` is a fresh PRNG key per step for dropout, and ``None``
-in evaluation.
+(a scalar), or with ``carry=True`` ``loss_fn(params, batch, key, carry) ->
+(loss, carry)``; ``key`` is a fresh PRNG key per step for dropout, and
+``None`` in evaluation.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rnnjax.types import Array, PRNGKey
 
-LossFn = Callable[[Any, Any, "PRNGKey | None"], Array]
+LossFn = Callable[..., Any]
 
 
 class TrainState(NamedTuple):
-    step: Array  # int32 scalar: optimiser steps taken
+    step: Array  # int32 scalar: train steps taken (skipped ones included): the data position
     params: Any
     opt_state: Any
     key: PRNGKey  # base key; step t uses jax.random.fold_in(key, t)
@@ -39,59 +54,209 @@ def init_train_state(params, optimizer: optax.GradientTransformation, key: PRNGK
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), key)
 
 
+# ----------------------------------------------------------------------------
+# The optimiser
+
+
 def default_warmup(total_steps: int) -> int:
     """Warmup steps used by :func:`default_optimizer`: 100, or a tenth of a shorter run."""
     return max(1, min(100, total_steps // 10))
 
 
-def default_optimizer(learning_rate: float = 2e-3, *, total_steps: int, warmup_steps: int | None = None,
-                      end_fraction: float = 0.1, weight_decay: float = 0.01, clip_norm: float = 1.0,
-                      b2: float = 0.99) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with a linear warmup and cosine decay.
+def warmup_cosine(count, peak: float, warmup_steps, total_steps, end_fraction: float = 0.1):
+    """Learning rate at optimiser step ``count``: linear from 0 to ``peak`` over
+    ``warmup_steps``, then a cosine to ``end_fraction * peak`` at ``total_steps``
+    (and constant after). Works on traced values, so the horizon can live in
+    the optimiser state and change without recompiling."""
+    count = jnp.asarray(count, jnp.float32)
+    warmup = jnp.maximum(jnp.asarray(warmup_steps, jnp.float32), 1.0)
+    total = jnp.maximum(jnp.asarray(total_steps, jnp.float32), warmup + 1.0)
+    frac = jnp.clip((count - warmup) / (total - warmup), 0.0, 1.0)
+    end = peak * end_fraction
+    cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return jnp.where(count < warmup, peak * count / warmup, cosine)
 
-    The learning rate rises from 0 to ``learning_rate`` over ``warmup_steps``
-    (default :func:`default_warmup`), then decays to ``end_fraction *
-    learning_rate`` at ``total_steps``. Weight decay applies to matrices
-    only (``ndim >= 2``), not to biases or layer-norm gains. The warmup does
-    not depend on ``total_steps``, so a run may take its first steps with one
-    ``total_steps`` and continue with another (same state structure); the CLI
-    does this to fit a time budget.
-    """
-    fn = "rnnjax.train.default_optimizer"
-    if not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"{fn}: total_steps must be an integer >= 1, got {total_steps!r}.")
-    warmup = default_warmup(total_steps) if warmup_steps is None else warmup_steps
-    if not isinstance(warmup, int) or warmup < 1:
-        raise ValueError(f"{fn}: warmup_steps must be an integer >= 1, got {warmup_steps!r}.")
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=learning_rate * end_fraction)
+
+def _matrices(params):
+    return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def _chain(learning_rate, warmup_steps, total_steps, end_fraction, weight_decay, clip_norm, b1, b2, eps):
+    schedule = partial(warmup_cosine, peak=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps,
+                       end_fraction=end_fraction)
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
-        optax.adamw(schedule, b2=b2, weight_decay=weight_decay,
-                    mask=lambda params: jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_matrices),
     )
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation):
-    """A jitted ``train_step(state, batch) -> (state, metrics)``.
+def default_optimizer(learning_rate: float = 2e-3, *, total_steps: int, warmup_steps: int | None = None,
+                      end_fraction: float = 0.1, weight_decay: float = 0.01, clip_norm: float = 1.0,
+                      b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8) -> optax.GradientTransformation:
+    """``optax.chain(clip_by_global_norm(clip_norm), adamw(warmup-cosine schedule))``.
 
-    The state is donated (its buffers are reused for the new one). Step
-    ``t`` passes ``jax.random.fold_in(state.key, t)`` to ``loss_fn``, so
-    every step gets fresh dropout masks and a run is reproducible from its
-    key. ``metrics``: ``loss`` (what ``loss_fn`` returned, before the
-    update) and ``grad_norm`` (before clipping).
+    The learning rate rises from 0 to ``learning_rate`` over ``warmup_steps``
+    (default :func:`default_warmup`), then decays along a cosine to
+    ``end_fraction * learning_rate`` at ``total_steps``
+    (:func:`warmup_cosine`). Weight decay applies to matrices only
+    (``ndim >= 2``), not to biases or layer-norm gains.
+
+    Every number is a hyperparameter stored in the optimiser state
+    (``optax.inject_hyperparams``), so it is saved in checkpoints and can be
+    changed between steps without recompiling: :func:`set_hyperparams`
+    (e.g. the time-budgeted CLI re-fits ``total_steps`` as it measures its
+    speed). Any other ``optax.GradientTransformation`` works with
+    :func:`make_train_step` too.
     """
+    fn = "rnnjax.train.default_optimizer"
+    if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
+        raise ValueError(f"{fn}: total_steps must be an integer >= 1, got {total_steps!r}. "
+                         "Fix: pass the number of optimiser steps the run will take.")
+    warmup = default_warmup(total_steps) if warmup_steps is None else warmup_steps
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
+        raise ValueError(f"{fn}: warmup_steps must be an integer >= 1, got {warmup_steps!r}. "
+                         "Fix: pass e.g. warmup_steps=100, or None for the default.")
+    for name, value in (("learning_rate", learning_rate), ("clip_norm", clip_norm)):
+        if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}.")
+    f32, i32 = partial(jnp.asarray, dtype=jnp.float32), partial(jnp.asarray, dtype=jnp.int32)
+    # Strongly typed arrays, so set_hyperparams's replacements have the very same types.
+    return optax.inject_hyperparams(_chain)(
+        learning_rate=f32(learning_rate), warmup_steps=i32(warmup), total_steps=i32(total_steps),
+        end_fraction=f32(end_fraction), weight_decay=f32(weight_decay), clip_norm=f32(clip_norm),
+        b1=f32(b1), b2=f32(b2), eps=f32(eps))
 
-    def train_step(state: TrainState, batch):
+
+def set_hyperparams(opt_state, **values):
+    """``opt_state`` of :func:`default_optimizer` (or any ``optax.inject_hyperparams``
+    optimiser) with some hyperparameters replaced, e.g. ``total_steps=5000``.
+    Same structure, dtypes and shapes: a jitted train step does not recompile."""
+    hp = getattr(opt_state, "hyperparams", None)
+    if not isinstance(hp, dict) or not set(values) <= set(hp):
+        have = sorted(hp) if isinstance(hp, dict) else "none"
+        raise ValueError(f"rnnjax.train.set_hyperparams: the optimiser state has no hyperparameter(s) "
+                         f"{sorted(set(values) - set(hp or {}))} (it has {have}). Fix: build the optimiser with "
+                         "rnnjax.train.default_optimizer or optax.inject_hyperparams.")
+    new = dict(hp)
+    for k, v in values.items():
+        new[k] = jnp.asarray(v, dtype=jnp.asarray(hp[k]).dtype)
+    return opt_state._replace(hyperparams=new)
+
+
+def current_learning_rate(opt_state) -> float | None:
+    """The learning rate :func:`default_optimizer` will use at its next update (None for other optimisers)."""
+    hp = getattr(opt_state, "hyperparams", None)
+    if not isinstance(hp, dict) or "total_steps" not in hp:
+        return None
+    return float(_scheduled_lr(opt_state.count, hp["learning_rate"], hp["warmup_steps"], hp["total_steps"],
+                               hp["end_fraction"]))
+
+
+@jax.jit
+def _scheduled_lr(count, peak, warmup_steps, total_steps, end_fraction):
+    return warmup_cosine(count, peak, warmup_steps, total_steps, end_fraction)
+
+
+# ----------------------------------------------------------------------------
+# The train step
+
+
+def _all_finite(tree) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _select(pred, new, old):
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, carry: bool = False,
+                    accumulate: int = 1, donate: bool = True):
+    """A jitted train step.
+
+    Without ``carry``: ``train_step(state, batch) -> (state, metrics)`` with
+    ``loss_fn(params, batch, key) -> loss``. With ``carry=True`` (truncated
+    BPTT): ``train_step(state, batch, carry) -> (state, carry, metrics)``
+    with ``loss_fn(params, batch, key, carry) -> (loss, carry)``; the carry
+    that comes out is passed through ``stop_gradient`` (gradients stop at
+    the window's start) and is the input of the next step.
+
+    - The state (and the carry) are donated: their buffers are reused.
+    - Step ``t`` passes ``jax.random.fold_in(state.key, t)`` to ``loss_fn``:
+      fresh dropout masks every step, reproducible from the key.
+    - ``accumulate=k`` splits the batch (every array's first axis, and the
+      carry's) into ``k`` micro-batches, runs them one after the other and
+      applies the mean of their gradients once: the update of a ``k`` times
+      larger batch in the memory of one micro-batch.
+    - A step whose loss or gradients are not all finite is *skipped*: params
+      and optimiser state stay as they were (bit for bit) and
+      ``metrics["skipped"]`` is 1. ``state.step`` still advances (it counts
+      batches read), and so does the carry.
+
+    ``metrics``: ``loss`` (before the update), ``grad_norm`` (before
+    clipping) and ``skipped`` (0 or 1).
+    """
+    fn = "rnnjax.train.make_train_step"
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ValueError(f"{fn}: accumulate must be an integer >= 1, got {accumulate!r}.")
+
+    def grads_of(params, batch, key, c):
+        if carry:
+            (loss, c), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key, c)
+            return loss, grads, jax.lax.stop_gradient(c)
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+        return loss, grads, None
+
+    def accumulated(params, batch, key, c):
+        if accumulate == 1:
+            return grads_of(params, batch, key, c)
+
+        def split(x):
+            if x.shape[0] % accumulate:
+                raise ValueError(f"{fn}: accumulate={accumulate} must divide the batch size, got a leading axis "
+                                 f"of {x.shape[0]}. Fix: use a batch size that is a multiple of accumulate.")
+            return x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:])
+
+        micro = jax.tree_util.tree_map(split, (batch, c))
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+        def body(acc, inp):
+            i, (b, c_i) = inp
+            loss, grads, c_i = grads_of(params, b, jax.random.fold_in(key, i), c_i)
+            return jax.tree_util.tree_map(jnp.add, acc, (loss, grads)), c_i
+
+        (loss, grads), cs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                         (jnp.arange(accumulate), micro))
+        loss, grads = jax.tree_util.tree_map(lambda g: g / accumulate, (loss, grads))
+        c = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), cs)
+        return loss, grads, c
+
+    def step(state: TrainState, batch, c=None):
         key = jax.random.fold_in(state.key, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key)
+        loss, grads, c = accumulated(state.params, batch, key, c)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return TrainState(state.step + 1, params, opt_state, state.key), metrics
+        params = _select(finite, params, state.params)
+        opt_state = _select(finite, opt_state, state.opt_state)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": (~finite).astype(jnp.int32)}
+        return TrainState(state.step + 1, params, opt_state, state.key), c, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if carry:
+        def train_step(state, batch, c):
+            return step(state, batch, c)
+
+        return jax.jit(train_step, donate_argnums=(0, 2) if donate else ())
+
+    def train_step(state, batch):
+        state, _, metrics = step(state, batch)
+        return state, metrics
+
+    return jax.jit(train_step, donate_argnums=0 if donate else ())
+
+
+# ----------------------------------------------------------------------------
+# Losses and evaluation
 
 
 @jax.jit
@@ -101,14 +266,24 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     return losses.mean()
 
 
-def language_model_loss(model) -> LossFn:
-    """``loss_fn(params, batch, key)``: next-token cross-entropy (nats/token) of a
-    :class:`rnnjax.models.LanguageModel` on ``{"x": [B, T], "y": [B, T]}``,
-    each window read from a zero carry."""
+def language_model_loss(model, *, carry: bool = False) -> LossFn:
+    """Next-token cross-entropy (nats/token) of a :class:`rnnjax.models.LanguageModel`.
 
-    def loss_fn(params, batch, key=None):
-        _, logits = model.apply(params, batch["x"], key=key)
-        return cross_entropy(logits, batch["y"])
+    ``carry=False``: ``loss_fn(params, batch, key)`` on ``{"x": [B, T], "y":
+    [B, T]}``, each window read from a zero carry. ``carry=True`` (truncated
+    BPTT): ``loss_fn(params, batch, key, carry) -> (loss, carry)`` reads the
+    window from ``carry``, starting afresh where ``batch["resets"]`` (if
+    present) is True.
+    """
+
+    if carry:
+        def loss_fn(params, batch, key, c):
+            c, logits = model.apply(params, batch["x"], carry=c, resets=batch.get("resets"), key=key)
+            return cross_entropy(logits, batch["y"]), c
+    else:
+        def loss_fn(params, batch, key=None):
+            _, logits = model.apply(params, batch["x"], key=key)
+            return cross_entropy(logits, batch["y"])
 
     return loss_fn
 
@@ -128,3 +303,316 @@ def evaluate(loss_fn: LossFn, params, batches: Iterable) -> float:
     if not losses:
         raise ValueError("rnnjax.train.evaluate: got no batches; expected at least one.")
     return float(jnp.mean(jnp.stack(losses)))
+
+
+def stream_evaluator(model, lanes: dict, *, chunk: int = 256) -> Callable[[Any], float]:
+    """``evaluate(params) -> float``: the mean next-token loss (nats/token) of
+    ``model`` over *every* target of ``lanes`` (:func:`rnnjax.data.lanes`),
+    each lane read from start to end with the state carried across chunks of
+    ``chunk`` steps (reset where ``lanes["resets"]`` is True).
+
+    Each token is predicted from all the text before it in its lane, as the
+    model would read a long text. Compiled once (one chunk shape).
+    """
+    x, y, mask, resets = (np.asarray(lanes[k]) for k in ("x", "y", "mask", "resets"))
+    L, N = x.shape
+    chunk = max(1, min(int(chunk), N))
+    pad = -N % chunk
+    if pad:
+        x, y, resets = (np.pad(a, ((0, 0), (0, pad))) for a in (x, y, resets))
+        mask = np.pad(mask, ((0, 0), (0, pad)))
+    count = float(mask.sum())
+    chunks = [tuple(jnp.asarray(a[:, i:i + chunk]) for a in (x, y, mask, resets))
+              for i in range(0, N + pad, chunk)]
+
+    @jax.jit
+    def run(params, c, xc, yc, mc, rc):
+        c, logits = model.apply(params, xc, carry=c, resets=rc)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yc)
+        return c, jnp.sum(jnp.where(mc, nll, 0.0))
+
+    def evaluate_params(params) -> float:
+        c = model.initial_carry(params, (L,))
+        total = jnp.zeros((), jnp.float32)
+        for xc, yc, mc, rc in chunks:
+            c, s = run(params, c, xc, yc, mc, rc)
+            total = total + s
+        return float(total) / count
+
+    return evaluate_params
+
+
+# ----------------------------------------------------------------------------
+# Early stopping
+
+
+@dataclass
+class EarlyStopping:
+    """Stops when a metric to minimise has not improved by more than
+    ``min_delta`` for ``patience`` evaluations in a row.
+
+    ``update(value, step) -> bool`` (True: stop now). ``best``/``best_step``
+    hold the best value seen. ``to_dict``/``from_dict`` carry the state
+    through a checkpoint, so a resumed run stops where an uninterrupted one would.
+    """
+
+    patience: int
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_step: int | None = None
+    bad_evals: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1:
+            raise ValueError(f"rnnjax.train.EarlyStopping: patience must be an integer >= 1 (evaluations "
+                             f"without improvement before stopping), got {self.patience!r}.")
+        if not self.min_delta >= 0:
+            raise ValueError(f"rnnjax.train.EarlyStopping: min_delta must be >= 0, got {self.min_delta!r}.")
+
+    def update(self, value: float, step: int) -> bool:
+        if value < self.best - self.min_delta:
+            self.best, self.best_step, self.bad_evals = float(value), int(step), 0
+        else:
+            self.bad_evals += 1
+        return self.bad_evals >= self.patience
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_evals >= self.patience
+
+    def to_dict(self) -> dict:
+        return {"patience": self.patience, "min_delta": self.min_delta,
+                "best": None if math.isinf(self.best) else self.best, "best_step": self.best_step,
+                "bad_evals": self.bad_evals}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EarlyStopping":
+        return cls(d["patience"], d["min_delta"], math.inf if d["best"] is None else d["best"], d["best_step"],
+                   d["bad_evals"])
+
+
+# ----------------------------------------------------------------------------
+# The training loop
+
+
+def _spread(start: int, stop: int, count: int) -> list[int]:
+    """``count`` steps evenly spaced in ``(start, stop]``, ``stop`` included."""
+    return sorted({start + round(k * (stop - start) / count) for k in range(1, count + 1)} - {start})
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` ends with."""
+
+    state: TrainState
+    carry: Any
+    stop_reason: str  # "steps", "time", "early_stopping", "interrupted" or "not_finite"
+    history: list = field(default_factory=list)  # one record per evaluation
+    skipped_steps: int = 0
+    elapsed_s: float = 0.0  # wall-clock seconds of the run (all sessions of a resumed run)
+    tokens_per_s: float = float("nan")  # training throughput after compilation, this session
+
+
+CALIBRATION_STEPS = 20  # steps timed (after the compiling one) before a time budget fixes the schedule
+
+
+def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_steps: int | None = None,
+        seconds: float | None = None, start_time: float | None = None,
+        evaluate: Callable[[Any], float] | None = None, evals: int = 5,
+        early_stopping: EarlyStopping | None = None,
+        save: Callable[..., None] | None = None, save_every_steps: int | None = None,
+        save_every_seconds: float | None = None, tokens_per_step: int = 1,
+        on_step: Callable[..., None] | None = None, on_eval: Callable[..., None] | None = None,
+        should_stop: Callable[[], bool] | None = None, max_consecutive_skipped: int = 25,
+        progress: dict | None = None) -> FitResult:
+    """Runs ``train_step`` (from :func:`make_train_step`) until a step or time budget is spent.
+
+    Args:
+      train_step, state, carry: the step, its state, and (for TBPTT, when
+        ``carry`` is not None) the carry threaded through it.
+      batches: an iterator of batches (positioned at ``state.step``).
+      total_steps: stop when ``state.step`` reaches this.
+      seconds: a wall-clock budget from ``start_time`` (default: now) that
+        covers training, the evaluations and the final save. With
+        :func:`default_optimizer` and no ``total_steps``, the schedule's
+        horizon is fitted to it: after :data:`CALIBRATION_STEPS` timed steps
+        and one evaluation, and again every few percent of the run, the
+        measured speed sets ``total_steps`` so the cosine ends as time runs out.
+      evaluate: ``params -> validation loss``; run ``evals`` times, evenly
+        spaced, the last at the end (plus once after calibration in a timed run).
+      early_stopping: stop when it says so after an evaluation.
+      save: ``save(state, carry, metrics, progress)``: called after each
+        evaluation (``metrics={"val_loss": ...}``), every ``save_every_steps``
+        steps or ``save_every_seconds`` seconds, and at the end (also after
+        an interruption or a non-finite stop). ``progress`` is a JSON-able
+        dict to pass back as ``progress=`` when resuming.
+      on_step: ``on_step(step, metrics, tokens_per_s, total_steps)`` after every step.
+      on_eval: ``on_eval(record, state)`` after every evaluation (records have
+        ``step``, ``elapsed_s``, ``train_loss``, ``val_loss``, ``lr``, ``tokens_per_s``).
+      should_stop: polled after every step (e.g. a Ctrl-C flag): stop and save.
+      max_consecutive_skipped: stop ("not_finite") after this many skipped
+        steps in a row (the learning rate is probably too high).
+      progress: what ``save`` got last time, to resume a run.
+    """
+    fn = "rnnjax.train.fit"
+    if total_steps is None and seconds is None:
+        raise ValueError(f"{fn}: expected a budget: total_steps, seconds or both, got neither. "
+                         "Fix: pass e.g. total_steps=1000 or seconds=300.")
+    start = time.perf_counter() if start_time is None else start_time
+    progress = dict(progress or {})
+    prior_elapsed = float(progress.get("elapsed_s", 0.0))
+    history = list(progress.get("history", []))
+    skipped = int(progress.get("skipped_steps", 0))
+    deadline = start + seconds if seconds is not None else math.inf
+    step = int(state.step)
+    first_step = step
+    fit_horizon = seconds is not None and total_steps is None
+    horizon = total_steps if total_steps is not None else int(progress.get("total_steps", 10 ** 9))
+    if fit_horizon:
+        try:
+            state = state._replace(opt_state=set_hyperparams(state.opt_state, total_steps=horizon))
+        except ValueError:
+            fit_horizon = False  # another optimiser: the time budget only stops the run
+    if total_steps is not None:  # spread over the whole run, so a resumed run evaluates where it would have
+        eval_steps = [t for t in _spread(0, total_steps, evals) if t > step] if evaluate and evals > 0 else []
+    else:
+        eval_steps = None  # fractions of the fitted horizon: decided as it goes
+    eval_fractions_left = list(range(1, evals + 1)) if evaluate else []
+    base_fraction = step  # evaluations of a timed run are spread over (base_fraction, horizon]
+
+    losses: list[float] = []
+    iter_times: list[float] = []  # wall seconds per loop iteration, evaluations and saves excluded
+    eval_cost, save_cost = 0.0, 0.0
+    calibrated = not fit_horizon
+    next_refit = None
+    consecutive_skipped = 0
+    last_save_time, last_save_step = time.perf_counter(), step
+    stop_reason = None
+    evaluated_at = history[-1]["step"] if history else None
+
+    def now():
+        return time.perf_counter()
+
+    def rate():
+        recent = iter_times[-100:]
+        return float(np.median(recent)) if recent else math.inf
+
+    def record_progress():
+        es = early_stopping.to_dict() if early_stopping is not None else None
+        return {"history": history, "skipped_steps": skipped, "elapsed_s": round(prior_elapsed + now() - start, 3),
+                "total_steps": horizon, "early_stopping": es}
+
+    def do_save(metrics=None):
+        nonlocal save_cost, last_save_time, last_save_step
+        if save is None or (last_save_step == step and metrics is None and step != first_step):
+            return
+        t0 = now()
+        save(state, carry, metrics, record_progress())
+        save_cost = max(save_cost * 0.5, now() - t0)
+        last_save_time, last_save_step = now(), step
+
+    def do_eval():
+        nonlocal eval_cost, losses, evaluated_at
+        t0 = now()
+        val = float(evaluate(state.params))
+        train_loss = float(np.mean(losses)) if losses else None
+        recent = iter_times[-100:]
+        record = {"step": step, "elapsed_s": round(prior_elapsed + now() - start, 3),
+                  "train_loss": None if train_loss is None else round(train_loss, 5), "val_loss": round(val, 5),
+                  "lr": current_learning_rate(state.opt_state),
+                  "tokens_per_s": round(tokens_per_step * len(recent) / sum(recent)) if recent else None}
+        history.append(record)
+        losses = []
+        evaluated_at = step
+        if on_eval is not None:
+            on_eval(record, state)
+        stop = early_stopping is not None and early_stopping.update(val, step)
+        eval_cost = now() - t0
+        do_save({"val_loss": val})
+        return stop
+
+    def refit():
+        nonlocal horizon, state
+        per_step = rate()
+        evals_left = max(len(eval_fractions_left) - 1, 0)
+        reserve = eval_cost + save_cost + 1.0 + 0.01 * seconds
+        left = deadline - now() - evals_left * (eval_cost + save_cost) - reserve
+        horizon = step + max(1, int(left / per_step))
+        state = state._replace(opt_state=set_hyperparams(state.opt_state, total_steps=horizon))
+
+    compiled_at = None
+    if seconds is not None and now() >= deadline:
+        stop_reason = "time"
+    while stop_reason is None:
+        if total_steps is not None and step >= total_steps:
+            stop_reason = "steps"
+            break
+        if fit_horizon and calibrated and step >= horizon:
+            stop_reason = "time"
+            break
+        if seconds is not None and calibrated and now() + rate() + eval_cost + save_cost + 0.5 > deadline:
+            stop_reason = "time"
+            break
+        t0 = now()
+        batch = next(batches)
+        if carry is None:
+            state, metrics = train_step(state, batch)
+        else:
+            state, carry, metrics = train_step(state, batch, carry)
+        loss, was_skipped = float(metrics["loss"]), int(metrics["skipped"])
+        step += 1
+        if was_skipped:
+            skipped += 1
+            consecutive_skipped += 1
+        else:
+            consecutive_skipped = 0
+            losses.append(loss)
+        if compiled_at is None:
+            compiled_at = step  # the first step compiles: not a measure of speed
+        else:
+            iter_times.append(now() - t0)
+        if on_step is not None:
+            recent = iter_times[-20:]
+            on_step(step, {"loss": loss, "skipped": was_skipped},
+                    tokens_per_step * len(recent) / sum(recent) if recent else None, horizon)
+        if consecutive_skipped >= max_consecutive_skipped:
+            stop_reason = "not_finite"
+            break
+
+        stop = False
+        if not calibrated and len(iter_times) >= CALIBRATION_STEPS:
+            if evaluate is not None:
+                stop = do_eval()
+            refit()
+            calibrated = True
+            next_refit = step + max(10, (horizon - step) // 25)
+        elif fit_horizon and calibrated and step >= next_refit:
+            refit()
+            next_refit = step + max(10, (horizon - step) // 25)
+        if evaluate is not None and evaluated_at != step:
+            if eval_steps is not None:
+                due = step in eval_steps and step != total_steps
+            else:
+                due = (calibrated and len(eval_fractions_left) > 1
+                       and step >= base_fraction + eval_fractions_left[0] / evals * (horizon - base_fraction))
+                if due:
+                    eval_fractions_left.pop(0)
+            if due:
+                stop = do_eval() or stop
+        if stop:
+            stop_reason = "early_stopping"
+            break
+        if save is not None and ((save_every_steps and step - last_save_step >= save_every_steps)
+                                 or (save_every_seconds and now() - last_save_time >= save_every_seconds)):
+            do_save()
+        if should_stop is not None and should_stop():
+            stop_reason = "interrupted"
+            break
+
+    if stop_reason in ("steps", "time") and evaluate is not None and evaluated_at != step:
+        do_eval()
+    elif stop_reason != "early_stopping" or evaluated_at != step:
+        do_save()
+    elapsed = prior_elapsed + now() - start
+    tps = tokens_per_step * len(iter_times) / sum(iter_times) if iter_times else float("nan")
+    return FitResult(state, carry, stop_reason, history, skipped, elapsed, tps)
