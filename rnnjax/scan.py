@@ -55,39 +55,38 @@ def valid_steps(fn: str, batch_shape: tuple[int, ...], T: int, *, lengths=None, 
     return valid
 
 
-# Strategy choices for ``"auto"``, measured with ``rnnjax-bench`` on a 2-core
-# CPU (1-layer LSTM, fwd+bwd; README, Performance). XLA's CPU backend runs
+# Strategy choices for ``"auto"``, measured with ``rnnjax-bench`` and
+# benchmarks/ on a 2-core CPU (README, Performance). XLA's CPU backend runs
 # the two independent matmuls of a step (input and recurrent) side by side
 # on the two cores, and autodiff's per-step weight-gradient matmul beside the
-# carry's, so at large batches the per-step forms win there; at small
+# carry's, so at larger batches the per-step forms win there; at small
 # batches per-step overhead dominates and the big-matmul forms win. On
 # accelerators the big-matmul forms always pay.
-SMALL_CPU_BATCH = 16
-
-
-def _small_batch_or_accelerator(batch_size: int) -> bool:
-    return jax.default_backend() != "cpu" or batch_size <= SMALL_CPU_BATCH
+CPU_HOIST_MAX_BATCH = 4
+CPU_FUSE_MAX_BATCH = 16
 
 
 def should_hoist(cell: Cell, batch_size: int, time_steps: int) -> bool:
     """Whether ``hoist="auto"`` computes the input projection of all steps
     as one ``[T*B, F] x [F, G]`` matmul before the time loop.
 
-    Measured at C1 (B=64, T=128, F=H=256) on CPU: hoisted 0.77x the
-    in-loop speed; at B=1 (C3) 1.45x.
+    Measured on CPU (LSTM, forward): hoisted 1.18x the in-loop speed at B=1
+    (C3), 0.9x at B=16 (C2), 0.77x at B=64 (C1).
     """
     del cell, time_steps
-    return _small_batch_or_accelerator(batch_size)
+    return jax.default_backend() != "cpu" or batch_size <= CPU_HOIST_MAX_BATCH
 
 
 def should_fuse(cell: Cell, batch_size: int, time_steps: int) -> bool:
     """Whether ``backward="auto"`` uses the fused sequence VJP (:mod:`rnnjax.fused`).
 
-    Measured on CPU, fwd+bwd against autodiff of the scan: 1.5x at B=1
+    Measured on CPU, LSTM fwd+bwd against autodiff of the scan: 1.5x at B=1
     (C3), 1.2x at B=16 (C2), 0.8x at B=64 (C1), 0.85x at B=256 (C4).
     """
     del time_steps
-    return cell.recurrence is not None and _small_batch_or_accelerator(batch_size)
+    if cell.recurrence is None:
+        return False
+    return jax.default_backend() != "cpu" or batch_size <= CPU_FUSE_MAX_BATCH
 
 
 def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None, lengths: Array | None = None,

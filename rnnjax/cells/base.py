@@ -204,6 +204,11 @@ def init_weights(cfg: InitConfig, key: PRNGKey, input_size: int, recurrent_rows:
     )
 
 
+def gain_shift(shape: tuple[int, ...], dtype) -> Array:
+    """Stacked layer-norm parameters ``[2, *shape]``: gain (ones) and shift (zeros)."""
+    return jnp.stack([jnp.ones(shape, dtype), jnp.zeros(shape, dtype)])
+
+
 def layer_norm(x: Array, gain: Array | None, shift: Array | None, eps: float) -> Array:
     """Normalises the last axis (float32 statistics), then scales and shifts."""
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))

@@ -12,6 +12,7 @@ from rnnjax.cells.base import (
     Recurrence,
     Weights,
     cell_from,
+    gain_shift,
     affine,
     check_size,
     gate_layer_norm,
@@ -96,7 +97,7 @@ def layer_norm_gru(hidden_size: int, *, eps: float = 1e-5, input_init: InitSpec 
 
     def init(key, input_size: int) -> LayerNormGRUParams:
         w = init_weights(cfg, key, check_size(fn, "input_size", input_size), H, H, 3, False)
-        gate_ln = jnp.stack([jnp.ones((3, H), cfg.dtype), jnp.zeros((3, H), cfg.dtype)])
+        gate_ln = gain_shift((3, H), cfg.dtype)
         return LayerNormGRUParams(w.w_ih, w.w_hh, gate_ln, gate_ln)
 
     def initial_carry(params: LayerNormGRUParams, batch_shape=()) -> Array:

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 from rnnjax.cells.base import (
     Cell,
     Recurrence,
-    cell_from,
     affine,
+    cell_from,
+    gain_shift,
     check_size,
     gate_layer_norm,
     init_config,
@@ -132,11 +133,9 @@ def layer_norm_lstm(hidden_size: int, *, forget_bias: float = 0.0, eps: float = 
 
     def init(key, input_size: int) -> LayerNormLSTMParams:
         w = init_weights(cfg, key, check_size(fn, "input_size", input_size), H, H, 4, False)
-        gate_ln = jnp.stack([jnp.ones((4, H), cfg.dtype), jnp.zeros((4, H), cfg.dtype)])
-        return LayerNormLSTMParams(
-            w.w_ih, w.w_hh, gate_ln.at[1, 1].set(forget_bias), gate_ln,
-            jnp.stack([jnp.ones((H,), cfg.dtype), jnp.zeros((H,), cfg.dtype)]),
-        )
+        gate_ln = gain_shift((4, H), cfg.dtype)
+        return LayerNormLSTMParams(w.w_ih, w.w_hh, gate_ln.at[1, 1].set(forget_bias), gate_ln,
+                                   gain_shift((H,), cfg.dtype))
 
     def initial_carry(params: LayerNormLSTMParams, batch_shape=()) -> LSTMCarry:
         dtype = params.w_hh.dtype
