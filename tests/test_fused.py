@@ -74,3 +74,20 @@ def test_fused_refuses_remat_with_a_clear_error():
         rnnjax.unroll(cell, params, random_inputs(), backward="fused", remat=True)
     assert str(info.value) == ("rnnjax.unroll: backward='fused' is not available here: remat recomputes steps in "
                                "the backward pass. Fix: pass backward='auto' or 'autodiff'.")
+
+
+def test_a_cell_without_recurrence_uses_autodiff_and_refuses_fused():
+    elman = cells.elman(5)
+    plain = rnnjax.Cell(elman.init, elman.initial_carry, elman.project, elman.step, elman.input_size,
+                        elman.output_size, "my_elman")
+    params = elman.init(jax.random.key(0), F)
+    xs = random_inputs(shape=(2, T, F))
+
+    def loss(cell, backward):
+        return jax.grad(lambda p: jnp.sum(rnnjax.unroll(cell, p, xs, backward=backward)[1] ** 2))(params)
+
+    assert_trees_close(loss(plain, "auto"), loss(elman, "fused"))
+    with pytest.raises(ValueError) as info:
+        loss(plain, "fused")
+    assert str(info.value) == ("rnnjax.unroll: backward='fused' is not available here: the cell 'my_elman' has no "
+                               "Recurrence split. Fix: pass backward='auto' or 'autodiff'.")
