@@ -23,18 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rnnjax._tree import tree_add, where_batch
 from rnnjax.cells.base import Cell, affine
-
-
-def _tree_add(a, b):
-    return jax.tree_util.tree_map(jnp.add, a, b)
-
-
-def _where_batch(mask, new, old):
-    def pick(n, o):
-        return jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - mask.ndim)), n, o)
-
-    return jax.tree_util.tree_map(pick, new, old)
 
 
 def _rows_matmul(a, b):
@@ -67,7 +57,7 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
         def body(c, inp):
             x_t, v_t, r_t = inp
             if r_t is not None:
-                c = _where_batch(r_t, zero, c)
+                c = where_batch(r_t, zero, c)
             px = x_t if hoist else cell.project(params, x_t)
             h = rec.read(c)
             hz = affine(h, w, b)
@@ -78,7 +68,7 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
                 new_c, y = rec.pointwise(pw, c, px, hz)
                 saved = (h, (c, None if hoist else px, hz))
             if v_t is not None:
-                new_c = _where_batch(v_t, new_c, c)
+                new_c = where_batch(v_t, new_c, c)
                 y = jnp.where(v_t[..., None], y, jnp.zeros_like(y))
             return new_c, (y, saved)
 
@@ -110,7 +100,7 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
             step_saved, dy, v_t, r_t = inp
             if v_t is not None:  # an invalid step passes the carry through and outputs zero
                 dy = jnp.where(v_t[..., None], dy, jnp.zeros_like(dy))
-                dc_step = _where_batch(v_t, dc, jax.tree_util.tree_map(jnp.zeros_like, dc))
+                dc_step = where_batch(v_t, dc, jax.tree_util.tree_map(jnp.zeros_like, dc))
             else:
                 dc_step = dc
             if save_pointwise:
@@ -118,12 +108,12 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
             else:
                 _, pointwise_vjp = jax.vjp(rec.pointwise, pw, *step_saved)
             dpw_t, dc_prev, dpx, dhz = pointwise_vjp((dc_step, dy))
-            dc_prev = _tree_add(dc_prev, read_vjp((dhz @ w_t).astype(dhz.dtype))[0])
+            dc_prev = tree_add(dc_prev, read_vjp((dhz @ w_t).astype(dhz.dtype))[0])
             if v_t is not None:
-                dc_prev = _where_batch(v_t, dc_prev, dc)
+                dc_prev = where_batch(v_t, dc_prev, dc)
             if r_t is not None:  # the carry before a reset does not reach the output
-                dc_prev = _where_batch(r_t, jax.tree_util.tree_map(jnp.zeros_like, dc_prev), dc_prev)
-            return (dc_prev, _tree_add(dpw, dpw_t)), (dpx, dhz)
+                dc_prev = where_batch(r_t, jax.tree_util.tree_map(jnp.zeros_like, dc_prev), dc_prev)
+            return (dc_prev, tree_add(dpw, dpw_t)), (dpx, dhz)
 
         dpw0 = jax.tree_util.tree_map(jnp.zeros_like, pw)
         (d_carry0, dpw), (dpxs, dhzs) = jax.lax.scan(
@@ -132,9 +122,9 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
         d_w = _rows_matmul(hs, dhzs).astype(w.dtype)
         d_b = None if b is None else dhzs.reshape(-1, dhzs.shape[-1]).sum(0, dtype=jnp.float32).astype(b.dtype)
         d_params = jax.vjp(rec.weights, params)[1]((d_w, d_b))[0]
-        d_params = _tree_add(d_params, jax.vjp(rec.pointwise_params, params)[1](dpw)[0])
+        d_params = tree_add(d_params, jax.vjp(rec.pointwise_params, params)[1](dpw)[0])
         d_proj, d_xs = jax.vjp(cell.project, params, xs)[1](dpxs)
-        return _tree_add(d_params, d_proj), d_xs, d_carry0, None, None
+        return tree_add(d_params, d_proj), d_xs, d_carry0, None, None
 
     run.defvjp(run_fwd, run_bwd)
     return run(params, xs, carry, valid, resets)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks
+from rnnjax._tree import where_batch
 from rnnjax.cells.base import Cell
 from rnnjax.fused import fused_unroll
 from rnnjax.types import Array, Carry, Params
@@ -31,16 +32,6 @@ from rnnjax.types import Array, Carry, Params
 Remat = Union[bool, int, None]
 Hoist = Union[bool, Literal["auto"]]
 Backward = Literal["auto", "fused", "autodiff"]
-
-
-def _where_batch(mask: Array, new, old):
-    """``where(mask, new, old)`` over carries/outputs whose leaves start with the batch dims of ``mask``."""
-
-    def pick(n, o):
-        m = mask.reshape(mask.shape + (1,) * (n.ndim - mask.ndim))
-        return jnp.where(m, n, o)
-
-    return jax.tree_util.tree_map(pick, new, old)
 
 
 def valid_steps(fn: str, batch_shape: tuple[int, ...], T: int, *, lengths=None, mask=None,
@@ -165,11 +156,11 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
     def body(c, inp):
         x_t, valid_t, reset_t = inp
         if reset_t is not None:
-            c = _where_batch(reset_t, zero_carry, c)
+            c = where_batch(reset_t, zero_carry, c)
         new_c, y = cell.step(params, c, x_t if hoist else cell.project(params, x_t))
         if valid_t is not None:
-            new_c = _where_batch(valid_t, new_c, c)
-            y = _where_batch(valid_t, y, jnp.zeros_like(y))
+            new_c = where_batch(valid_t, new_c, c)
+            y = where_batch(valid_t, y, jnp.zeros_like(y))
         return new_c, y
 
     carry, ys = _scan(body, carry, (inputs, valid, resets), T=T, reverse=reverse, unroll=unroll, remat=remat,
@@ -242,5 +233,5 @@ def step(cell: Cell, params: Params, carry: Carry, x: Array, *, reset: Array | N
         if tuple(reset.shape) != batch_shape or reset.dtype != jnp.bool_:
             raise ValueError(f"{fn}: expected a boolean reset of shape {batch_shape} (x without its feature "
                              f"axis), got {reset.dtype}{list(reset.shape)}. Fix: one boolean per sequence.")
-        carry = _where_batch(reset, zero_carry, carry)
+        carry = where_batch(reset, zero_carry, carry)
     return cell.step(params, carry, cell.project(params, x))
