@@ -33,7 +33,6 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np

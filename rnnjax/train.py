@@ -540,18 +540,43 @@ def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_s
         horizon = step + max(1, int(left / per_step))
         state = state._replace(opt_state=set_hyperparams(state.opt_state, total_steps=horizon))
 
-    compiled_at = None
+    # A step's metrics are read after the next step is queued, so the device never waits for Python.
+    pending = None
+
+    def settle():
+        nonlocal pending, skipped, consecutive_skipped
+        if pending is None:
+            return
+        at, m = pending
+        pending = None
+        m = jax.device_get(m)
+        loss, was_skipped = float(m["loss"]), int(m["skipped"])
+        if was_skipped:
+            skipped += 1
+            consecutive_skipped += 1
+        else:
+            consecutive_skipped = 0
+            losses.append(loss)
+        if on_step is not None:
+            recent = iter_times[-20:]
+            on_step(at, {"loss": loss, "skipped": was_skipped},
+                    tokens_per_step * len(recent) / sum(recent) if recent else None, horizon)
+
+    first = True
     if seconds is not None and now() >= deadline:
         stop_reason = "time"
-    while stop_reason is None:
+    def budget_spent():
         if total_steps is not None and step >= total_steps:
-            stop_reason = "steps"
-            break
+            return "steps"
         if fit_horizon and calibrated and step >= horizon:
-            stop_reason = "time"
-            break
+            return "time"
         if seconds is not None and calibrated and now() + rate() + eval_cost + save_cost + 0.5 > deadline:
-            stop_reason = "time"
+            return "time"
+        return None
+
+    while stop_reason is None:
+        stop_reason = budget_spent()
+        if stop_reason:
             break
         t0 = now()
         batch = next(batches)
@@ -559,22 +584,15 @@ def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_s
             state, metrics = train_step(state, batch)
         else:
             state, carry, metrics = train_step(state, batch, carry)
-        loss, was_skipped = float(metrics["loss"]), int(metrics["skipped"])
         step += 1
-        if was_skipped:
-            skipped += 1
-            consecutive_skipped += 1
-        else:
-            consecutive_skipped = 0
-            losses.append(loss)
-        if compiled_at is None:
-            compiled_at = step  # the first step compiles: not a measure of speed
+        settle()  # the previous step's
+        pending = (step, metrics)
+        if consecutive_skipped:
+            settle()  # after a skipped step, read each step's at once: stop exactly at the limit
+        if first:
+            first = False  # this step compiled: no measure of speed
         else:
             iter_times.append(now() - t0)
-        if on_step is not None:
-            recent = iter_times[-20:]
-            on_step(step, {"loss": loss, "skipped": was_skipped},
-                    tokens_per_step * len(recent) / sum(recent) if recent else None, horizon)
         if consecutive_skipped >= max_consecutive_skipped:
             stop_reason = "not_finite"
             break
@@ -582,6 +600,7 @@ def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_s
         stop = False
         if not calibrated and len(iter_times) >= CALIBRATION_STEPS:
             if evaluate is not None:
+                settle()
                 stop = do_eval()
             refit()
             calibrated = True
@@ -598,17 +617,25 @@ def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_s
                 if due:
                     eval_fractions_left.pop(0)
             if due:
+                settle()
                 stop = do_eval() or stop
         if stop:
             stop_reason = "early_stopping"
             break
         if save is not None and ((save_every_steps and step - last_save_step >= save_every_steps)
                                  or (save_every_seconds and now() - last_save_time >= save_every_seconds)):
+            stop_reason = budget_spent()  # at the end, the final save (with its evaluation) comes instead
+            if stop_reason:
+                break
+            settle()
             do_save()
         if should_stop is not None and should_stop():
             stop_reason = "interrupted"
             break
 
+    settle()
+    if consecutive_skipped >= max_consecutive_skipped:
+        stop_reason = "not_finite"
     if stop_reason in ("steps", "time") and evaluate is not None and evaluated_at != step:
         do_eval()
     elif stop_reason != "early_stopping" or evaluated_at != step:

@@ -14,7 +14,13 @@ from rnnjax.checkpoint import CheckpointError, Checkpointer
 from rnnjax.models import LMParams, language_model
 
 
-def _setup(hidden=8, steps=3):
+@pytest.fixture(scope="module")
+def trained():
+    """A model, a training state after two TBPTT steps, and the carry (one compilation per module)."""
+    return _setup()
+
+
+def _setup(hidden=8, steps=2):
     model = language_model(10, layers=1, hidden=hidden, embed=4)
     opt = train.default_optimizer(1e-2, total_steps=20, warmup_steps=2)
     state = train.init_train_state(model.init(jax.random.key(0)), opt, jax.random.key(1))
@@ -36,24 +42,24 @@ def _equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_round_trip_is_exact_and_keeps_types(tmp_path):
-    model, state, carry = _setup()
+def test_round_trip_is_exact_and_keeps_types(tmp_path, trained):
+    model, state, carry = trained
     with Checkpointer(tmp_path) as ckpt:
-        assert ckpt.save(3, state, carry=carry, meta={"note": "é"}, metrics={"val_loss": 2.5})
-        assert not ckpt.save(3, state, carry=carry)  # an existing step is never rewritten
+        assert ckpt.save(2, state, carry=carry, meta={"note": "é"}, metrics={"val_loss": 2.5})
+        assert not ckpt.save(2, state, carry=carry)  # an existing step is never rewritten
         ckpt.wait()
-        restored, c, meta = ckpt.restore(3, jax.eval_shape(lambda: state), jax.eval_shape(lambda: carry))
+        restored, c, meta = ckpt.restore(2, jax.eval_shape(lambda: state), jax.eval_shape(lambda: carry))
     _equal(restored, state)  # NamedTuples stay NamedTuples, typed PRNG keys stay keys
     _equal(c, carry)
     assert isinstance(restored, train.TrainState) and isinstance(restored.params, LMParams)
-    assert meta == {"note": "é", "rnnjax_checkpoint": 1, "step": 3, "metrics": {"val_loss": 2.5}}
+    assert meta == {"note": "é", "rnnjax_checkpoint": 1, "step": 2, "metrics": {"val_loss": 2.5}}
     params, meta2 = checkpoint.restore_params(tmp_path, jax.eval_shape(lambda: state.params))
     _equal(params, state.params)
     assert meta2 == meta
 
 
-def test_keeps_the_latest_and_the_best(tmp_path):
-    _, state, carry = _setup(steps=1)
+def test_keeps_the_latest_and_the_best(tmp_path, trained):
+    _, state, carry = trained
     ckpt = Checkpointer(tmp_path)
     for step, val in [(1, 3.0), (2, 2.0), (3, 2.5), (4, None), (5, 2.4)]:
         ckpt.save(step, state, carry=carry, metrics=None if val is None else {"val_loss": val})
@@ -71,8 +77,8 @@ def test_keeps_the_latest_and_the_best(tmp_path):
                             "steps 2, 5. Fix: pass one of those.")
 
 
-def test_missing_empty_and_unfinished_directories(tmp_path):
-    abstract = jax.eval_shape(lambda: _setup(steps=0)[1].params)
+def test_missing_empty_and_unfinished_directories(tmp_path, trained):
+    abstract = jax.eval_shape(lambda: trained[1].params)
     missing = tmp_path / "nope"
     with pytest.raises(CheckpointError) as e:
         checkpoint.restore_params(missing, abstract)
@@ -97,8 +103,8 @@ def test_missing_empty_and_unfinished_directories(tmp_path):
     assert (partial / "checkpoints" / "7.orbax-checkpoint-tmp-1700000000").is_dir()  # restoring deletes nothing
 
 
-def test_damaged_foreign_and_mismatched_checkpoints(tmp_path):
-    model, state, carry = _setup()
+def test_damaged_foreign_and_mismatched_checkpoints(tmp_path, trained):
+    model, state, carry = trained
     with Checkpointer(tmp_path / "run") as ckpt:
         ckpt.save(3, state, carry=carry, meta={})
     # A model of another size does not fit: every differing array is named.

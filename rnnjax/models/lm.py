@@ -112,7 +112,8 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
                         f"got {type(cell).__name__}.")
 
     embedding = L.embedding(V, E)
-    rnn_layers = [L.rnn(make_cell(H), unroll=unroll, remat=remat, hoist=hoist, backward=backward) for _ in range(n_layers)]
+    rnn_layers = [L.rnn(make_cell(H), unroll=unroll, remat=remat, hoist=hoist, backward=backward)
+                  for _ in range(n_layers)]
     stack = L.stack(rnn_layers, dropout=dropout, variational=variational, residual=residual, layer_norm=layer_norm)
     readout = L.dense(V)
 
