@@ -3,6 +3,10 @@
     rnnjax-bench --preset all --mode fwd,fwdbwd --compare torch,flax,haiku,equinox --cell lstm
     rnnjax-bench --preset C1 --compare rnnjax,rnnjax-hoisted,rnnjax-inloop,torch --json out.jsonl
     rnnjax-bench --quick                      # tiny shapes, all modes, under a minute (CI)
+    rnnjax-bench long --time 1000,100000      # memory and compile time against T (benchmarks/long_sequences.py)
+
+A first argument naming a subcommand (:data:`SUBCOMMANDS`) hands the rest of
+the arguments to that module's ``main``.
 
 The only module of ``benchmarks`` that reads argv. Bad input prints one line
 (``rnnjax-bench: error: ...``) and exits with status 2.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import importlib.metadata
 import inspect
 import os
@@ -22,6 +27,10 @@ from benchmarks import impls, report, timing, torch_memory
 from benchmarks.config import CELLS, DTYPES, MODES, PRESETS, QUICK, Config
 
 PROG = "rnnjax-bench"
+# name -> (module with main(argv) -> int, one line of help)
+SUBCOMMANDS = {
+    "long": ("benchmarks.long_sequences", "memory and compile time of fwd+bwd against T, remat off and on"),
+}
 DEFAULT_ROUNDS, QUICK_ROUNDS, MIN_ROUNDS = 7, 3, 5
 DEFAULT_MODES, QUICK_MODES = "fwd,fwdbwd", "fwd,fwdbwd,train"
 PEAK_SIZE, QUICK_PEAK_SIZE = 2048, 512
@@ -54,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark rnnjax against torch, flax, haiku and equinox: implementations run interleaved "
                     "in rotating order within each round; reports tokens/s (median [min-max]), the ratio to each "
                     "peer, achieved GFLOP/s against a float32 matmul peak timed in the same rounds, first-call "
-                    "(compile) time and memory.")
+                    "(compile) time and memory.",
+        epilog="subcommands (rnnjax-bench NAME --help): "
+               + "; ".join(f"{name}: {text}" for name, (_, text) in SUBCOMMANDS.items()))
     shape = p.add_argument_group("what to run")
     shape.add_argument("--preset", help="comma list of C1 (B64 T128 F=H=256), C2 (B16 T512 F=H=512), "
                                         "C3 (B1 T1024 F=H=128), C4 (B256 T64 F=H=1024) or 'all' (default: C1; "
@@ -265,6 +276,9 @@ def run(plan: dict, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rnnjax-bench``; returns the exit status (0 ok, 1 an rnnjax runner failed, 2 bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

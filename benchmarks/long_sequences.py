@@ -1,6 +1,6 @@
 """Memory and compile time against sequence length, remat off and on.
 
-    python -m benchmarks.long_sequences [--time 1000,10000,100000] [--remat none,316] [--run]
+    rnnjax-bench long [--time 1000,10000,100000] [--remat none,316] [--run]
 
 For each T and remat setting it compiles fwd+bwd of a 1-layer LSTM (B=8,
 F=H=256 by default) and prints XLA's planned peak memory (arguments +
@@ -53,7 +53,7 @@ def _setting(T: int, remat: str, batch: int, features: int, hidden: int, run: bo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.long_sequences", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="rnnjax-bench long", description=__doc__.split("\n\n")[0])
     parser.add_argument("--time", default="1000,10000,100000")
     parser.add_argument("--remat", default="none,sqrt")
     parser.add_argument("--batch", type=int, default=8)

@@ -115,3 +115,13 @@ def test_ratios_are_quotients_of_medians():
     assert r["rnnjax"] == {"torch": 1.5, "flax": 0.75}
     assert r["rnnjax-hoisted"] == {"rnnjax": 2.0, "torch": 3.0, "flax": 1.5}
     assert r["torch"] == {"flax": 0.5}
+
+
+def test_long_subcommand_reports_less_planned_memory_with_remat(capsys):
+    rows = {}
+    for remat in ("none", "8"):
+        assert cli.main(["long", "--one", f"64:{remat}", "--batch", "2", "--features", "8", "--hidden", "32"]) == 0
+        rows[remat] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rows["none"]["T"] == rows["8"]["T"] == 64 and rows["8"]["remat"] == 8
+    # 64 stored steps of [2, 32] (h, c and the gates) against 8 stored carries + one 8-step chunk.
+    assert rows["8"]["planned_peak_mib"] < rows["none"]["planned_peak_mib"]
