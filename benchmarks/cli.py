@@ -30,6 +30,7 @@ PROG = "rnnjax-bench"
 # name -> (module with main(argv) -> int, one line of help)
 SUBCOMMANDS = {
     "long": ("benchmarks.long_sequences", "memory and compile time of fwd+bwd against T, remat off and on"),
+    "profile": ("benchmarks.profile", "where one training step's time goes, op by op, next to torch"),
 }
 DEFAULT_ROUNDS, QUICK_ROUNDS, MIN_ROUNDS = 7, 3, 5
 DEFAULT_MODES, QUICK_MODES = "fwd,fwdbwd", "fwd,fwdbwd,train"

@@ -125,3 +125,27 @@ def test_long_subcommand_reports_less_planned_memory_with_remat(capsys):
     assert rows["none"]["T"] == rows["8"]["T"] == 64 and rows["8"]["remat"] == 8
     # 64 stored steps of [2, 32] (h, c and the gates) against 8 stored carries + one 8-step chunk.
     assert rows["8"]["planned_peak_mib"] < rows["none"]["planned_peak_mib"]
+
+
+def test_profile_counts_every_matmul_of_the_train_step(tmp_path):
+    """The per-op profile's matmuls, found in the compiled HLO and the trace, add up to the analytic FLOPs."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks import profile
+
+    cfg = Config(batch=8, time=16, features=32, hidden=32, cell="lstm", mode="train", preset="quick")
+    env = {**os.environ, "XLA_FLAGS": profile.TRACEME_FLAG}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.profile", "--child", json.dumps(cfg._asdict()),
+                          "--steps", "2"], capture_output=True, text=True, env=env, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    matmul_flops = sum(2 * m * k * n * op["calls_per_step"] for op in result["ops"] for m, k, n in op["dots"])
+    # Gradients are taken w.r.t. the parameters only: the input gradient (2 T B G F) is never computed.
+    assert matmul_flops == config.flops(cfg) - 2 * cfg.time * cfg.batch * 4 * cfg.hidden * cfg.features
+    # B=8: in-loop input projection and the fused backward pass (rnnjax.scan.should_hoist / should_fuse).
+    in_loop = sorted((op["phase"], tuple(map(tuple, op["dots"])), op["calls_per_step"])
+                     for op in result["ops"] if op["dots"] and "scan" in op["phase"])
+    assert in_loop == [("backward scan", ((8, 128, 32),), 16.0),
+                       ("forward scan", ((8, 32, 128),), 16.0), ("forward scan", ((8, 32, 128),), 16.0)]
+    assert result["wall_ms"] > 0 and all(op["ms_per_step"] > 0 for op in result["ops"])
