@@ -60,7 +60,7 @@ def _process_start() -> float:
 # the model long contexts.
 CHARLM_DEFAULTS = dict(
     cell="lstm", layers=1, hidden=512, embed=64, batch=64, seq_len=8, lr=5e-3, warmup=None, end_lr=0.0,
-    weight_decay=0.01, clip=1.0, dropout=0.0, residual=False, layer_norm=False, accumulate=1, seed=0,
+    weight_decay=0.01, clip=1.0, dropout=0.0, residual=False, layer_norm=False, block=False, accumulate=1, seed=0,
 )
 RUN_DEFAULTS = dict(minutes=5.0, evals=5, sample_length=500, eval_sample_length=200, temperature=0.8,
                     prompt="ROMEO:", out="runs/charlm")
@@ -69,7 +69,7 @@ RUN_OPTIONS = ("evals", "patience", "min_delta", "save_every_steps", "save_every
                "eval_sample_length", "temperature", "top_k", "top_p", "prompt")
 # Settings fixed when a run starts; --resume takes them from the run and refuses different ones.
 FIXED = ("text", "cell", "layers", "hidden", "embed", "batch", "seq_len", "lr", "warmup", "end_lr", "weight_decay",
-         "clip", "dropout", "residual", "layer_norm", "accumulate", "seed")
+         "clip", "dropout", "residual", "layer_norm", "block", "accumulate", "seed")
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "sample.txt")  # what --overwrite replaces
 RUN_MARKER = "rnnjax_run"
 WARMUP = 50  # default warmup steps
@@ -170,6 +170,9 @@ def _charlm_parser(sub) -> argparse.ArgumentParser:
                    help=f"dropout on non-recurrent connections (default: {d['dropout']})")
     g.add_argument("--residual", action="store_const", const=True, help="residual connections between layers")
     g.add_argument("--layer-norm", action="store_const", const=True, help="layer-normalise each layer's output")
+    g.add_argument("--block", action="store_const", const=True,
+                   help="residual blocks (RMS norm, recurrence, gated MLP) as LRU/Griffin/minGRU models use; "
+                        "the embedding is then --hidden wide")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch", type=_positive(int), help=f"parallel streams per batch (default: {d['batch']})")
     g.add_argument("--seq-len", type=_positive(int),
@@ -419,8 +422,10 @@ def _settings(args, saved: dict | None, cmd: str) -> dict:
 
 
 def _model_config(s: dict, vocab_size: int) -> dict:
-    return dict(vocab_size=vocab_size, cell=s["cell"], layers=s["layers"], hidden=s["hidden"], embed=s["embed"],
-                dropout=s["dropout"], residual=bool(s["residual"]), layer_norm=bool(s["layer_norm"]))
+    block = bool(s.get("block"))
+    return dict(vocab_size=vocab_size, cell=s["cell"], layers=s["layers"], hidden=s["hidden"],
+                embed=s["hidden"] if block else s["embed"], dropout=s["dropout"], residual=bool(s["residual"]),
+                layer_norm=bool(s["layer_norm"]), block=block)
 
 
 def _build_model(config: dict, cmd: str):
@@ -524,6 +529,9 @@ def train_charlm(args) -> int:
             raise UsageError(f"unknown --cell {args.cell!r}; expected one of {', '.join(CELLS)}.")
     out, saved = _check_out(args, cmd)
     s = _settings(args, saved, cmd)
+    if s.get("block") and args.embed is not None and args.embed != s["hidden"]:
+        raise UsageError(f"{cmd}: --block adds each block's input to its output, so the embedding is --hidden "
+                         f"{s['hidden']} wide; got --embed {args.embed}. Fix: drop --embed.")
     for k in RUN_OPTIONS:  # not given: the run's own (on --resume), else the default
         if getattr(args, k) is None:
             default = None if k == "prompt" else RUN_DEFAULTS.get(k)  # the prompt's default depends on the text

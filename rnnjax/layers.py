@@ -57,14 +57,14 @@ class Module(NamedTuple):
 
 
 def rnn(cell: Cell, *, reverse: bool = False, unroll: int = 1, remat: scan.Remat = None,
-        hoist: scan.Hoist = "auto", backward: scan.Backward = "auto") -> Layer:
+        hoist: scan.Hoist = "auto", backward: scan.Backward = "auto", parallel: scan.Parallel = "auto") -> Layer:
     """A cell as a sequence layer: ``apply`` is :func:`rnnjax.unroll` (with these options)."""
 
     def apply(params, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None, time_major=False):
         del key
         return scan.unroll(cell, params, xs, carry=carry, lengths=lengths, mask=mask, resets=resets,
                            reverse=reverse, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist,
-                           backward=backward)
+                           backward=backward, parallel=parallel)
 
     def step(params, carry, x, *, reset=None):
         if reverse:
@@ -85,10 +85,11 @@ MERGES = ("concat", "sum", "mean", "none")
 
 
 def bidirectional(forward: Cell, reverse: Cell | None = None, *, merge: str = "concat", unroll: int = 1,
-                  remat: scan.Remat = None, hoist: scan.Hoist = "auto", backward: scan.Backward = "auto") -> Layer:
+                  remat: scan.Remat = None, hoist: scan.Hoist = "auto", backward: scan.Backward = "auto",
+                  parallel: scan.Parallel = "auto") -> Layer:
     """Runs ``forward`` left to right and ``reverse`` (default: the same cell
     type, own parameters) right to left within each sequence's length.
-    ``unroll``, ``remat``, ``hoist`` and ``backward`` are passed to
+    ``unroll``, ``remat``, ``hoist``, ``backward`` and ``parallel`` are passed to
     :func:`rnnjax.unroll` for both directions.
 
     ``merge``: ``"concat"`` (features ``O_f + O_b``), ``"sum"``, ``"mean"``,
@@ -119,7 +120,7 @@ def bidirectional(forward: Cell, reverse: Cell | None = None, *, merge: str = "c
                              "cross the boundary from the other side). Fix: split the sequences and pass lengths.")
         c_f, c_b = (None, None) if carry is None else carry
         opts = dict(lengths=lengths, mask=mask, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist,
-                    backward=backward)
+                    backward=backward, parallel=parallel)
         c_f, y_f = scan.unroll(forward, params.forward, xs, carry=c_f, **opts)
         c_b, y_b = scan.unroll(reverse_cell, params.backward, xs, carry=c_b, reverse=True, **opts)
         if merge == "concat":
@@ -228,6 +229,81 @@ def stack(layers: Sequence[Union[Cell, Layer]], *, dropout: float = 0.0, variati
         return tuple(out_carries), h
 
     return Layer(init, apply, initial_carry, step, layers[-1].output_size, "stack")
+
+
+class BlockParams(NamedTuple):
+    norm_rnn: Array  # [D]: RMS-norm gain before the recurrence
+    cell: Any
+    norm_mlp: Array  # [D]: RMS-norm gain before the MLP
+    w_gate: Array  # [D, M]
+    w_up: Array  # [D, M]
+    w_down: Array  # [M, D]
+
+
+def rms_norm(x: Array, gain: Array, eps: float = 1e-6) -> Array:
+    """``x / rms(x) * gain`` over the last axis, statistics in float32."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + eps)).astype(x.dtype) * gain
+
+
+def residual_block(cell: Cell, *, mlp_expansion: int = 3, reverse: bool = False, remat: scan.Remat = None,
+                   parallel: scan.Parallel = "auto", eps: float = 1e-6, param_dtype=jnp.float32) -> Layer:
+    """The residual block of LRU, Griffin and minGRU stacks (pre-norm)::
+
+        h = x + cell(rms_norm(x))                        # the recurrence, via rnnjax.unroll
+        y = h + W_down(gelu(rms_norm(h) W_gate) * (rms_norm(h) W_up))   # gated MLP (GeGLU), width M = expansion * D
+
+    ``D`` is the cell's output size and must equal the block's input size.
+    Same semantics as :func:`rnn` (lengths, mask, resets, ``time_major``;
+    outputs zero at invalid steps); ``step`` streams one step. Matrices start
+    as ``torch.nn.Linear``'s U(±1/√fan_in), the RMS-norm gains at one.
+    """
+    fn = "rnnjax.layers.residual_block"
+    D = cell.output_size
+    M = check_size(fn, "mlp_expansion", mlp_expansion) * D
+
+    def init(key, input_size: int) -> BlockParams:
+        if input_size != D:
+            raise ValueError(f"{fn}: the block adds its input to the output of cell {cell.name!r}, so input_size "
+                             f"must equal the cell's output size {D}, got {input_size}. Fix: build the cell with "
+                             f"hidden_size={input_size}, or project the inputs to {D} features first.")
+        k_c, k_g, k_u, k_d = jax.random.split(key, 4)
+        dense_init = initializer(fn, "uniform", D)
+        return BlockParams(jnp.ones(D, param_dtype), cell.init(k_c, D), jnp.ones(D, param_dtype),
+                           dense_init(k_g, (D, M), param_dtype), dense_init(k_u, (D, M), param_dtype),
+                           initializer(fn, "uniform", M)(k_d, (M, D), param_dtype))
+
+    def mlp(params: BlockParams, h: Array) -> Array:
+        u = rms_norm(h, params.norm_mlp, eps)
+        return h + (jax.nn.gelu(u @ params.w_gate) * (u @ params.w_up)) @ params.w_down
+
+    def apply(params: BlockParams, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None,
+              time_major=False):
+        del key
+        xs = jnp.asarray(xs)
+        carry, ys = scan.unroll(cell, params.cell, rms_norm(xs, params.norm_rnn, eps), carry=carry, lengths=lengths,
+                                mask=mask, resets=resets, reverse=reverse, time_major=time_major, remat=remat,
+                                parallel=parallel)
+        ys = mlp(params, xs + ys)
+        if lengths is not None or mask is not None:
+            t_axis = 0 if time_major else xs.ndim - 2
+            T, batch_shape = xs.shape[t_axis], tuple(s for a, s in enumerate(xs.shape[:-1]) if a != t_axis)
+            valid = scan.valid_steps(fn, batch_shape, T, lengths=lengths, mask=mask, time_major=time_major)
+            ys = jnp.where((valid if time_major else jnp.moveaxis(valid, 0, -1))[..., None], ys, 0)
+        return carry, ys
+
+    def step(params: BlockParams, carry, x, *, reset=None):
+        if reverse:
+            raise ValueError(f"{fn}: a reverse block reads the sequence from its end and cannot be stepped forward "
+                             "in time. Fix: stream with reverse=False, or call apply on the whole sequence.")
+        x = jnp.asarray(x)
+        carry, y = scan.step(cell, params.cell, carry, rms_norm(x, params.norm_rnn, eps), reset=reset)
+        return carry, mlp(params, x + y)
+
+    def initial_carry(params: BlockParams, batch_shape=()):
+        return cell.initial_carry(params.cell, batch_shape)
+
+    return Layer(init, apply, initial_carry, step, D, f"block-{cell.name}")
 
 
 def _dropout(key, x: Array, rate: float, variational: bool, time_major: bool) -> Array:

@@ -13,6 +13,11 @@ Semantics shared by every cell (and by the layers built on it):
 - ``resets [*B, T]``: where True, the carry is replaced by the cell's
   initial carry before that step, so a new sequence can start mid-stream
   (Haiku's ``ResetCore``).
+
+A cell with a :class:`~rnnjax.cells.base.Linear` form (``h = a * h + b``)
+can also be run with ``jax.lax.associative_scan`` (``parallel=True``): the
+same semantics expressed as coefficients, a held step being ``(a, b) = (1, 0)``
+and a reset ``(0, a * h_init + b)``, so both paths give the same numbers.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from rnnjax.types import Array, Carry, Params
 Remat = Union[bool, int, None]
 Hoist = Union[bool, Literal["auto"]]
 Backward = Literal["auto", "fused", "autodiff"]
+Parallel = Union[bool, Literal["auto"]]
 
 
 def valid_steps(fn: str, batch_shape: tuple[int, ...], T: int, *, lengths=None, mask=None,
@@ -80,10 +86,22 @@ def should_fuse(cell: Cell, batch_size: int, time_steps: int) -> bool:
     return jax.default_backend() != "cpu" or batch_size <= CPU_FUSE_MAX_BATCH
 
 
+# Measured with ``rnnjax-bench parallel`` on a 2-core CPU (README, Performance):
+# associative_scan's fwd+bwd beats the sequential scan of the same linear cell
+# from this many steps on; on accelerators it always does.
+CPU_PARALLEL_MIN_T = 32
+
+
+def should_parallelize(cell: Cell, batch_size: int, time_steps: int) -> bool:
+    """Whether ``parallel="auto"`` runs a linear cell with ``jax.lax.associative_scan``."""
+    del batch_size
+    return jax.default_backend() != "cpu" or time_steps >= CPU_PARALLEL_MIN_T
+
+
 def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None, lengths: Array | None = None,
            mask: Array | None = None, resets: Array | None = None, reverse: bool = False,
            time_major: bool = False, unroll: int = 1, remat: Remat = None,
-           hoist: Hoist = "auto", backward: Backward = "auto") -> tuple[Carry, Array]:
+           hoist: Hoist = "auto", backward: Backward = "auto", parallel: Parallel = "auto") -> tuple[Carry, Array]:
     """Runs ``cell`` over the time axis of ``xs``; returns ``(final_carry, ys)``.
 
     Args:
@@ -109,6 +127,13 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
         backward loop (:mod:`rnnjax.fused`; needs ``cell.recurrence`` and no
         remat); ``"autodiff"``: JAX's autodiff of the scan; ``"auto"``:
         as :func:`should_fuse` decides.
+      parallel: for a cell with a ``linear`` form (LRU, minGRU, minLSTM,
+        RG-LRU): ``True`` runs the whole sequence with
+        ``jax.lax.associative_scan`` (depth ``O(log T)``, float32 or wider),
+        ``False`` with the sequential scan, ``"auto"`` as
+        :func:`should_parallelize` decides (sequential when ``remat`` is
+        set). ``unroll``, ``hoist`` and ``backward`` apply to the sequential
+        scan only.
 
     Returns:
       ``(carry, ys)`` with ``ys`` ``[*B, T, O]`` (time-major ``[T, *B, O]``),
@@ -145,6 +170,9 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
                              f"build it with cell.initial_carry(params, batch_shape={batch_shape}).")
 
     batch_size = math.prod(batch_shape)
+    if _use_parallel(fn, cell, parallel, remat, batch_size, T):
+        carry, ys = _parallel_unroll(cell, params, xs_t, carry, zero_carry, valid, resets, reverse)
+        return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
     if hoist == "auto":
         hoist = should_hoist(cell, batch_size, T)
     if _use_fused(fn, cell, backward, remat, batch_size, T):
@@ -166,6 +194,55 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
     carry, ys = _scan(body, carry, (inputs, valid, resets), T=T, reverse=reverse, unroll=unroll, remat=remat,
                       batch_shape=batch_shape)
     return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
+
+
+def _use_parallel(fn: str, cell: Cell, parallel, remat: Remat, batch_size: int, T: int) -> bool:
+    if parallel not in ("auto", True, False):
+        raise ValueError(f"{fn}: parallel must be True, False or 'auto', got {parallel!r}. Fix: pass one of those.")
+    no_remat = remat is None or remat is False
+    if parallel is True and (cell.linear is None or not no_remat):
+        why = (f"the cell {cell.name!r} has no linear form (its recurrence is not linear in the carry)"
+               if cell.linear is None else "remat applies to the sequential scan only")
+        raise ValueError(f"{fn}: parallel=True is not available here: {why}. Fix: pass parallel='auto' or False.")
+    if parallel == "auto":
+        return cell.linear is not None and no_remat and should_parallelize(cell, batch_size, T)
+    return parallel is True
+
+
+def _combine(earlier, later):
+    """Two steps of ``h = a * h + b`` as one: ``h = a2 (a1 h + b1) + b2``."""
+    a1, b1 = earlier
+    a2, b2 = later
+    return a2 * a1, a2 * b1 + b2
+
+
+def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, reverse: bool):
+    """Time-major ``xs [T, *B, F]`` -> ``(carry, ys [T, *B, O])`` with ``jax.lax.associative_scan``.
+
+    The driver's masking as coefficients: an invalid step holds the carry
+    (``a = 1, b = 0``), a reset replaces the carry by the initial one before
+    the step (``a' = 0``, ``b' = a h_init + b``, applied after the hold, as
+    the sequential driver resets before it holds); the given carry enters
+    through the first step read (the last one with ``reverse``).
+    """
+    lin = cell.linear
+    px = cell.project(params, xs)
+    a, b = lin.coefficients(params, px)
+    if valid is not None:
+        v = valid[..., None]
+        a = jnp.where(v, a, jnp.ones_like(a))
+        b = jnp.where(v, b, jnp.zeros_like(b))
+    if resets is not None:
+        r = resets[..., None]
+        b = jnp.where(r, a * lin.state(zero_carry) + b, b)
+        a = jnp.where(r, jnp.zeros_like(a), a)
+    first = -1 if reverse else 0
+    b = b.at[first].add(a[first] * lin.state(carry))
+    _, hs = jax.lax.associative_scan(_combine, (a, b), reverse=reverse, axis=0)
+    ys = lin.output(params, hs, px)
+    if valid is not None:
+        ys = jnp.where(valid[..., None], ys, jnp.zeros_like(ys))
+    return lin.carry(hs[-1 - first]), ys
 
 
 def _use_fused(fn: str, cell: Cell, backward: str, remat: Remat, batch_size: int, T: int) -> bool:

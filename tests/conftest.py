@@ -23,7 +23,12 @@ CELLS = {
     "gru_cho": lambda: cells.gru(H, reset_after=False),
     "layer_norm_lstm": lambda: cells.layer_norm_lstm(H),
     "layer_norm_gru": lambda: cells.layer_norm_gru(H),
+    "lru": lambda: cells.lru(H, state_size=4, r_min=0.5, r_max=0.95),
+    "mingru": lambda: cells.mingru(H),
+    "minlstm": lambda: cells.minlstm(H),
+    "rglru": lambda: cells.rglru(H),
 }
+LINEAR = ("lru", "mingru", "minlstm", "rglru")  # cells with a Linear form (parallel scan)
 
 
 @pytest.fixture(params=sorted(CELLS))

@@ -83,6 +83,38 @@ def ref_jordan(p, y, x):
     return np.tanh(h @ p.w_hy + p.b_y)
 
 
+def g(x):
+    return np.where(x >= 0, np.maximum(x, 0) + 0.5, sig(x))
+
+
+def ref_lru(p, carry, x):
+    n = p.nu_log.shape[0]
+    lam = np.exp(-np.exp(p.nu_log) + 1j * np.exp(p.theta_log))
+    h = carry[:, :n] + 1j * carry[:, n:]
+    h = lam * h + np.exp(p.gamma_log) * (x @ (p.b_re + 1j * p.b_im))
+    y = (h @ (p.c_re + 1j * p.c_im)).real + x @ p.d
+    return np.concatenate([h.real, h.imag], axis=1), y
+
+
+def ref_mingru(p, h, x):
+    k = x @ p.w + p.b
+    z = sig(k[:, :H])
+    return (1 - z) * h + z * g(k[:, H:])
+
+
+def ref_minlstm(p, h, x):
+    k = x @ p.w + p.b
+    f, i = sig(k[:, :H]), sig(k[:, H:2 * H])
+    return f / (f + i) * h + i / (f + i) * g(k[:, 2 * H:])
+
+
+def ref_rglru(p, h, x, c=8.0):
+    k = x @ p.w + p.b
+    r, i, v = sig(k[:, :H]), sig(k[:, H:2 * H]), k[:, 2 * H:]
+    a = np.exp(-np.log1p(np.exp(p.a_param))) ** (c * r)
+    return a * h + np.sqrt(1 - a**2) * i * v
+
+
 def reference_step(name, p, carry, x):
     """(carry, y) of one step of the named cell configuration, in NumPy float64."""
     if name.startswith("elman"):
@@ -98,6 +130,11 @@ def reference_step(name, p, carry, x):
         return h, h
     if name == "layer_norm_lstm":
         return ref_ln_lstm(p, carry, x)
+    if name == "lru":
+        return ref_lru(p, carry, x)
+    if name in ("mingru", "minlstm", "rglru"):
+        h = {"mingru": ref_mingru, "minlstm": ref_minlstm, "rglru": ref_rglru}[name](p, carry, x)
+        return h, h
     h = ref_ln_gru(p, carry, x)
     return h, h
 

@@ -8,12 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import B, F, T, assert_trees_close, random_carry, random_inputs
+from conftest import CELLS, LINEAR, B, F, T, assert_trees_close, random_carry, random_inputs
 
 import rnnjax
 from rnnjax import cells, fused, scan
 
 LENGTHS = jnp.array([T, 3, 1, 5])
+
+
+@pytest.fixture(params=sorted(set(CELLS) - set(LINEAR)))
+def cell_name(request):
+    """The cells with a Recurrence split (the linear ones have a parallel path instead)."""
+    return request.param
 
 
 def loss(cell, params, xs, carry, *, backward, **kw):

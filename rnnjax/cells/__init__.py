@@ -1,23 +1,34 @@
 """Recurrent cells: factories that return a :class:`Cell` of pure functions."""
 
-from rnnjax.cells.base import ACTIVATIONS, Cell, Weights
+from rnnjax.cells.base import ACTIVATIONS, Cell, Linear, Weights
 from rnnjax.cells.elman import JordanParams, elman, jordan
 from rnnjax.cells.gru import LayerNormGRUParams, gru, layer_norm_gru
+from rnnjax.cells.lru import LRUParams, lru
 from rnnjax.cells.lstm import LayerNormLSTMParams, LSTMCarry, LSTMParams, layer_norm_lstm, lstm
+from rnnjax.cells.minrnn import MinRNNParams, mingru, minlstm
+from rnnjax.cells.rglru import RGLRUParams, rglru
 
 __all__ = [
     "ACTIVATIONS",
     "Cell",
     "JordanParams",
+    "LRUParams",
     "LSTMCarry",
     "LSTMParams",
     "LayerNormGRUParams",
     "LayerNormLSTMParams",
+    "Linear",
+    "MinRNNParams",
+    "RGLRUParams",
     "Weights",
     "elman",
     "gru",
     "jordan",
     "layer_norm_gru",
     "layer_norm_lstm",
+    "lru",
     "lstm",
+    "mingru",
+    "minlstm",
+    "rglru",
 ]

@@ -55,6 +55,39 @@ def step_from(rec: Recurrence) -> Callable[[Any, Any, Array], tuple[Any, Array]]
     return step
 
 
+class Linear(NamedTuple):
+    """A cell whose state update is linear and elementwise in the carry::
+
+        a, b = coefficients(params, px)          # [..., S] each, from the input alone
+        h = a * state(carry) + b                 # elementwise; complex for the LRU
+        carry', y = carry(h), output(params, h, px)
+
+    ``coefficients`` and ``output`` work on any leading dims (all steps at
+    once, or one), and compute in at least float32 whatever the input
+    dtype. ``state`` and ``carry`` convert between the carry pytree and the
+    state ``h`` (e.g. a real ``[..., 2N]`` carry and a complex ``[..., N]``
+    state); both must be linear. With this form :func:`rnnjax.unroll` can
+    run the whole sequence with ``jax.lax.associative_scan`` (depth
+    ``O(log T)``): steps compose as ``(a1, b1) then (a2, b2) = (a2 a1, a2 b1 + b2)``.
+    """
+
+    coefficients: Callable[[Any, Array], tuple[Array, Array]]
+    state: Callable[[Any], Array]
+    carry: Callable[[Array], Any]
+    output: Callable[[Any, Array, Array], Array]
+
+
+def step_from_linear(lin: Linear) -> Callable[[Any, Any, Array], tuple[Any, Array]]:
+    """The cell's ``step`` as its :class:`Linear` form defines it."""
+
+    def step(params, carry, px):
+        a, b = lin.coefficients(params, px)
+        h = a * lin.state(carry) + b
+        return lin.carry(h), lin.output(params, h, px)
+
+    return step
+
+
 class Cell(NamedTuple):
     """A recurrent cell: pure functions over a params pytree.
 
@@ -70,6 +103,9 @@ class Cell(NamedTuple):
       name: a short name used in messages and benchmarks.
       recurrence: the :class:`Recurrence` split of ``step`` that enables the
         fused backward pass, or None (autodiff of the scan is used).
+      linear: the :class:`Linear` form of a cell whose recurrence is linear in
+        the carry (LRU, minGRU, minLSTM, RG-LRU), which lets the driver run
+        ``jax.lax.associative_scan``; None for the classic cells.
     """
 
     init: Callable[[PRNGKey, int], Any]
@@ -80,11 +116,22 @@ class Cell(NamedTuple):
     output_size: int
     name: str
     recurrence: Recurrence | None = None
+    linear: Linear | None = None
 
 
 def cell_from(recurrence: Recurrence, init, initial_carry, project, input_size, output_size: int, name: str) -> Cell:
     """A :class:`Cell` whose ``step`` is defined by ``recurrence``."""
     return Cell(init, initial_carry, project, step_from(recurrence), input_size, output_size, name, recurrence)
+
+
+def linear_cell(linear: Linear, init, initial_carry, project, input_size, output_size: int, name: str) -> Cell:
+    """A :class:`Cell` whose ``step`` is defined by its :class:`Linear` form."""
+    return Cell(init, initial_carry, project, step_from_linear(linear), input_size, output_size, name, None, linear)
+
+
+def state_dtype(dtype):
+    """The dtype a linear recurrence accumulates in: float32 at least (bfloat16 inputs accumulate in float32)."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {

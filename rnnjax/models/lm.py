@@ -35,6 +35,10 @@ CELLS: dict[str, tuple[Callable[..., Cell], dict]] = {
     "elman": (cells.elman, {}),
     "layer_norm_lstm": (cells.layer_norm_lstm, {"forget_bias": 1.0}),
     "layer_norm_gru": (cells.layer_norm_gru, {}),
+    "lru": (cells.lru, {}),
+    "mingru": (cells.mingru, {}),
+    "minlstm": (cells.minlstm, {}),
+    "rglru": (cells.rglru, {}),
 }
 
 
@@ -42,6 +46,7 @@ class LMParams(NamedTuple):
     embed: Array  # [V, E]
     rnn: Any  # rnnjax.layers.StackParams
     readout: L.DenseParams  # w [H, V], b [V]
+    norm: Array | None = None  # [H]: the final RMS-norm gain of a stack of residual blocks
 
 
 class LanguageModel(NamedTuple):
@@ -70,13 +75,15 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
                    hidden: int = 512, embed: int | None = None, dropout: float = 0.0, variational: bool = False,
                    residual: bool = False, layer_norm: bool = False,
                    cell_options: Mapping[str, Any] | None = None, unroll: int = 1, remat=None,
-                   hoist="auto", backward="auto") -> LanguageModel:
+                   hoist="auto", backward="auto", block: bool = False, mlp_expansion: int = 3,
+                   parallel="auto") -> LanguageModel:
     """A character/token language model.
 
     Args:
       vocab_size: number of token ids ``V``.
       cell: ``"lstm"``, ``"gru"``, ``"elman"``, ``"layer_norm_lstm"``,
-        ``"layer_norm_gru"``, or a factory ``hidden_size -> Cell``.
+        ``"layer_norm_gru"``, ``"lru"``, ``"mingru"``, ``"minlstm"``, ``"rglru"``,
+        or a factory ``hidden_size -> Cell``.
       layers, hidden: depth and width of the recurrent stack.
       embed: embedding width (default ``min(hidden, 256)``; any width ``>= V``
         is as expressive as one-hot input, and a narrow one keeps the first
@@ -89,13 +96,21 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
       layer_norm: layer-normalise each recurrent layer's output.
       cell_options: keyword arguments for the cell factory, overriding the
         defaults in ``CELLS`` (e.g. ``{"forget_bias": 0.0}``).
-      unroll, remat, hoist, backward: passed to :func:`rnnjax.unroll` for every layer.
+      unroll, remat, hoist, backward, parallel: passed to :func:`rnnjax.unroll` for every layer.
+      block: build each layer as :func:`rnnjax.layers.residual_block` (RMS norm,
+        the cell, a gated MLP of width ``mlp_expansion * hidden``, residuals)
+        with a final RMS norm before the readout, as LRU/Griffin/minGRU
+        models are; ``embed`` then defaults to (and must equal) ``hidden``.
+        ``residual`` and ``layer_norm`` apply to plain stacks only.
     """
     fn = "rnnjax.models.language_model"
     V = check_size(fn, "vocab_size", vocab_size)
     n_layers = check_size(fn, "layers", layers)
     H = check_size(fn, "hidden", hidden)
-    E = check_size(fn, "embed", min(H, 256) if embed is None else embed)
+    E = check_size(fn, "embed", (H if block else min(H, 256)) if embed is None else embed)
+    if block and E != H:
+        raise ValueError(f"{fn}: block=True adds each block's input to its output, so embed must equal hidden "
+                         f"({H}), got embed={E}. Fix: leave embed unset or pass embed={H}.")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout}.")
     if isinstance(cell, str):
@@ -112,14 +127,22 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
                         f"got {type(cell).__name__}.")
 
     embedding = L.embedding(V, E)
-    rnn_layers = [L.rnn(make_cell(H), unroll=unroll, remat=remat, hoist=hoist, backward=backward)
-                  for _ in range(n_layers)]
+    if block:
+        rnn_layers = [L.residual_block(make_cell(H), mlp_expansion=mlp_expansion, remat=remat, parallel=parallel)
+                      for _ in range(n_layers)]
+    else:
+        rnn_layers = [L.rnn(make_cell(H), unroll=unroll, remat=remat, hoist=hoist, backward=backward,
+                            parallel=parallel) for _ in range(n_layers)]
     stack = L.stack(rnn_layers, dropout=dropout, variational=variational, residual=residual, layer_norm=layer_norm)
     readout = L.dense(V)
 
     def init(key: PRNGKey) -> LMParams:
         k_e, k_r, k_o = jax.random.split(key, 3)
-        return LMParams(embedding.init(k_e), stack.init(k_r, E), readout.init(k_o, stack.output_size))
+        norm = jnp.ones(stack.output_size) if block else None
+        return LMParams(embedding.init(k_e), stack.init(k_r, E), readout.init(k_o, stack.output_size), norm)
+
+    def head(params: LMParams, h):
+        return readout.apply(params.readout, h if params.norm is None else L.rms_norm(h, params.norm))
 
     def initial_carry(params: LMParams, batch_shape=()):
         return stack.initial_carry(params.rnn, batch_shape)
@@ -142,14 +165,14 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
         x = L.dropout(x, dropout, k_e, variational=variational)
         carry, h = stack.apply(params.rnn, x, carry=carry, resets=resets, key=k_s)
         h = L.dropout(h, dropout, k_o, variational=variational)
-        return carry, readout.apply(params.readout, h)
+        return carry, head(params, h)
 
     def step(params: LMParams, carry, ids_t):
         ids_t = check_ids("step", ids_t, 0)
         carry, h = stack.step(params.rnn, carry, embedding.apply(params.embed, ids_t))
-        return carry, readout.apply(params.readout, h)
+        return carry, head(params, h)
 
-    extras = "".join(f"+{flag}" for flag, on in (("res", residual), ("ln", layer_norm)) if on)
+    extras = "".join(f"+{flag}" for flag, on in (("res", residual), ("ln", layer_norm), ("block", block)) if on)
     return LanguageModel(init, apply, initial_carry, step, V, f"{cell_name}-{n_layers}x{H}{extras}")
 
 

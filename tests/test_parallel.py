@@ -1,0 +1,242 @@
+"""The parallel (associative-scan) path of the linear cells against the
+sequential scan and against streaming one step at a time, with every masking
+option; gradients against finite differences; float32 accumulation; the
+cells' documented initialisation; the residual block."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+from conftest import CELLS, LINEAR, assert_trees_close, random_carry
+
+import rnnjax
+from rnnjax import cells, layers
+
+F, T, B = 5, 13, 4
+LENGTHS = jnp.array([T, 6, 0, 9])
+RNG = np.random.default_rng(0)
+XS = jnp.asarray(RNG.normal(size=(B, T, F)), jnp.float32)
+MASK = jnp.asarray(RNG.random((B, T)) < 0.7)
+RESETS = jnp.asarray(RNG.random((B, T)) < 0.15).at[:, 4].set(True)
+
+OPTIONS = {
+    "lengths-reverse": dict(lengths=LENGTHS, reverse=True),
+    "mask-holes": dict(mask=MASK),
+    "resets-lengths-reverse": dict(resets=RESETS, lengths=LENGTHS, reverse=True),
+    "resets-mask": dict(resets=RESETS, mask=MASK),
+}
+
+
+@pytest.fixture(params=LINEAR)
+def linear(request):
+    cell = CELLS[request.param]()
+    return cell, cell.init(jax.random.key(0), F)
+
+
+def loss(cell, params, xs, carry, parallel, **kw):
+    final, ys = rnnjax.unroll(cell, params, xs, carry=carry, parallel=parallel, **kw)
+    weights = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)
+    return jnp.sum(ys * weights) + sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(final))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_parallel_equals_sequential_values_and_gradients(linear, name):
+    cell, params = linear
+    carry = random_carry(cell, params, (B,))
+    opts = OPTIONS[name]
+    assert_trees_close(rnnjax.unroll(cell, params, XS, carry=carry, parallel=True, **opts),
+                       rnnjax.unroll(cell, params, XS, carry=carry, parallel=False, **opts))
+    grad = jax.value_and_grad(functools.partial(loss, cell), argnums=(0, 1, 2))
+    value_p, grads_p = grad(params, XS, carry, True, **opts)
+    value_s, grads_s = grad(params, XS, carry, False, **opts)
+    np.testing.assert_allclose(value_p, value_s, rtol=1e-5)
+    assert_trees_close(grads_p, grads_s, atol=2e-5)
+
+
+def test_parallel_equals_streaming_with_resets_and_mask(linear):
+    """rnnjax.step one step at a time, holding the carry by hand where the mask is False."""
+    cell, params = linear
+    carry = random_carry(cell, params, (B,))
+    c_par, ys_par = rnnjax.unroll(cell, params, XS, carry=carry, resets=RESETS, mask=MASK, parallel=True)
+    ys = []
+    for t in range(T):
+        new, y = rnnjax.step(cell, params, carry, XS[:, t], reset=RESETS[:, t])
+        reset_carry = jax.tree_util.tree_map(
+            lambda z, c: jnp.where(RESETS[:, t, None], z, c), cell.initial_carry(params, (B,)), carry)
+        carry = jax.tree_util.tree_map(lambda n, c: jnp.where(MASK[:, t, None], n, c), new, reset_carry)
+        ys.append(jnp.where(MASK[:, t, None], y, 0))
+    assert_trees_close((c_par, ys_par), (carry, jnp.stack(ys, 1)))
+
+
+def test_parallel_reverse_equals_flipped_unpadded(linear):
+    cell, params = linear
+    carry, ys = rnnjax.unroll(cell, params, XS, lengths=LENGTHS, reverse=True, parallel=True)
+    for b, n in enumerate(np.asarray(LENGTHS)):
+        if n == 0:
+            assert_trees_close(carry[b], cell.initial_carry(params, ()))
+            continue
+        c_b, y_b = rnnjax.unroll(cell, params, XS[b, :n][::-1], parallel=False)
+        assert_trees_close(carry[b], c_b)
+        assert_trees_close(ys[b, :n], y_b[::-1])
+        np.testing.assert_array_equal(np.asarray(ys[b, n:]), 0.0)
+
+
+def test_parallel_two_batch_dims_time_major_and_vmap(linear):
+    cell, params = linear
+    xs = XS.reshape(2, 2, T, F)
+    lengths = LENGTHS.reshape(2, 2)
+    ref = rnnjax.unroll(cell, params, XS, lengths=LENGTHS, parallel=False)
+    c2, y2 = rnnjax.unroll(cell, params, xs, lengths=lengths, parallel=True)
+    assert_trees_close((c2.reshape(B, -1), y2.reshape(B, T, -1)), ref)
+    c_t, y_t = rnnjax.unroll(cell, params, jnp.swapaxes(XS, 0, 1), lengths=LENGTHS, time_major=True, parallel=True)
+    assert_trees_close((c_t, jnp.swapaxes(y_t, 0, 1)), ref)
+    one = lambda x, n: rnnjax.unroll(cell, params, x, lengths=n, parallel=True)  # noqa: E731
+    assert_trees_close(jax.jit(jax.vmap(one))(XS, LENGTHS), ref)
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_parallel_check_grads_float64(name):
+    """Reverse-mode gradients of the parallel path (lengths, reverse, resets) against finite differences."""
+    with jax.enable_x64(True):
+        cell = CELLS[name]()
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), cell.init(jax.random.key(0), 3))
+        xs = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 3)))
+        lengths = jnp.array([5, 3])
+        resets = jnp.zeros((2, 5), bool).at[0, 2].set(True)
+
+        def f(p, x):
+            carry, ys = rnnjax.unroll(cell, p, x, lengths=lengths, resets=resets, reverse=True, parallel=True)
+            return jnp.sum(ys * jnp.arange(ys.size).reshape(ys.shape) / ys.size) + jnp.sum(jnp.sin(carry))
+
+        jax.test_util.check_grads(f, (params, xs), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_bfloat16_accumulates_in_float32(name):
+    """bfloat16 parameters and inputs: the carry stays float32 on both paths, and the two paths agree to
+    float32 round-off (each step is rounded to bfloat16 nowhere but in the input projection)."""
+    cell = CELLS[name]()
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), cell.init(jax.random.key(0), F))
+    xs = jnp.asarray(np.random.default_rng(1).normal(size=(2, 300, F)), jnp.bfloat16)
+    c_p, y_p = rnnjax.unroll(cell, params, xs, parallel=True)
+    c_s, y_s = rnnjax.unroll(cell, params, xs, parallel=False)
+    assert c_p.dtype == c_s.dtype == jnp.float32 and y_p.dtype == y_s.dtype == jnp.bfloat16
+    np.testing.assert_allclose(c_p, c_s, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(y_p.astype(jnp.float32), y_s.astype(jnp.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_auto_picks_the_parallel_path_for_long_sequences(monkeypatch):
+    """parallel='auto' runs associative_scan from CPU_PARALLEL_MIN_T steps on (seen through the scan it calls)."""
+    cell = cells.mingru(4)
+    params = cell.init(jax.random.key(0), 3)
+    calls = []
+    real = jax.lax.associative_scan
+    monkeypatch.setattr(jax.lax, "associative_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    n = rnnjax.scan.CPU_PARALLEL_MIN_T
+    rnnjax.unroll(cell, params, jnp.ones((2, n - 1, 3)))
+    rnnjax.unroll(cell, params, jnp.ones((2, n - 1, 3)), parallel=True)
+    rnnjax.unroll(cell, params, jnp.ones((2, n, 3)), remat=4)
+    assert len(calls) == 1
+    rnnjax.unroll(cell, params, jnp.ones((2, n, 3)))
+    assert len(calls) == 2
+
+
+def test_lru_ring_initialisation_and_gamma():
+    params = cells.lru(64, state_size=512, r_min=0.9, r_max=0.999, max_phase=np.pi / 10).init(jax.random.key(0), 3)
+    modulus = np.exp(-np.exp(np.asarray(params.nu_log)))
+    phase = np.exp(np.asarray(params.theta_log))
+    assert modulus.min() >= 0.9 and modulus.max() <= 0.999 and modulus.min() < 0.91 and modulus.max() > 0.99
+    assert phase.min() >= 0 and phase.max() <= np.pi / 10 and phase.max() > 0.95 * np.pi / 10
+    # uniform on the ring by area: |lambda|^2 is uniform, so its median is the ring's middle
+    np.testing.assert_allclose(np.median(modulus**2), (0.9**2 + 0.999**2) / 2, atol=0.02)
+    np.testing.assert_allclose(np.exp(np.asarray(params.gamma_log)), np.sqrt(1 - modulus**2), rtol=1e-4)
+
+
+def test_rglru_decay_initialised_on_its_ring():
+    params = cells.rglru(512, min_rad=0.9, max_rad=0.999).init(jax.random.key(0), 3)
+    a = np.exp(-np.log1p(np.exp(np.asarray(params.a_param, np.float64))))
+    assert a.min() >= 0.9 - 1e-6 and a.max() <= 0.999 + 1e-6 and a.min() < 0.91 and a.max() > 0.99
+
+
+def test_linear_cells_in_a_bidirectional_layer_equal_sequential():
+    layer = layers.bidirectional(cells.lru(6, state_size=4))
+    seq = layers.bidirectional(cells.lru(6, state_size=4), parallel=False)
+    par = layers.bidirectional(cells.lru(6, state_size=4), parallel=True)
+    params = layer.init(jax.random.key(0), F)
+    assert_trees_close(par.apply(params, XS, lengths=LENGTHS), seq.apply(params, XS, lengths=LENGTHS))
+
+
+def _rms(x, g):
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * g
+
+
+def test_residual_block_equals_manual_composition_and_streams():
+    cell = cells.mingru(6)
+    block = layers.residual_block(cell, mlp_expansion=2)
+    params = block.init(jax.random.key(0), 6)
+    xs = jnp.asarray(np.random.default_rng(3).normal(size=(B, T, 6)), jnp.float32)
+    carry, ys = block.apply(params, xs, lengths=LENGTHS)
+    c_ref, r = rnnjax.unroll(cell, params.cell, jnp.asarray(_rms(np.asarray(xs), params.norm_rnn)), lengths=LENGTHS)
+    h = np.asarray(xs) + np.asarray(r)
+    u = _rms(h, np.asarray(params.norm_mlp))
+    want = h + (np.asarray(jax.nn.gelu(u @ params.w_gate)) * (u @ params.w_up)) @ np.asarray(params.w_down)
+    want = np.where((np.arange(T)[None, :] < np.asarray(LENGTHS)[:, None])[..., None], want, 0)
+    np.testing.assert_allclose(ys, want, atol=1e-5, rtol=1e-5)
+    assert_trees_close(carry, c_ref)
+    c, streamed = block.initial_carry(params, (B,)), []
+    for t in range(T):
+        c, y = block.step(params, c, xs[:, t])
+        streamed.append(y)
+    assert_trees_close(block.apply(params, xs), (c, jnp.stack(streamed, 1)))
+
+
+def test_block_language_model_step_equals_apply():
+    from rnnjax.models import language_model
+
+    model = language_model(11, cell="lru", layers=2, hidden=8, block=True)
+    params = model.init(jax.random.key(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 11, size=(2, 40)))
+    _, logits = model.apply(params, ids)
+    carry, steps = model.initial_carry(params, (2,)), []
+    for t in range(ids.shape[1]):
+        carry, lt = model.step(params, carry, ids[:, t])
+        steps.append(lt)
+    np.testing.assert_allclose(jnp.stack(steps, 1), logits, atol=1e-5, rtol=1e-5)
+
+
+ERRORS = [
+    (lambda: rnnjax.unroll(cells.lstm(4), cells.lstm(4).init(jax.random.key(0), 3), jnp.ones((2, 5, 3)),
+                           parallel=True),
+     "rnnjax.unroll: parallel=True is not available here: the cell 'lstm' has no linear form (its recurrence is "
+     "not linear in the carry). Fix: pass parallel='auto' or False."),
+    (lambda: rnnjax.unroll(cells.mingru(4), cells.mingru(4).init(jax.random.key(0), 3), jnp.ones((2, 5, 3)),
+                           parallel=True, remat=2),
+     "rnnjax.unroll: parallel=True is not available here: remat applies to the sequential scan only. "
+     "Fix: pass parallel='auto' or False."),
+    (lambda: rnnjax.unroll(cells.mingru(4), cells.mingru(4).init(jax.random.key(0), 3), jnp.ones((2, 5, 3)),
+                           parallel="yes"),
+     "rnnjax.unroll: parallel must be True, False or 'auto', got 'yes'. Fix: pass one of those."),
+    (lambda: cells.lru(4, r_min=0.9, r_max=0.5),
+     "rnnjax.cells.lru: expected 0 <= r_min < r_max <= 1, got r_min=0.9, r_max=0.5. Fix: pass a ring inside the "
+     "unit circle, e.g. r_min=0.9, r_max=0.999."),
+    (lambda: cells.rglru(4, min_rad=0.0),
+     "rnnjax.cells.rglru: expected 0 < min_rad < max_rad < 1, got min_rad=0.0, max_rad=0.999. Fix: pass e.g. "
+     "min_rad=0.9, max_rad=0.999."),
+    (lambda: layers.residual_block(cells.mingru(4)).init(jax.random.key(0), 3),
+     "rnnjax.layers.residual_block: the block adds its input to the output of cell 'mingru', so input_size must "
+     "equal the cell's output size 4, got 3. Fix: build the cell with hidden_size=3, or project the inputs to 4 "
+     "features first."),
+]
+
+
+@pytest.mark.parametrize("case", range(len(ERRORS)))
+def test_error_message(case):
+    make, message = ERRORS[case]
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        make()
