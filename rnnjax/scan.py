@@ -22,6 +22,7 @@ and a reset ``(0, a * h_init + b)``, so both paths give the same numbers.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal, Union
 
@@ -216,6 +217,43 @@ def _combine(earlier, later):
     return a2 * a1, a2 * b1 + b2
 
 
+def _associative(a, b, reverse: bool):
+    return jax.lax.associative_scan(_combine, (a, b), reverse=reverse, axis=0)[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear_scan(a: Array, b: Array, reverse: bool = False) -> Array:
+    """All states of ``h_t = a_t * h_{t-1} + b_t`` (``h_{-1} = 0``) along axis 0, by ``jax.lax.associative_scan``.
+
+    ``reverse=True`` runs from the last step to the first. The gradient is
+    itself a linear recurrence run the other way (``l_t = g_t + a_next l_next``,
+    ``db = l``, ``da = l h_prev``: transposes, JAX's convention, also for
+    complex ``a, b``), computed with the same associative scan: only ``a``
+    and ``h`` are stored, and autodiff's trace through the scan's slicing
+    is avoided.
+    """
+    return _associative(a, b, reverse)
+
+
+def _linear_scan_fwd(a, b, reverse):
+    h = _associative(a, b, reverse)
+    return h, (a, h)
+
+
+def _linear_scan_bwd(reverse, res, g):
+    a, h = res
+    zero = jnp.zeros_like(a[:1])
+    if reverse:
+        a_next, h_prev = jnp.concatenate([zero, a[:-1]]), jnp.concatenate([h[1:], zero])
+    else:
+        a_next, h_prev = jnp.concatenate([a[1:], zero]), jnp.concatenate([zero, h[:-1]])
+    lam = _associative(a_next, g, not reverse)
+    return lam * h_prev, lam
+
+
+linear_scan.defvjp(_linear_scan_fwd, _linear_scan_bwd)
+
+
 def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, reverse: bool):
     """Time-major ``xs [T, *B, F]`` -> ``(carry, ys [T, *B, O])`` with ``jax.lax.associative_scan``.
 
@@ -238,7 +276,7 @@ def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, r
         a = jnp.where(r, jnp.zeros_like(a), a)
     first = -1 if reverse else 0
     b = b.at[first].add(a[first] * lin.state(carry))
-    _, hs = jax.lax.associative_scan(_combine, (a, b), reverse=reverse, axis=0)
+    hs = linear_scan(a, b, reverse)
     ys = lin.output(params, hs, px)
     if valid is not None:
         ys = jnp.where(valid[..., None], ys, jnp.zeros_like(ys))

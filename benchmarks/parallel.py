@@ -1,0 +1,128 @@
+"""Parallel (``jax.lax.associative_scan``) against sequential (``lax.scan``)
+evaluation of the linear cells: fwd+bwd time, XLA's planned peak memory and
+compile time against the sequence length.
+
+    rnnjax-bench parallel [--cell lru,mingru,minlstm,rglru] [--time 16,...,65536] [--batch 8] [--hidden 256]
+
+For each cell and ``T`` both paths of ``rnnjax.unroll(cell, ..., parallel=...)``
+are compiled (the gradient of ``sum(ys)`` with respect to the parameters and
+the inputs), then timed interleaved in the same rounds (medians after the
+compile call and one warm-up call). ``speedup`` is the sequential median
+over the parallel one; the crossover is the smallest ``T`` from which the
+parallel path is faster at every measured length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+
+from benchmarks import timing
+
+PROG = "rnnjax-bench parallel"
+CELLS = ("lru", "mingru", "minlstm", "rglru")
+DEFAULT_TIME = "16,32,64,128,256,512,1024,2048,4096,16384,65536"
+
+
+def _compiled(cell, params, xs, parallel: bool):
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    import rnnjax
+
+    def loss(p, x):
+        return jnp.sum(rnnjax.unroll(cell, p, x, parallel=parallel)[1])
+
+    start = time.perf_counter()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    planned = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    return compiled, compile_s, planned
+
+
+def measure(cell_name: str, T: int, *, batch: int, features: int, hidden: int, rounds: int) -> dict:
+    """One row: both paths of ``cell_name`` at length ``T``, compiled and timed interleaved."""
+    import jax
+
+    from rnnjax import cells
+
+    cell = getattr(cells, cell_name)(hidden)
+    params = cell.init(jax.random.key(0), features)
+    xs = jax.random.normal(jax.random.key(1), (batch, T, features))
+    runs, row = {}, dict(cell=cell_name, T=T, batch=batch, features=features, hidden=hidden, rounds=rounds)
+    for name, parallel in (("parallel", True), ("sequential", False)):
+        compiled, compile_s, planned = _compiled(cell, params, xs, parallel)
+        runs[name] = (lambda c=compiled: jax.block_until_ready(c(params, xs)))
+        row[f"{name}_compile_s"] = compile_s
+        row[f"{name}_peak_mib"] = planned / 2**20
+    result = timing.measure(runs, rounds=rounds, warmup=1)
+    for name in runs:
+        row[f"{name}_s"] = result[name]["median_s"]
+        row[f"{name}_samples_s"] = result[name]["samples_s"]
+    row["speedup"] = row["sequential_s"] / row["parallel_s"]
+    return row
+
+
+def crossover(rows: list[dict]) -> int | None:
+    """The smallest measured ``T`` from which the parallel path is faster at every longer measured ``T``."""
+    best = None
+    for row in sorted(rows, key=lambda r: r["T"], reverse=True):
+        if row["speedup"] <= 1.0:
+            break
+        best = row["T"]
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--cell", default=",".join(CELLS), help=f"comma list of {', '.join(CELLS)} (default: all)")
+    p.add_argument("--time", default=DEFAULT_TIME, help=f"comma list of sequence lengths (default {DEFAULT_TIME})")
+    p.add_argument("--batch", type=int, default=8, help="batch B (default 8)")
+    p.add_argument("--features", type=int, default=256, help="input features F (default 256)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden units H (default 256)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
+    p.add_argument("--json", metavar="FILE", help="append one JSON line per (cell, T)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    names = [c for c in args.cell.split(",") if c]
+    unknown = [c for c in names if c not in CELLS]
+    try:
+        times = [int(t) for t in args.time.split(",") if t]
+    except ValueError:
+        times = []
+    if unknown or not names or not times or min(times) < 1 or min(args.batch, args.features, args.hidden,
+                                                                  args.rounds) < 1:
+        what = (f"unknown --cell {', '.join(unknown)}; expected a comma list of {', '.join(CELLS)}" if unknown or
+                not names else "--time must be a comma list of positive integers, and --batch, --features, "
+                                   "--hidden and --rounds positive")
+        print(f"{PROG}: error: {what}.", file=sys.stderr)
+        return 2
+    print(f"{'cell':>8} {'T':>7} {'parallel ms':>12} {'sequential ms':>14} {'speedup':>8} {'peak MiB par/seq':>17} "
+          f"{'compile s par/seq':>18}", flush=True)
+    for name in names:
+        rows = []
+        for T in times:
+            row = measure(name, T, batch=args.batch, features=args.features, hidden=args.hidden, rounds=args.rounds)
+            rows.append(row)
+            gc.collect()
+            print(f"{name:>8} {T:>7} {row['parallel_s'] * 1e3:>12.2f} {row['sequential_s'] * 1e3:>14.2f} "
+                  f"{row['speedup']:>7.2f}x {row['parallel_peak_mib']:>8.0f}/{row['sequential_peak_mib']:<8.0f} "
+                  f"{row['parallel_compile_s']:>8.2f}/{row['sequential_compile_s']:<8.2f}", flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        cross = crossover(rows)
+        print(f"{name:>8} crossover: parallel faster from T = {cross if cross else 'never (in this range)'}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
