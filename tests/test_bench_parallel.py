@@ -1,0 +1,34 @@
+"""``rnnjax-bench parallel``: a tiny end-to-end run, the crossover rule, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import cli, parallel
+
+
+def test_tiny_run_writes_rows_whose_speedup_is_the_ratio_of_medians(tmp_path, capsys):
+    path = tmp_path / "par.jsonl"
+    assert cli.main(["parallel", "--cell", "mingru", "--time", "4,8", "--batch", "2", "--features", "3",
+                     "--hidden", "4", "--rounds", "2", "--json", str(path)]) == 0
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["cell"], r["T"]) for r in rows] == [("mingru", 4), ("mingru", 8)]
+    for row in rows:
+        assert row["speedup"] == pytest.approx(row["sequential_s"] / row["parallel_s"], rel=1e-12)
+        assert len(row["parallel_samples_s"]) == len(row["sequential_samples_s"]) == 2
+        assert row["parallel_peak_mib"] > 0 and row["sequential_compile_s"] > 0
+    assert "mingru crossover: parallel faster from T = " in capsys.readouterr().out
+
+
+def test_crossover_is_where_parallel_stays_faster():
+    rows = [dict(T=t, speedup=s) for t, s in [(16, 1.2), (32, 0.9), (64, 1.1), (128, 2.0)]]
+    assert parallel.crossover(rows) == 64
+    assert parallel.crossover([dict(T=16, speedup=0.5)]) is None
+
+
+def test_bad_cell_is_one_line_and_status_2(capsys):
+    assert cli.main(["parallel", "--cell", "lstm"]) == 2
+    assert capsys.readouterr().err == ("rnnjax-bench parallel: error: unknown --cell lstm; expected a comma list of "
+                                       "lru, mingru, minlstm, rglru.\n")
