@@ -75,8 +75,16 @@ def _partial_steps(d: Path) -> list[str]:
 
 
 def _abstract(tree):
-    """``ShapeDtypeStruct``s of a pytree of arrays (or of ``ShapeDtypeStruct``s)."""
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    """``ShapeDtypeStruct``s of a pytree of arrays (or of ``ShapeDtypeStruct``s), keeping each leaf's
+    sharding where it has one (:func:`rnnjax.parallel.abstract_state`) and placing the others on the first
+    local device: a checkpoint saved on any number of devices restores where the target says."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding if sharding is not None else default)
+
+    return jax.tree_util.tree_map(leaf, tree)
 
 
 def _describe(path) -> str:
