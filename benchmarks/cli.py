@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "long": ("benchmarks.long_sequences", "memory and compile time of fwd+bwd against T, remat off and on"),
     "profile": ("benchmarks.profile", "where one training step's time goes, op by op, next to torch"),
     "parallel": ("benchmarks.parallel", "linear cells: associative_scan against the sequential scan, against T"),
+    "population": ("benchmarks.population", "N models trained by one vmapped step against N sequential runs"),
 }
 DEFAULT_ROUNDS, QUICK_ROUNDS, MIN_ROUNDS = 7, 3, 5
 DEFAULT_MODES, QUICK_MODES = "fwd,fwdbwd", "fwd,fwdbwd,train"

@@ -147,6 +147,7 @@ def profile_compiled(compiled, args, steps: int, feedback=None) -> dict:
     import jax
 
     instructions = parse_hlo(compiled.as_text())
+    jax.block_until_ready(args)  # calls still running from before are not traced
     walls = []
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):

@@ -51,7 +51,10 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation, key: PRNGKey) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), key)
+    # The optimiser state gets buffers of its own: inject_hyperparams puts the very arrays it was built
+    # with into every state it initialises, and a donating train step would delete them for all.
+    opt_state = jax.tree_util.tree_map(jnp.copy, optimizer.init(params))
+    return TrainState(jnp.zeros((), jnp.int32), params, opt_state, key)
 
 
 # ----------------------------------------------------------------------------
@@ -253,6 +256,53 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         return state, metrics
 
     return jax.jit(train_step, donate_argnums=0 if donate else ())
+
+
+# ----------------------------------------------------------------------------
+# Populations: N models trained at once by one vmapped step
+
+
+def stack_states(states) -> TrainState:
+    """One population state from a sequence of train states of the same structure: every leaf gets a
+    leading member axis. Members may differ in initial parameters, keys and the optimiser's injected
+    hyperparameters (:func:`set_hyperparams`: learning rate, weight decay, ...)."""
+    fn = "rnnjax.train.stack_states"
+    states = list(states)
+    if not states:
+        raise ValueError(f"{fn}: got no states. Fix: pass one TrainState per population member.")
+    first = jax.tree_util.tree_structure(states[0])
+    for i, s in enumerate(states[1:], 1):
+        if jax.tree_util.tree_structure(s) != first:
+            raise ValueError(f"{fn}: member {i}'s state has a different structure from member 0's. Fix: build "
+                             "every member with the same model and optimiser (hyperparameters may differ).")
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+
+def population_size(states: TrainState) -> int:
+    return int(states.step.shape[0])
+
+
+def member(states: TrainState, i: int) -> TrainState:
+    """Member ``i`` of a population state, as an ordinary train state."""
+    return jax.tree_util.tree_map(lambda x: x[i], states)
+
+
+def make_population_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, carry: bool = False,
+                         accumulate: int = 1, shared_batch: bool = True):
+    """The step of :func:`make_train_step`, vmapped over a population (:func:`stack_states`).
+
+    ``population_step(states, batch[, carries]) -> (states, [carries,] metrics)``,
+    every metric with a leading member axis. ``shared_batch=True``: every
+    member reads the same batch (a sweep over seeds and hyperparameters on
+    the same data); ``False``: the batch has a leading member axis too. One
+    compile serves the whole population, and each member's numbers equal
+    its individually trained twin's.
+    """
+    step = make_train_step(loss_fn, optimizer, carry=carry, accumulate=accumulate, donate=False)
+    batch_axis = None if shared_batch else 0
+    if carry:
+        return jax.jit(jax.vmap(step, in_axes=(0, batch_axis, 0)), donate_argnums=(0, 2))
+    return jax.jit(jax.vmap(step, in_axes=(0, batch_axis)), donate_argnums=0)
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""Populations (rnnjax.train.make_population_step): one vmapped step trains N models, and each member
+equals its individually trained twin."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnnjax import train
+from rnnjax.models import language_model
+
+
+def _setup(learning_rates, seeds):
+    model = language_model(11, layers=1, hidden=16, embed=8, dropout=0.2)
+    opt = train.default_optimizer(1e-2, total_steps=20, warmup_steps=2)
+    states = []
+    for lr, seed in zip(learning_rates, seeds):
+        state = train.init_train_state(model.init(jax.random.key(seed)), opt, jax.random.key(100 + seed))
+        states.append(state._replace(opt_state=train.set_hyperparams(state.opt_state, learning_rate=lr)))
+    rng = np.random.default_rng(0)
+    batches = [{"x": jnp.asarray(rng.integers(0, 11, size=(4, 9))), "y": jnp.asarray(rng.integers(0, 11, size=(4, 9)))}
+               for _ in range(4)]
+    return model, opt, states, batches
+
+
+def test_each_member_equals_its_individually_trained_twin():
+    lrs, seeds = [3e-3, 1e-2, 3e-2], [0, 1, 2]
+    model, opt, states, batches = _setup(lrs, seeds)
+    loss_fn = train.language_model_loss(model)
+    population = train.stack_states(states)
+    step = train.make_population_step(loss_fn, opt)
+    losses = []
+    for batch in batches:
+        population, metrics = step(population, batch)
+        losses.append(np.asarray(metrics["loss"]))
+    assert train.population_size(population) == 3 and step._cache_size() == 1
+    single = train.make_train_step(loss_fn, opt)
+    for i, state in enumerate(states):
+        twin_losses = []
+        for batch in batches:
+            state, metrics = single(state, batch)
+            twin_losses.append(float(metrics["loss"]))
+        np.testing.assert_allclose([l[i] for l in losses], twin_losses, rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(train.member(population, i).params),
+                        jax.tree_util.tree_leaves(state.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The members did differ: different seeds, learning rates and dropout keys.
+    finals = [float(l) for l in losses[-1]]
+    assert len(set(finals)) == 3
+
+
+def test_members_with_their_own_batches():
+    model, opt, states, batches = _setup([1e-2, 1e-2], [0, 0])
+    loss_fn = train.language_model_loss(model)
+    step = train.make_population_step(loss_fn, opt, shared_batch=False)
+    population = train.stack_states(states)
+    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), batches[0], batches[1])
+    population, metrics = step(population, stacked)
+    single = train.make_train_step(loss_fn, opt)
+    for i in range(2):
+        _, m = single(states[i], batches[i])
+        np.testing.assert_allclose(metrics["loss"][i], m["loss"], rtol=1e-6)
+
+
+def test_stack_states_errors():
+    with pytest.raises(ValueError, match=re.escape(
+            "rnnjax.train.stack_states: got no states. Fix: pass one TrainState per population member.")):
+        train.stack_states([])
+    model, opt, states, _ = _setup([1e-2], [0])
+    other = language_model(11, layers=2, hidden=16, embed=8)
+    odd = train.init_train_state(other.init(jax.random.key(0)), opt, jax.random.key(0))
+    with pytest.raises(ValueError, match=re.escape(
+            "rnnjax.train.stack_states: member 1's state has a different structure from member 0's. Fix: build "
+            "every member with the same model and optimiser (hyperparameters may differ).")):
+        train.stack_states([states[0], odd])
