@@ -166,6 +166,39 @@ def data_parallel(train_step: Callable, state, mesh: Mesh, *, shard_params: bool
     return jax.jit(train_step, in_shardings=(state_sh, data), out_shardings=(state_sh, None), donate_argnums=0)
 
 
+class ShardedBatches:
+    """An iterator of batches whose every batch is split over ``mesh`` (:func:`shard_batch`); the
+    wrapped iterator's ``position`` (the step it yields next, if it has one) reads and sets through."""
+
+    def __init__(self, batches, mesh: Mesh):
+        self.batches, self.mesh = batches, mesh
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return shard_batch(next(self.batches), self.mesh)
+
+    @property
+    def position(self):
+        return self.batches.position
+
+    @position.setter
+    def position(self, value):
+        self.batches.position = value
+
+
+def distribute(train_step: Callable, state, batches, mesh: Mesh, *, carry=None, shard_params: bool = False):
+    """Everything a training loop needs to run on ``mesh``: ``(train_step, state, batches, carry)``
+    with the step compiled for the mesh (:func:`data_parallel`), the state placed, the batches (and a
+    TBPTT ``carry``, if given) split over the devices."""
+    state = put_state(state, mesh, shard_params=shard_params)
+    step = data_parallel(train_step, state, mesh, shard_params=shard_params, carry=carry is not None)
+    if carry is not None:
+        carry = shard_batch(jax.device_get(carry), mesh)
+    return step, state, ShardedBatches(batches, mesh), carry
+
+
 def local_devices_summary(mesh: Mesh) -> str:
     """One line for logs: devices, platform, processes."""
     devices = list(mesh.devices.flat)
@@ -174,5 +207,6 @@ def local_devices_summary(mesh: Mesh) -> str:
             + (f" over {processes} processes" if processes > 1 else ""))
 
 
-__all__ = ["AXIS", "abstract_state", "batch_sharding", "data_parallel", "initialize", "local_devices_summary",
-           "make_mesh", "param_sharding", "put_state", "replicated", "shard_batch", "state_shardings"]
+__all__ = ["AXIS", "ShardedBatches", "abstract_state", "batch_sharding", "data_parallel", "distribute", "initialize",
+           "local_devices_summary", "make_mesh", "param_sharding", "put_state", "replicated", "shard_batch",
+           "state_shardings"]
