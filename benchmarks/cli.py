@@ -33,6 +33,7 @@ SUBCOMMANDS = {
     "profile": ("benchmarks.profile", "where one training step's time goes, op by op, next to torch"),
     "parallel": ("benchmarks.parallel", "linear cells: associative_scan against the sequential scan, against T"),
     "population": ("benchmarks.population", "N models trained by one vmapped step against N sequential runs"),
+    "memory": ("benchmarks.long_memory", "a long-memory task (the adding problem): which cells learn it"),
 }
 DEFAULT_ROUNDS, QUICK_ROUNDS, MIN_ROUNDS = 7, 3, 5
 DEFAULT_MODES, QUICK_MODES = "fwd,fwdbwd", "fwd,fwdbwd,train"

@@ -1,15 +1,18 @@
-"""Parallel (``jax.lax.associative_scan``) against sequential (``lax.scan``)
-evaluation of the linear cells: fwd+bwd time, XLA's planned peak memory and
-compile time against the sequence length.
+"""Parallel against sequential evaluation of the linear cells: fwd+bwd time,
+XLA's planned peak memory and compile time against the sequence length.
 
     rnnjax-bench parallel [--cell lru,mingru,minlstm,rglru] [--time 16,...,65536] [--batch 8] [--hidden 256]
 
-For each cell and ``T`` both paths of ``rnnjax.unroll(cell, ..., parallel=...)``
+For each cell and ``T`` three forms of ``rnnjax.unroll(cell, ..., parallel=...)``
 are compiled (the gradient of ``sum(ys)`` with respect to the parameters and
 the inputs), then timed interleaved in the same rounds (medians after the
-compile call and one warm-up call). ``speedup`` is the sequential median
-over the parallel one; the crossover is the smallest ``T`` from which the
-parallel path is faster at every measured length.
+compile call and one warm-up call): ``associative`` (``parallel=True``: the
+coefficients of all steps at once, ``jax.lax.associative_scan``), ``loop``
+(the same with a ``lax.scan`` of the multiply-add alone) and ``sequential``
+(``parallel=False``: the cell's step in ``lax.scan``). ``speedup`` is the
+sequential median over the associative one (``loop_speedup``: over the loop
+form); the crossover is the smallest ``T`` from which the associative path
+is faster at every longer measured length.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ CELLS = ("lru", "mingru", "minlstm", "rglru")
 DEFAULT_TIME = "16,32,64,128,256,512,1024,2048,4096,16384,65536"
 
 
-def _compiled(cell, params, xs, parallel: bool):
+FORMS = (("associative", True), ("loop", "loop"), ("sequential", False))
+
+
+def _compiled(cell, params, xs, parallel):
     import time
 
     import jax
@@ -55,7 +61,7 @@ def measure(cell_name: str, T: int, *, batch: int, features: int, hidden: int, r
     params = cell.init(jax.random.key(0), features)
     xs = jax.random.normal(jax.random.key(1), (batch, T, features))
     runs, row = {}, dict(cell=cell_name, T=T, batch=batch, features=features, hidden=hidden, rounds=rounds)
-    for name, parallel in (("parallel", True), ("sequential", False)):
+    for name, parallel in FORMS:
         compiled, compile_s, planned = _compiled(cell, params, xs, parallel)
         runs[name] = (lambda c=compiled: jax.block_until_ready(c(params, xs)))
         row[f"{name}_compile_s"] = compile_s
@@ -64,7 +70,8 @@ def measure(cell_name: str, T: int, *, batch: int, features: int, hidden: int, r
     for name in runs:
         row[f"{name}_s"] = result[name]["median_s"]
         row[f"{name}_samples_s"] = result[name]["samples_s"]
-    row["speedup"] = row["sequential_s"] / row["parallel_s"]
+    row["speedup"] = row["sequential_s"] / row["associative_s"]
+    row["loop_speedup"] = row["sequential_s"] / row["loop_s"]
     return row
 
 
@@ -104,23 +111,27 @@ def main(argv: list[str] | None = None) -> int:
                                    "--hidden and --rounds positive")
         print(f"{PROG}: error: {what}.", file=sys.stderr)
         return 2
-    print(f"{'cell':>8} {'T':>7} {'parallel ms':>12} {'sequential ms':>14} {'speedup':>8} {'peak MiB par/seq':>17} "
-          f"{'compile s par/seq':>18}", flush=True)
+    print(f"{'cell':>8} {'T':>7} {'assoc ms':>10} {'loop ms':>9} {'seq ms':>9} {'seq/assoc':>9} {'seq/loop':>8} "
+          f"{'peak MiB assoc/loop/seq':>24} {'compile s assoc/loop/seq':>25}", flush=True)
     for name in names:
         rows = []
         for T in times:
             row = measure(name, T, batch=args.batch, features=args.features, hidden=args.hidden, rounds=args.rounds)
             rows.append(row)
             gc.collect()
-            print(f"{name:>8} {T:>7} {row['parallel_s'] * 1e3:>12.2f} {row['sequential_s'] * 1e3:>14.2f} "
-                  f"{row['speedup']:>7.2f}x {row['parallel_peak_mib']:>8.0f}/{row['sequential_peak_mib']:<8.0f} "
-                  f"{row['parallel_compile_s']:>8.2f}/{row['sequential_compile_s']:<8.2f}", flush=True)
+            peak = "/".join(f"{row[f'{f}_peak_mib']:.0f}" for f, _ in FORMS)
+            comp = "/".join(f"{row[f'{f}_compile_s']:.2f}" for f, _ in FORMS)
+            print(f"{name:>8} {T:>7} {row['associative_s'] * 1e3:>10.2f} {row['loop_s'] * 1e3:>9.2f} "
+                  f"{row['sequential_s'] * 1e3:>9.2f} {row['speedup']:>8.2f}x {row['loop_speedup']:>7.2f}x "
+                  f"{peak:>24} {comp:>25}", flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
         cross = crossover(rows)
-        print(f"{name:>8} crossover: parallel faster from T = {cross if cross else 'never (in this range)'}",
-              flush=True)
+        loop_cross = crossover([dict(T=r["T"], speedup=r["loop_speedup"]) for r in rows])
+        print(f"{name:>8} crossover: associative faster than sequential from T = "
+              f"{cross if cross else 'never (in this range)'}; loop form from T = "
+              f"{loop_cross if loop_cross else 'never (in this range)'}", flush=True)
     return 0
 
 

@@ -38,7 +38,8 @@ from rnnjax.types import Array, Carry, Params
 Remat = Union[bool, int, None]
 Hoist = Union[bool, Literal["auto"]]
 Backward = Literal["auto", "fused", "autodiff"]
-Parallel = Union[bool, Literal["auto"]]
+Parallel = Union[bool, Literal["auto", "associative", "loop"]]
+PARALLEL = (True, False, "auto", "associative", "loop")
 
 
 def valid_steps(fn: str, batch_shape: tuple[int, ...], T: int, *, lengths=None, mask=None,
@@ -87,16 +88,20 @@ def should_fuse(cell: Cell, batch_size: int, time_steps: int) -> bool:
     return jax.default_backend() != "cpu" or batch_size <= CPU_FUSE_MAX_BATCH
 
 
-# Measured with ``rnnjax-bench parallel`` on a 2-core CPU (README, Performance):
-# associative_scan's fwd+bwd beats the sequential scan of the same linear cell
-# from this many steps on; on accelerators it always does.
+# Measured with ``rnnjax-bench parallel`` on a 2-core CPU (README, Performance).
 CPU_PARALLEL_MIN_T = 32
 
 
-def should_parallelize(cell: Cell, batch_size: int, time_steps: int) -> bool:
-    """Whether ``parallel="auto"`` runs a linear cell with ``jax.lax.associative_scan``."""
-    del batch_size
-    return jax.default_backend() != "cpu" or time_steps >= CPU_PARALLEL_MIN_T
+def auto_parallel(cell: Cell, batch_size: int, time_steps: int) -> str | None:
+    """How ``parallel="auto"`` runs a linear cell: ``"associative"`` on
+    accelerators; on CPU ``"loop"`` from ``CPU_PARALLEL_MIN_T`` steps on
+    (``jax.lax.associative_scan`` does ~2x the work of a loop, which two
+    cores cannot hide), else None (the cell's step in the sequential scan).
+    """
+    del cell, batch_size
+    if jax.default_backend() != "cpu":
+        return "associative"
+    return "loop" if time_steps >= CPU_PARALLEL_MIN_T else None
 
 
 def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None, lengths: Array | None = None,
@@ -129,12 +134,14 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
         remat); ``"autodiff"``: JAX's autodiff of the scan; ``"auto"``:
         as :func:`should_fuse` decides.
       parallel: for a cell with a ``linear`` form (LRU, minGRU, minLSTM,
-        RG-LRU): ``True`` runs the whole sequence with
-        ``jax.lax.associative_scan`` (depth ``O(log T)``, float32 or wider),
-        ``False`` with the sequential scan, ``"auto"`` as
-        :func:`should_parallelize` decides (sequential when ``remat`` is
-        set). ``unroll``, ``hoist`` and ``backward`` apply to the sequential
-        scan only.
+        RG-LRU): ``True`` (or ``"associative"``) computes the coefficients
+        of all steps at once and runs the recurrence with
+        ``jax.lax.associative_scan`` (depth ``O(log T)``, float32 or wider);
+        ``"loop"`` does the same with a ``lax.scan`` of the multiply-add
+        alone; ``False`` runs the cell's step in the sequential scan;
+        ``"auto"`` as :func:`auto_parallel` decides (sequential when
+        ``remat`` is set). ``unroll``, ``hoist`` and ``backward`` apply to
+        the sequential scan only.
 
     Returns:
       ``(carry, ys)`` with ``ys`` ``[*B, T, O]`` (time-major ``[T, *B, O]``),
@@ -171,8 +178,9 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
                              f"build it with cell.initial_carry(params, batch_shape={batch_shape}).")
 
     batch_size = math.prod(batch_shape)
-    if _use_parallel(fn, cell, parallel, remat, batch_size, T):
-        carry, ys = _parallel_unroll(cell, params, xs_t, carry, zero_carry, valid, resets, reverse)
+    method = _parallel_method(fn, cell, parallel, remat, batch_size, T)
+    if method is not None:
+        carry, ys = _parallel_unroll(cell, params, xs_t, carry, zero_carry, valid, resets, reverse, method)
         return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
     if hoist == "auto":
         hoist = should_hoist(cell, batch_size, T)
@@ -197,17 +205,24 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
     return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
 
 
-def _use_parallel(fn: str, cell: Cell, parallel, remat: Remat, batch_size: int, T: int) -> bool:
-    if parallel not in ("auto", True, False):
-        raise ValueError(f"{fn}: parallel must be True, False or 'auto', got {parallel!r}. Fix: pass one of those.")
+def _parallel_method(fn: str, cell: Cell, parallel, remat: Remat, batch_size: int, T: int) -> str | None:
+    """``"associative"``, ``"loop"`` (the linear form) or None (the cell's step in the sequential scan)."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"{fn}: parallel must be one of True, False, 'auto', 'associative' or 'loop', got "
+                         f"{parallel!r}. Fix: pass one of those.")
     no_remat = remat is None or remat is False
-    if parallel is True and (cell.linear is None or not no_remat):
+    if parallel not in ("auto", False) and (cell.linear is None or not no_remat):
         why = (f"the cell {cell.name!r} has no linear form (its recurrence is not linear in the carry)"
                if cell.linear is None else "remat applies to the sequential scan only")
-        raise ValueError(f"{fn}: parallel=True is not available here: {why}. Fix: pass parallel='auto' or False.")
+        raise ValueError(f"{fn}: parallel={parallel!r} is not available here: {why}. "
+                         "Fix: pass parallel='auto' or False.")
     if parallel == "auto":
-        return cell.linear is not None and no_remat and should_parallelize(cell, batch_size, T)
-    return parallel is True
+        if cell.linear is None or not no_remat:
+            return None
+        return auto_parallel(cell, batch_size, T)
+    if parallel is False:
+        return None
+    return "associative" if parallel is True else parallel
 
 
 def _combine(earlier, later):
@@ -217,45 +232,55 @@ def _combine(earlier, later):
     return a2 * a1, a2 * b1 + b2
 
 
-def _associative(a, b, reverse: bool):
-    return jax.lax.associative_scan(_combine, (a, b), reverse=reverse, axis=0)[1]
+def _scan_states(a, b, reverse: bool, method: str):
+    if method == "associative":
+        return jax.lax.associative_scan(_combine, (a, b), reverse=reverse, axis=0)[1]
+
+    def body(h, ab):
+        h = ab[0] * h + ab[1]
+        return h, h
+
+    return jax.lax.scan(body, jnp.zeros_like(b[0]), (a, b), reverse=reverse)[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def linear_scan(a: Array, b: Array, reverse: bool = False) -> Array:
-    """All states of ``h_t = a_t * h_{t-1} + b_t`` (``h_{-1} = 0``) along axis 0, by ``jax.lax.associative_scan``.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def linear_scan(a: Array, b: Array, reverse: bool = False, method: str = "associative") -> Array:
+    """All states of ``h_t = a_t * h_{t-1} + b_t`` (``h_{-1} = 0``) along axis 0.
 
-    ``reverse=True`` runs from the last step to the first. The gradient is
-    itself a linear recurrence run the other way (``l_t = g_t + a_next l_next``,
-    ``db = l``, ``da = l h_prev``: transposes, JAX's convention, also for
-    complex ``a, b``), computed with the same associative scan: only ``a``
-    and ``h`` are stored, and autodiff's trace through the scan's slicing
-    is avoided.
+    ``method="associative"``: ``jax.lax.associative_scan`` (depth ``O(log T)``);
+    ``"loop"``: a ``lax.scan`` of the multiply-add alone (``O(T)`` depth,
+    the least work). ``reverse=True`` runs from the last step to the first.
+    The gradient is itself a linear recurrence run the other way
+    (``l_t = g_t + a_next l_next``, ``db = l``, ``da = l h_prev``: transposes,
+    JAX's convention, also for complex ``a, b``), computed by the same
+    method: only ``a`` and ``h`` are stored, and autodiff's trace through
+    the scan is avoided.
     """
-    return _associative(a, b, reverse)
+    return _scan_states(a, b, reverse, method)
 
 
-def _linear_scan_fwd(a, b, reverse):
-    h = _associative(a, b, reverse)
+def _linear_scan_fwd(a, b, reverse, method):
+    h = _scan_states(a, b, reverse, method)
     return h, (a, h)
 
 
-def _linear_scan_bwd(reverse, res, g):
+def _linear_scan_bwd(reverse, method, res, g):
     a, h = res
     zero = jnp.zeros_like(a[:1])
     if reverse:
         a_next, h_prev = jnp.concatenate([zero, a[:-1]]), jnp.concatenate([h[1:], zero])
     else:
         a_next, h_prev = jnp.concatenate([a[1:], zero]), jnp.concatenate([zero, h[:-1]])
-    lam = _associative(a_next, g, not reverse)
+    lam = _scan_states(a_next, g, not reverse, method)
     return lam * h_prev, lam
 
 
 linear_scan.defvjp(_linear_scan_fwd, _linear_scan_bwd)
 
 
-def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, reverse: bool):
-    """Time-major ``xs [T, *B, F]`` -> ``(carry, ys [T, *B, O])`` with ``jax.lax.associative_scan``.
+def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, reverse: bool, method: str):
+    """Time-major ``xs [T, *B, F]`` -> ``(carry, ys [T, *B, O])`` from the cell's linear form: the
+    coefficients of all steps at once, then :func:`linear_scan` (``method``), then the outputs of all steps.
 
     The driver's masking as coefficients: an invalid step holds the carry
     (``a = 1, b = 0``), a reset replaces the carry by the initial one before
@@ -276,7 +301,7 @@ def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, r
         a = jnp.where(r, jnp.zeros_like(a), a)
     first = -1 if reverse else 0
     b = b.at[first].add(a[first] * lin.state(carry))
-    hs = linear_scan(a, b, reverse)
+    hs = linear_scan(a, b, reverse, method)
     ys = lin.output(params, hs, px)
     if valid is not None:
         ys = jnp.where(valid[..., None], ys, jnp.zeros_like(ys))

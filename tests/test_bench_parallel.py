@@ -16,10 +16,11 @@ def test_tiny_run_writes_rows_whose_speedup_is_the_ratio_of_medians(tmp_path, ca
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["cell"], r["T"]) for r in rows] == [("mingru", 4), ("mingru", 8)]
     for row in rows:
-        assert row["speedup"] == pytest.approx(row["sequential_s"] / row["parallel_s"], rel=1e-12)
-        assert len(row["parallel_samples_s"]) == len(row["sequential_samples_s"]) == 2
-        assert row["parallel_peak_mib"] > 0 and row["sequential_compile_s"] > 0
-    assert "mingru crossover: parallel faster from T = " in capsys.readouterr().out
+        assert row["speedup"] == pytest.approx(row["sequential_s"] / row["associative_s"], rel=1e-12)
+        assert row["loop_speedup"] == pytest.approx(row["sequential_s"] / row["loop_s"], rel=1e-12)
+        assert len(row["associative_samples_s"]) == len(row["loop_samples_s"]) == len(row["sequential_samples_s"]) == 2
+        assert row["associative_peak_mib"] > 0 and row["sequential_compile_s"] > 0
+    assert "mingru crossover: associative faster than sequential from T = " in capsys.readouterr().out
 
 
 def test_crossover_is_where_parallel_stays_faster():

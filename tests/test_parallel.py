@@ -45,15 +45,16 @@ def loss(cell, params, xs, carry, parallel, **kw):
     return jnp.sum(ys * weights) + sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(final))
 
 
-@pytest.mark.parametrize("name", sorted(OPTIONS))
-def test_parallel_equals_sequential_values_and_gradients(linear, name):
+@pytest.mark.parametrize("method,name", [("associative", name) for name in sorted(OPTIONS)] + [
+    ("loop", "resets-lengths-reverse"), ("loop", "resets-mask")])
+def test_parallel_equals_sequential_values_and_gradients(linear, method, name):
     cell, params = linear
     carry = random_carry(cell, params, (B,))
     opts = OPTIONS[name]
-    assert_trees_close(rnnjax.unroll(cell, params, XS, carry=carry, parallel=True, **opts),
+    assert_trees_close(rnnjax.unroll(cell, params, XS, carry=carry, parallel=method, **opts),
                        rnnjax.unroll(cell, params, XS, carry=carry, parallel=False, **opts))
     grad = jax.value_and_grad(functools.partial(loss, cell), argnums=(0, 1, 2))
-    value_p, grads_p = grad(params, XS, carry, True, **opts)
+    value_p, grads_p = grad(params, XS, carry, method, **opts)
     value_s, grads_s = grad(params, XS, carry, False, **opts)
     np.testing.assert_allclose(value_p, value_s, rtol=1e-5)
     assert_trees_close(grads_p, grads_s, atol=2e-5)
@@ -131,20 +132,20 @@ def test_bfloat16_accumulates_in_float32(name):
     np.testing.assert_allclose(y_p.astype(jnp.float32), y_s.astype(jnp.float32), atol=2e-2, rtol=2e-2)
 
 
-def test_auto_picks_the_parallel_path_for_long_sequences(monkeypatch):
-    """parallel='auto' runs associative_scan from CPU_PARALLEL_MIN_T steps on (seen through the scan it calls)."""
+def test_auto_picks_the_loop_form_for_long_sequences_on_cpu(monkeypatch):
+    """parallel='auto' on CPU: the linear form with a loop from CPU_PARALLEL_MIN_T steps on, not under remat."""
     cell = cells.mingru(4)
     params = cell.init(jax.random.key(0), 3)
-    calls = []
-    real = jax.lax.associative_scan
-    monkeypatch.setattr(jax.lax, "associative_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    methods = []
+    real = rnnjax.scan.linear_scan
+    monkeypatch.setattr(rnnjax.scan, "linear_scan", lambda a, b, r, m: methods.append(m) or real(a, b, r, m))
     n = rnnjax.scan.CPU_PARALLEL_MIN_T
     rnnjax.unroll(cell, params, jnp.ones((2, n - 1, 3)))
-    rnnjax.unroll(cell, params, jnp.ones((2, n - 1, 3)), parallel=True)
     rnnjax.unroll(cell, params, jnp.ones((2, n, 3)), remat=4)
-    assert len(calls) == 1
+    assert methods == []
     rnnjax.unroll(cell, params, jnp.ones((2, n, 3)))
-    assert len(calls) == 2
+    rnnjax.unroll(cell, params, jnp.ones((2, n - 1, 3)), parallel=True)
+    assert methods == ["loop", "associative"]
 
 
 def test_lru_ring_initialisation_and_gamma():
@@ -221,7 +222,8 @@ ERRORS = [
      "Fix: pass parallel='auto' or False."),
     (lambda: rnnjax.unroll(cells.mingru(4), cells.mingru(4).init(jax.random.key(0), 3), jnp.ones((2, 5, 3)),
                            parallel="yes"),
-     "rnnjax.unroll: parallel must be True, False or 'auto', got 'yes'. Fix: pass one of those."),
+     "rnnjax.unroll: parallel must be one of True, False, 'auto', 'associative' or 'loop', got 'yes'. "
+     "Fix: pass one of those."),
     (lambda: cells.lru(4, r_min=0.9, r_max=0.5),
      "rnnjax.cells.lru: expected 0 <= r_min < r_max <= 1, got r_min=0.9, r_max=0.5. Fix: pass a ring inside the "
      "unit circle, e.g. r_min=0.9, r_max=0.999."),
