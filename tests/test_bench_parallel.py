@@ -33,3 +33,24 @@ def test_bad_cell_is_one_line_and_status_2(capsys):
     assert cli.main(["parallel", "--cell", "lstm"]) == 2
     assert capsys.readouterr().err == ("rnnjax-bench parallel: error: unknown --cell lstm; expected a comma list of "
                                        "lru, mingru, minlstm, rglru.\n")
+
+
+def test_adding_problem_batch_marks_one_step_in_each_half_and_sums_them():
+    import numpy as np
+
+    from benchmarks import long_memory
+
+    x, y = long_memory.adding_batch(np.random.default_rng(0), 50, 20)
+    marks = x[..., 1]
+    assert x.shape == (50, 20, 2) and set(np.unique(marks)) == {0.0, 1.0}
+    assert (marks[:, :10].sum(1) == 1).all() and (marks[:, 10:].sum(1) == 1).all()
+    np.testing.assert_allclose(y, [x[b, marks[b] == 1, 0].sum() for b in range(50)], rtol=1e-6)
+
+
+def test_memory_tiny_run_reports_the_held_out_mse(tmp_path, capsys):
+    path = tmp_path / "mem.jsonl"
+    assert cli.main(["memory", "--cell", "mingru", "--time", "6", "--steps", "4", "--batch", "4", "--hidden", "4",
+                     "--evals", "2", "--json", str(path)]) == 0
+    (row,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [i for i, _ in row["curve"]] == [2, 4] and row["test_mse"] == row["curve"][-1][1] > 0
+    assert "mingru  final " in capsys.readouterr().out
