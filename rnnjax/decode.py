@@ -1,6 +1,11 @@
-"""Choosing tokens from logits: greedy, temperature, top-k and nucleus (top-p) sampling."""
+"""Choosing tokens from logits (greedy, temperature, top-k and nucleus (top-p)
+sampling), and decoding whole sequences from any cell-based decoder: greedy,
+sampling and batched beam search."""
 
 from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,3 +48,182 @@ def sample_logits(key: PRNGKey, logits: Array, *, temperature: float = 1.0, top_
         cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------
+# Decoding a whole sequence from any cell-based decoder
+#
+# A decoder is described by ``step_fn(carry, tokens[B], context) -> (carry, logits[B, V])``:
+# a language model's ``lambda c, t, _: model.step(params, c, t)``, or a
+# seq2seq model's ``partial(model.step, params)`` with the source's
+# ``context``. ``carry`` holds batch dimension ``[B]`` in every leaf (the
+# state *before* reading ``start``); ``context`` is a pytree of per-source
+# arrays (``[B, ...]``) that the decoder reads but never changes (None for a
+# language model). Every function below is jittable with the settings static.
+
+
+class Decoded(NamedTuple):
+    """Decoded sequences. ``tokens [B, (N,) L]`` are padded with ``pad_id`` after
+    EOS; ``lengths`` count the tokens up to and including EOS (``L`` for a
+    sequence that reached ``max_length`` without EOS, see ``finished``);
+    ``log_probs`` are the sums of the model's log-probabilities of those tokens;
+    ``scores`` are ``log_probs / lengths ** length_penalty`` (beam search ranks by them)."""
+
+    tokens: Array
+    lengths: Array
+    log_probs: Array
+    scores: Array
+    finished: Array
+
+
+def check_decode(fn: str, max_length, eos_id, pad_id, vocab_size: int | None = None) -> None:
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ValueError(f"{fn}: max_length must be an integer >= 1 (the most tokens to generate, EOS included), "
+                         f"got {max_length!r}. Fix: pass e.g. max_length=32.")
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (
+                vocab_size is not None and value >= vocab_size):
+            raise ValueError(f"{fn}: {name} must be a token id in [0, {vocab_size}), got {value!r}.")
+
+
+def _call(step_fn, carry, tokens, context):
+    carry, logits = step_fn(carry, tokens, context)
+    return carry, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _normalise(log_probs, lengths, length_penalty: float):
+    if length_penalty == 0.0:
+        return log_probs
+    return log_probs / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty
+
+
+def _sequential(fn: str, choose, step_fn, carry, start, context, max_length, eos_id, pad_id, length_penalty):
+    start = jnp.asarray(start)
+    if start.ndim != 1 or not jnp.issubdtype(start.dtype, jnp.integer):
+        raise ValueError(f"{fn}: expected start tokens of shape [B] (integers), got {start.dtype}"
+                         f"{list(start.shape)}. Fix: pass jnp.full((B,), bos_id).")
+    B = start.shape[0]
+
+    def cond(s):
+        return (s["t"] < max_length) & ~jnp.all(s["done"])
+
+    def body(s):
+        carry, logp = _call(step_fn, s["carry"], s["last"], context)
+        tok = choose(s["t"], logp).astype(jnp.int32)
+        done = s["done"]
+        tok = jnp.where(done, pad_id, tok)
+        gained = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+        return {"t": s["t"] + 1, "carry": carry, "last": tok,
+                "tokens": s["tokens"].at[:, s["t"]].set(tok),
+                "log_probs": jnp.where(done, s["log_probs"], s["log_probs"] + gained),
+                "lengths": jnp.where(done, s["lengths"], s["t"] + 1),
+                "done": done | (tok == eos_id)}
+
+    init = {"t": jnp.zeros((), jnp.int32), "carry": carry, "last": start.astype(jnp.int32),
+            "tokens": jnp.full((B, max_length), pad_id, jnp.int32), "log_probs": jnp.zeros((B,), jnp.float32),
+            "lengths": jnp.zeros((B,), jnp.int32), "done": jnp.zeros((B,), bool)}
+    s = jax.lax.while_loop(cond, body, init)
+    return Decoded(s["tokens"], s["lengths"], s["log_probs"],
+                   _normalise(s["log_probs"], s["lengths"], length_penalty), s["done"])
+
+
+def greedy(step_fn, carry, start, *, max_length: int, eos_id: int, context=None, pad_id: int = 0,
+           length_penalty: float = 0.0) -> Decoded:
+    """Greedy decoding: at each step the most likely token (``argmax``; the
+    lowest id among ties), until EOS or ``max_length`` tokens. ``start [B]`` is
+    the first input (e.g. BOS). Returns :class:`Decoded` with ``tokens [B, max_length]``."""
+    fn = "rnnjax.decode.greedy"
+    check_decode(fn, max_length, eos_id, pad_id)
+    return _sequential(fn, lambda t, logp: jnp.argmax(logp, axis=-1), step_fn, carry, start, context,
+                       max_length, eos_id, pad_id, length_penalty)
+
+
+def sample(step_fn, carry, start, key: PRNGKey, *, max_length: int, eos_id: int, context=None, pad_id: int = 0,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Decoded:
+    """Ancestral sampling with :func:`sample_logits` (temperature, top-k, top-p)
+    at every step, until EOS or ``max_length``; step ``t`` uses
+    ``fold_in(key, t)``. ``log_probs`` are under the model's (untempered)
+    distribution."""
+    fn = "rnnjax.decode.sample"
+    check_decode(fn, max_length, eos_id, pad_id)
+
+    def choose(t, logp):
+        check_sampling(fn, temperature, top_k, top_p, logp.shape[-1])
+        return sample_logits(jax.random.fold_in(key, t), logp, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    return _sequential(fn, choose, step_fn, carry, start, context, max_length, eos_id, pad_id, 0.0)
+
+
+def beam_search(step_fn, carry, start, *, beam_width: int, max_length: int, eos_id: int, vocab_size: int,
+                context=None, pad_id: int = 0, length_penalty: float = 0.0, nbest: int = 1) -> Decoded:
+    """Batched beam search. Returns :class:`Decoded` with ``tokens [B, nbest, max_length]``
+    and ``[B, nbest]`` lengths, log-probabilities and scores, best first.
+
+    Every step extends each of the ``beam_width`` beams by every token and
+    keeps the ``beam_width`` best candidates by score
+    ``log p / length ** length_penalty`` (``length`` counts EOS;
+    ``length_penalty=0``: raw log-probability, ``1``: per-token mean). A beam
+    that emitted EOS is finished: it stays in the beam with its score fixed,
+    competing with the live ones. The search stops when every beam of every
+    batch row is finished, or after ``max_length`` steps. ``beam_width=1`` is
+    exactly :func:`greedy`.
+
+    ``carry`` and ``context`` have batch ``[B]``; the step function is called
+    with both expanded to ``[B, beam_width]`` (so it must accept any batch
+    shape, as every rnnjax cell does). Jittable with the settings static.
+    """
+    fn = "rnnjax.decode.beam_search"
+    check_decode(fn, max_length, eos_id, pad_id, vocab_size)
+    V = vocab_size
+    if not isinstance(beam_width, int) or isinstance(beam_width, bool) or not 1 <= beam_width <= V:
+        raise ValueError(f"{fn}: beam_width must be an integer in [1, {V}] (the vocabulary size), got "
+                         f"{beam_width!r}. Fix: use a beam no wider than the vocabulary.")
+    if not isinstance(nbest, int) or isinstance(nbest, bool) or not 1 <= nbest <= beam_width:
+        raise ValueError(f"{fn}: nbest must be an integer in [1, beam_width={beam_width}], got {nbest!r}. "
+                         "Fix: ask for at most as many sequences as the beam holds.")
+    start = jnp.asarray(start)
+    if start.ndim != 1 or not jnp.issubdtype(start.dtype, jnp.integer):
+        raise ValueError(f"{fn}: expected start tokens of shape [B] (integers), got {start.dtype}"
+                         f"{list(start.shape)}. Fix: pass jnp.full((B,), bos_id).")
+    B, K = start.shape[0], beam_width
+
+    def expand(x):
+        return jnp.broadcast_to(x[:, None], (x.shape[0], K, *x.shape[1:]))
+
+    carry = jax.tree_util.tree_map(expand, carry)
+    context = jax.tree_util.tree_map(expand, context)
+
+    def gather(x, beam):  # x [B, K, ...], beam [B, K] -> x[b, beam[b, k]]
+        return jnp.take_along_axis(x, beam.reshape(B, K, *(1,) * (x.ndim - 2)), axis=1)
+
+    def cond(s):
+        return (s["t"] < max_length) & ~jnp.all(s["done"])
+
+    def body(s):
+        t, done = s["t"], s["done"]
+        new_carry, logp = _call(step_fn, s["carry"], s["last"], context)  # [B, K, V]
+        stay = jnp.full((V,), -jnp.inf, jnp.float32).at[pad_id].set(0.0)
+        logp = jnp.where(done[..., None], stay, logp)
+        total = s["log_probs"][..., None] + logp  # [B, K, V]
+        lengths = jnp.where(done, s["lengths"], t + 1)
+        score = _normalise(total, lengths[..., None], length_penalty)
+        _, idx = jax.lax.top_k(score.reshape(B, K * V), K)
+        beam, tok = idx // V, (idx % V).astype(jnp.int32)
+        was_done = jnp.take_along_axis(done, beam, axis=1)
+        tokens = jax.tree_util.tree_map(lambda x: gather(x, beam), s["tokens"])
+        return {"t": t + 1, "carry": jax.tree_util.tree_map(lambda x: gather(x, beam), new_carry), "last": tok,
+                "tokens": tokens.at[:, :, t].set(tok),
+                "log_probs": jnp.take_along_axis(total.reshape(B, K * V), idx, axis=1),
+                "lengths": jnp.take_along_axis(lengths, beam, axis=1),
+                "done": was_done | (tok == eos_id)}
+
+    log_probs = jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0)
+    init = {"t": jnp.zeros((), jnp.int32), "carry": carry, "last": expand(start.astype(jnp.int32)),
+            "tokens": jnp.full((B, K, max_length), pad_id, jnp.int32), "log_probs": log_probs,
+            "lengths": jnp.zeros((B, K), jnp.int32), "done": jnp.zeros((B, K), bool)}
+    s = jax.lax.while_loop(cond, body, init)
+    scores = _normalise(s["log_probs"], s["lengths"], length_penalty)
+    order = jnp.argsort(-scores, axis=1, stable=True)[:, :nbest]
+    pick = partial(jnp.take_along_axis, indices=order, axis=1)
+    return Decoded(jnp.take_along_axis(s["tokens"], order[..., None], axis=1), pick(s["lengths"]),
+                   pick(s["log_probs"]), pick(scores), pick(s["done"]))

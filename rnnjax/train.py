@@ -544,8 +544,10 @@ def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_s
         return time.perf_counter()
 
     def rate():
-        recent = iter_times[-100:]
-        return float(np.median(recent)) if recent else math.inf
+        # The mean, not the median: with batches of several shapes (length buckets) the step times
+        # are skewed, and the median (the common small shape) underestimates the time per step.
+        recent = iter_times[-200:]
+        return float(np.mean(recent)) if recent else math.inf
 
     def record_progress():
         es = early_stopping.to_dict() if early_stopping is not None else None
