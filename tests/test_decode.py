@@ -89,9 +89,10 @@ def test_language_model_beam_greedy_and_scores():
     np.testing.assert_array_equal(b1.log_probs[:, 0], g.log_probs)
     b = decode.beam_search(step, carry, prompt[:, -1], beam_width=3, nbest=3, max_length=6, eos_id=0,
                            vocab_size=11)
+    apply = jax.jit(lambda p, ids: lm.apply(p, ids)[1])
     for k in range(3):  # rescore prompt + continuation with one teacher-forced apply
         seq = np.concatenate([prompt, np.asarray(b.tokens[:, k])], 1)
-        _, logits = lm.apply(params, seq[:, :-1])
+        logits = apply(params, seq[:, :-1])
         lp = np.asarray(jax.nn.log_softmax(logits))
         n = np.asarray(b.lengths[:, k])
         ref = [sum(lp[i, 2 + t, seq[i, 3 + t]] for t in range(n[i])) for i in range(2)]

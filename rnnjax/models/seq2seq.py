@@ -279,6 +279,7 @@ def seq2seq_loss(model: Seq2Seq, *, label_smoothing: float = 0.0, scheduled_samp
     return loss_fn
 
 
+@partial(jax.jit, static_argnames=("model",))
 def sequence_log_probs(model: Seq2Seq, params, src, src_lengths, tgt_out, tgt_lengths) -> Array:
     """``log p(tgt_out | src)`` per sequence ``[B]``: the sum of the log-probabilities
     of its first ``tgt_lengths`` targets (EOS included) under teacher forcing."""
