@@ -86,6 +86,14 @@ def check_decode(fn: str, max_length, eos_id, pad_id, vocab_size: int | None = N
             raise ValueError(f"{fn}: {name} must be a token id in [0, {vocab_size}), got {value!r}.")
 
 
+def _check_start(fn: str, start) -> Array:
+    start = jnp.asarray(start)
+    if start.ndim != 1 or not jnp.issubdtype(start.dtype, jnp.integer):
+        raise ValueError(f"{fn}: expected start tokens of shape [B] (integers), got {start.dtype}"
+                         f"{list(start.shape)}. Fix: pass jnp.full((B,), bos_id).")
+    return start
+
+
 def _call(step_fn, carry, tokens, context):
     carry, logits = step_fn(carry, tokens, context)
     return carry, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -98,10 +106,7 @@ def _normalise(log_probs, lengths, length_penalty: float):
 
 
 def _sequential(fn: str, choose, step_fn, carry, start, context, max_length, eos_id, pad_id, length_penalty):
-    start = jnp.asarray(start)
-    if start.ndim != 1 or not jnp.issubdtype(start.dtype, jnp.integer):
-        raise ValueError(f"{fn}: expected start tokens of shape [B] (integers), got {start.dtype}"
-                         f"{list(start.shape)}. Fix: pass jnp.full((B,), bos_id).")
+    start = _check_start(fn, start)
     B = start.shape[0]
 
     def cond(s):
@@ -181,10 +186,7 @@ def beam_search(step_fn, carry, start, *, beam_width: int, max_length: int, eos_
     if not isinstance(nbest, int) or isinstance(nbest, bool) or not 1 <= nbest <= beam_width:
         raise ValueError(f"{fn}: nbest must be an integer in [1, beam_width={beam_width}], got {nbest!r}. "
                          "Fix: ask for at most as many sequences as the beam holds.")
-    start = jnp.asarray(start)
-    if start.ndim != 1 or not jnp.issubdtype(start.dtype, jnp.integer):
-        raise ValueError(f"{fn}: expected start tokens of shape [B] (integers), got {start.dtype}"
-                         f"{list(start.shape)}. Fix: pass jnp.full((B,), bos_id).")
+    start = _check_start(fn, start)
     B, K = start.shape[0], beam_width
 
     def expand(x):

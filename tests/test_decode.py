@@ -145,6 +145,10 @@ def test_bad_input(s2s):
             "included), got 0. Fix: pass e.g. max_length=32.")):
         decode.greedy(step, carry, start, max_length=0, eos_id=EOS, context=context)
     with pytest.raises(ValueError, match=re.escape(
+            "rnnjax.decode.greedy: expected start tokens of shape [B] (integers), got float32[4]. "
+            "Fix: pass jnp.full((B,), bos_id).")):
+        decode.greedy(step, carry, jnp.ones(4), max_length=3, eos_id=EOS, context=context)
+    with pytest.raises(ValueError, match=re.escape(
             "rnnjax.decode.beam_search: nbest must be an integer in [1, beam_width=2], got 3. "
             "Fix: ask for at most as many sequences as the beam holds.")):
         decode.beam_search(step, carry, start, beam_width=2, nbest=3, max_length=5, eos_id=EOS, vocab_size=VT)
