@@ -59,7 +59,11 @@ def test_bucketed_batches_resume_and_cover_the_data():
     a = g2p.BucketedBatches(src, tgt, 4, seed=3)
     first = [next(a) for _ in range(2 * a.per_epoch)]
     b = g2p.BucketedBatches(src, tgt, 4, seed=3, start_step=a.per_epoch + 2)
-    for x, y in zip(first[a.per_epoch + 2:], b):
+    c = g2p.BucketedBatches(src, tgt, 4, seed=3)
+    c.position = a.per_epoch + 2
+    for x, y, z in zip(first[a.per_epoch + 2:], b, c):
+        for k in x:
+            np.testing.assert_array_equal(x[k], z[k])
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
     seen = sorted(int(n) for batch in first[:a.per_epoch] for n in batch["src_lengths"])

@@ -199,7 +199,7 @@ class BucketedBatches:
     the order of all batches (a bucket's remainder waits for the next epoch's
     shuffle). Position ``step`` is reproducible: epoch ``e`` uses
     ``default_rng((seed, e))``, so ``BucketedBatches(..., start_step=k)``
-    resumes exactly where step ``k`` was. ``schedule(step)``, if given, adds
+    resumes exactly where step ``k`` was (so does setting ``position = k``). ``schedule(step)``, if given, adds
     ``"sampling_prob"`` to each batch.
     """
 
@@ -233,6 +233,15 @@ class BucketedBatches:
             batches += [(b, idx[i * self.batch_size:(i + 1) * self.batch_size])
                         for i in range(len(idx) // self.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
+
+    @property
+    def position(self) -> int:
+        """The step whose batch comes next (settable, to resume)."""
+        return self.step
+
+    @position.setter
+    def position(self, step: int) -> None:
+        self.step = int(step)
 
     def __iter__(self):
         return self
