@@ -36,10 +36,12 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
+
+from rnnjax import engine
+from rnnjax.engine import MAX_SKIPPED, RUN_MARKER, WARMUP, UsageError, read_config
 
 _IMPORTED = time.perf_counter()
 _CALLS = 0
@@ -78,23 +80,16 @@ RUN_OPTIONS = ("evals", "patience", "min_delta", "save_every_steps", "save_every
 FIXED = ("text", "cell", "layers", "hidden", "embed", "batch", "seq_len", "lr", "warmup", "end_lr", "weight_decay",
          "clip", "dropout", "residual", "layer_norm", "block", "accumulate", "seed")
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "sample.txt")  # what --overwrite replaces
-RUN_MARKER = "rnnjax_run"
-WARMUP = 50  # default warmup steps
 # Training evaluates at most the first VAL_CHARS characters of the validation part (all of Tiny
 # Shakespeare's 111,539; 200,000 of the bundled corpus's 478,357), so evaluations stay a few seconds.
 # `rnnjax eval` reads all of it.
 VAL_CHARS = 200_000
-MAX_SKIPPED = 25  # non-finite steps in a row that stop a run
 
 
 def eval_lanes(n: int) -> int:
     """Validation is read as this many contiguous streams (every character counted once): 64, or one per
     2,000 characters up to 256 for a long validation part (wider batches evaluate faster)."""
     return min(256, max(64, n // 2000))
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
 
 
 def _positive(kind):
@@ -235,6 +230,111 @@ def _charlm_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+# Flags of the task commands (`rnnjax train classify|digits|forecast|adding|copy`) and the settings
+# they set: (flag dest, type, help). Defaults are per task (rnnjax.tasks.DEFAULTS).
+TASK_HELP = {
+    "classify": ("sequence classification (UCR/UEA .ts archives)",
+                 "Train a recurrent classifier on a UCR/UEA data set (from the installed sktime package, or any "
+                 "*_TRAIN.ts file with its *_TEST.ts beside it). Variable-length series are padded and masked by "
+                 "their lengths, never truncated; the classifier pools over the valid steps only. A stratified "
+                 "part of the training set validates; the test set is scored once, at the end, with the best "
+                 "checkpoint."),
+    "digits": ("scikit-learn digits as 64-step pixel sequences",
+               "Train a recurrent classifier on scikit-learn's 8x8 digits read one pixel per step (a small "
+               "sequential MNIST); a stratified fifth of the 1,797 digits is the test set."),
+}
+
+
+def _task_flags(task: str):
+    """(dest, type, help) of every fixed setting of a task."""
+    from rnnjax.data import CLASSIFICATION
+    from rnnjax.models import CELLS, POOLINGS
+
+    common = {
+        "cell": (str, f"recurrent cell: {', '.join(CELLS)}"),
+        "layers": (_positive(int), "stacked recurrent layers"),
+        "hidden": (_positive(int), "hidden units per layer (and direction)"),
+        "bidirectional": ("bool", "read each sequence in both directions"),
+        "dropout": (_in_range(0, 1), "dropout between layers and before the readout"),
+        "pooling": (str, f"how outputs are pooled over the valid steps: {', '.join(POOLINGS)}"),
+        "batch": (_positive(int), "sequences per batch"),
+        "lr": (_positive(float), "peak learning rate of AdamW"),
+        "warmup": (_positive(int), f"linear warmup steps (default: {WARMUP}, or a tenth of a shorter run)"),
+        "end_lr": (_in_range(0, 1, hi_open=False), "final learning rate of the cosine decay, a fraction of --lr"),
+        "weight_decay": (_non_negative_float, "AdamW weight decay"),
+        "clip": (_positive(float), "gradient clipping by global norm"),
+        "accumulate": (_positive(int), "gradient accumulation: micro-batches per update (must divide --batch)"),
+        "seed": (int, "seed for initialisation, data order and splits"),
+        "val_fraction": (_in_range(0, 1, lo_open=True), "fraction of the training data held out for validation"),
+        "dataset": (str, f"a data set: {', '.join(c for c in CLASSIFICATION if c != 'digits')}, or the path of a "
+                         "*_TRAIN.ts file"),
+    }
+    from rnnjax.tasks import fixed_keys
+
+    return [(k, *common[k]) for k in fixed_keys(task)]
+
+
+def _task_parser(sub, task: str) -> argparse.ArgumentParser:
+    from rnnjax.tasks import DEFAULTS
+
+    short, description = TASK_HELP[task]
+    p = sub.add_parser(task, help=short, description=description)
+    d = DEFAULTS[task]
+    g = p.add_argument_group("task, model and optimisation")
+    for dest, kind, text in _task_flags(task):
+        flag = "--" + dest.replace("_", "-")
+        default = d[dest]
+        if kind == "bool":
+            g.add_argument(flag, action="store_const", const=True, help=f"{text} (default: {'on' if default else 'off'})")
+            if default:
+                g.add_argument(f"--no-{dest.replace('_', '-')}", dest=dest, action="store_const", const=False,
+                               help=f"do not {text[0].lower() + text[1:]}")
+            continue
+        g.add_argument(flag, type=kind, help=f"{text} (default: {default})")
+    g = p.add_argument_group("budget and evaluation")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=_positive(int), default=None,
+                        help=f"train for this many steps (default: {d['steps']})")
+    budget.add_argument("--minutes", type=_positive(float), default=None,
+                        help="a wall-clock budget instead of --steps (the learning-rate schedule is fitted to it)")
+    g.add_argument("--evals", type=_positive(int), default=5,
+                   help="validation evaluations, evenly spaced, the last at the end (default: %(default)s)")
+    g.add_argument("--patience", type=_positive(int), default=None,
+                   help="early stopping: stop after this many evaluations without improvement (default: off)")
+    g.add_argument("--min-delta", type=_non_negative_float, default=0.0,
+                   help="early stopping: the improvement of the validation loss that counts (default: 0)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=f"runs/{task}", metavar="DIR",
+                   help="run directory: checkpoints, config.json, metrics.jsonl and plots (default: %(default)s)")
+    again = g.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an existing --out (deletes its checkpoints, metrics and plots)")
+    g.add_argument("--save-every-steps", type=_positive(int), default=None,
+                   help="also save a checkpoint every N steps (checkpoints are saved at every evaluation, at the "
+                        "end and on Ctrl-C)")
+    g.add_argument("--save-every-minutes", type=_positive(float), default=None,
+                   help="also save a checkpoint every M minutes")
+    g.add_argument("--no-plot", action="store_true", help="write no plots")
+    p.set_defaults(run=train_task, task_name=task)
+    return p
+
+
+def train_task(args) -> int:
+    from rnnjax import tasks
+
+    given = {dest: getattr(args, dest) for dest, *_ in _task_flags(args.task_name)
+             if getattr(args, dest) is not None}
+    outcome = tasks.train(args.task_name, given, out=args.out, steps=args.steps, minutes=args.minutes,
+                          resume=args.resume, overwrite=args.overwrite, evals=args.evals, patience=args.patience,
+                          min_delta=args.min_delta, save_every_steps=args.save_every_steps,
+                          save_every_minutes=args.save_every_minutes, no_plot=args.no_plot,
+                          start_time=args.start_time)
+    if outcome.status == 0 and outcome.test_metrics is not None:
+        print(json.dumps(outcome.test_metrics))
+    return outcome.status
+
+
 def _checkpoint_args(p):
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory written by `rnnjax train`")
     which = p.add_mutually_exclusive_group()
@@ -250,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = train.add_subparsers(dest="task", metavar="TASK", required=True)
     _charlm_parser(tasks)
     _g2p_parser(tasks)
+    for task in TASK_HELP:
+        _task_parser(tasks, task)
 
     gen = commands.add_parser("generate", help="sample text from a trained character model",
                               description="Continue a prompt with a model trained by `rnnjax train charlm`.")
@@ -365,69 +467,16 @@ def _encode_prompt(vocab, prompt: str, cmd: str):
 # Run directories
 
 
-def _read_config(out: Path) -> dict | None:
-    try:
-        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) and config.get(RUN_MARKER) == 1 else None
-
-
-def _check_out(args, cmd: str) -> tuple[Path, dict | None]:
-    """Validates --out with --resume/--overwrite; returns the directory and, on --resume, its config."""
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{cmd}: --out {args.out!r} is a file; expected a directory for the run. "
-                         "Fix: choose another --out.")
-    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    config = _read_config(out) if existing else None
-    if args.resume:
-        if not existing:
-            raise UsageError(f"{cmd}: --resume found no run in {args.out!r} (the directory is missing or empty). "
-                             "Fix: drop --resume to start a new run, or point --out at an existing run.")
-        if config is None:
-            raise UsageError(f"{cmd}: --resume found no rnnjax run in {args.out!r} (no config.json written by "
-                             "`rnnjax train charlm`). Fix: point --out at a run directory.")
-        return out, config
-    if not existing:
-        return out, None
-    if not args.overwrite:
-        what = "a run" if config is not None else "files"
-        raise UsageError(f"{cmd}: --out {args.out!r} already holds {what} ({', '.join(existing[:5])}"
-                         f"{', ...' if len(existing) > 5 else ''}). Fix: pass --resume to continue it, --overwrite "
-                         "to start afresh (deletes its checkpoints and metrics), or choose another --out.")
-    foreign = [n for n in existing if n not in RUN_FILES + ("checkpoints",)]
-    if config is None or foreign:
-        raise UsageError(f"{cmd}: --overwrite only replaces an rnnjax run, and {args.out!r} "
-                         f"{'is not one (no config.json written by rnnjax)' if config is None else 'also holds'}"
-                         f"{': ' + ', '.join(foreign[:5]) if foreign else ''}; nothing was deleted. "
-                         "Fix: choose another --out.")
-    return out, None
-
-
-def _clear_run(out: Path) -> None:
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-
-
 def _settings(args, saved: dict | None, cmd: str) -> dict:
     """The fixed settings of the run: flags over defaults, or the saved ones (checked against flags) on --resume."""
     given = {k: getattr(args, k) for k in FIXED if getattr(args, k) is not None}
-    if saved is None:
-        return {**CHARLM_DEFAULTS, "text": None, **given}
-    settings = {k: saved["settings"].get(k) for k in FIXED}
-    clash = [k for k, v in given.items() if k != "text" and v != settings[k]]
-    if "text" in given and settings["text"] is not None and Path(given["text"]).expanduser().resolve() != Path(
-            settings["text"]).expanduser().resolve():
-        clash.insert(0, "text")
-    if "text" in given and settings["text"] is None:
-        clash.insert(0, "text")
-    if clash:
-        shown = ", ".join(f"--{k.replace('_', '-')} {given[k]!r} (the run has {settings[k]!r})" for k in clash)
-        raise UsageError(f"{cmd}: --resume continues a run with its own settings, and these differ: {shown}. "
-                         "Fix: drop those flags, or start a new run in another --out.")
-    return settings
+
+    def same(k, a, b):
+        if k != "text":
+            return a == b
+        return b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+    return engine.fixed_settings(given, {**CHARLM_DEFAULTS, "text": None}, saved, cmd, same=same)
 
 
 def _model_config(s: dict, vocab_size: int) -> dict:
@@ -450,83 +499,8 @@ def _build_model(config: dict, cmd: str):
         raise UsageError(f"{cmd}: {e}") from None
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_metrics(path: Path, history: list[dict]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def plot_history(history: list[dict], path: Path, title: str, curve: list | None = None) -> None:
-    """The training loss (``curve``: ``[step, mean loss]`` pairs) and the validation loss of each
-    evaluation against steps, as a PNG."""
-    import matplotlib
-    import numpy as np
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    if curve:
-        k = max(1, len(curve) // 100)  # smooth to ~100 points
-        steps = [p[0] for p in curve][k - 1:]
-        smooth = np.convolve([p[1] for p in curve], np.ones(k) / k, mode="valid")
-        ax.plot(steps, smooth, "-", label=f"train (mean of {10 * k} steps)", color="tab:blue", lw=1)
-    else:
-        train = [(r["step"], r["train_loss"]) for r in history if r.get("train_loss") is not None]
-        if train:
-            ax.plot(*zip(*train), "o-", label="train (mean since the previous evaluation)", color="tab:blue", ms=3)
-    ax.plot([r["step"] for r in history], [r["val_loss"] for r in history], "o-", label="validation",
-            color="tab:orange", ms=4)
-    values = sorted(r["val_loss"] for r in history)
-    if len(values) >= 3:  # keep the early, high losses from squashing the part that matters
-        ax.set_ylim(min(values[0], min(v for _, v in curve) if curve else values[0]) - 0.05, values[-2] + 0.25)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/char)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    last = history[-1]
-    ax.annotate(f"{last['val_loss']:.3f} at {last['elapsed_s'] / 60:.1f} min", (last["step"], last["val_loss"]),
-                textcoords="offset points", xytext=(-10, 12), ha="right", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------
 # train charlm
-
-
-class _Interrupt:
-    """First Ctrl-C: ask the loop to save and stop. Second: the usual KeyboardInterrupt."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-        except ValueError:  # not the main thread: no handler
-            self.previous = None
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nrnnjax: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",
-              file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def train_charlm(args) -> int:
@@ -536,7 +510,8 @@ def train_charlm(args) -> int:
 
         if args.cell not in CELLS:  # before loading data, which can take a while
             raise UsageError(f"unknown --cell {args.cell!r}; expected one of {', '.join(CELLS)}.")
-    out, saved = _check_out(args, cmd)
+    out, saved = engine.check_out(args.out, resume=args.resume, overwrite=args.overwrite, cmd=cmd,
+                                  run_files=RUN_FILES)
     s = _settings(args, saved, cmd)
     if s.get("block") and args.embed is not None and args.embed != s["hidden"]:
         raise UsageError(f"{cmd}: --block adds each block's input to its output, so the embedding is --hidden "
@@ -549,9 +524,8 @@ def train_charlm(args) -> int:
 
     import jax
     import numpy as np
-    from tqdm.auto import tqdm
 
-    from rnnjax import checkpoint, data, train
+    from rnnjax import data, train
     from rnnjax.models import generate
 
     # -- everything that can fail on bad input, before anything is written ---------------------
@@ -584,170 +558,45 @@ def train_charlm(args) -> int:
         raise UsageError(str(e)) from None
     model_config = _model_config(s, d.vocab.size)
     model = _build_model(model_config, cmd)
-    if saved:
-        try:
-            ckpt_probe, resume_step = checkpoint.open_run(out, fn=f"{cmd} --resume", which="latest")
-            ckpt_probe.close()
-        except checkpoint.CheckpointError as e:
-            raise UsageError(str(e)) from None
+    resume_step = engine.resume_step(out, cmd) if saved else None
+    total_steps, seconds = engine.budget(args.steps, args.minutes, saved, RUN_DEFAULTS["minutes"])
+    config = saved or {RUN_MARKER: 1, "task": "charlm", "settings": s, "model": model_config,
+                       "vocab": json.loads(d.vocab.to_json()), "text_md5": d.digest,
+                       "budget": {"steps": total_steps, "seconds": seconds}, "source": d.source,
+                       "train_chars": len(d.train_ids), "val_chars": len(d.val_ids)}
+    config["options"] = {k: getattr(args, k) for k in RUN_OPTIONS}
+    engine.write_config(out, config, overwrite=args.overwrite, cmd=cmd, out_arg=args.out, run_files=RUN_FILES)
 
-    # -- budget ------------------------------------------------------------------------------
-    if args.steps is not None:
-        total_steps, seconds = args.steps, None
-    elif args.minutes is not None:
-        total_steps, seconds = None, args.minutes * 60
-    elif saved:  # the run's own budget: its steps, or what is left of its time
-        total_steps, seconds = saved["budget"].get("steps"), saved["budget"].get("seconds")
-    else:
-        total_steps, seconds = None, RUN_DEFAULTS["minutes"] * 60
-
-    # -- the run directory -------------------------------------------------------------------
-    try:
-        if args.overwrite:
-            _clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        config = saved or {RUN_MARKER: 1, "settings": s, "model": model_config,
-                           "vocab": json.loads(d.vocab.to_json()), "text_md5": d.digest,
-                           "budget": {"steps": total_steps, "seconds": seconds}, "source": d.source,
-                           "train_chars": len(d.train_ids), "val_chars": len(d.val_ids)}
-        config["options"] = {k: getattr(args, k) for k in RUN_OPTIONS}
-        _write_json(out / "config.json", config)
-    except OSError as e:
-        raise UsageError(f"{cmd}: cannot write to --out {args.out!r}: {e.strerror}. Fix: choose a writable "
-                         "folder.") from None
-
-    # -- the model, optimiser and state ------------------------------------------------------
-    key = jax.random.key(s["seed"])
-    k_init, k_train, k_sample = jax.random.split(key, 3)
-    warmup = s["warmup"] or (min(WARMUP, max(1, total_steps // 10)) if total_steps else WARMUP)
-    optimizer = train.default_optimizer(s["lr"], total_steps=total_steps or 10 ** 9, warmup_steps=warmup,
-                                        end_fraction=s["end_lr"], weight_decay=s["weight_decay"],
-                                        clip_norm=s["clip"])
-    # One compiled call, not one per initialiser (which costs seconds on CPU).
-    state, carry = jax.jit(lambda k1, k2: (lambda st: (st, model.initial_carry(st.params, (B,))))(
-        train.init_train_state(model.init(k1), optimizer, k2)))(k_init, k_train)
-    loss_fn = train.language_model_loss(model, carry=True)
-    train_step = train.make_train_step(loss_fn, optimizer, carry=True, accumulate=s["accumulate"])
     n_val = min(len(d.val_ids), VAL_CHARS)  # a long validation part: its first VAL_CHARS characters
     val_lanes = data.lanes(d.val_ids[:n_val], eval_lanes(n_val), doc_starts=d.val_starts[d.val_starts < n_val])
-    evaluate = train.stream_evaluator(model, val_lanes)
-    ckpt = checkpoint.Checkpointer(out)
-    progress, curve = None, []
-    if saved:
-        try:
-            state, carry, meta = ckpt.restore(resume_step, jax.eval_shape(lambda: state),
-                                              jax.eval_shape(lambda: carry))
-        except checkpoint.CheckpointError as e:
-            ckpt.close()
-            raise UsageError(f"{cmd} --resume: {e}") from None
-        progress = meta["progress"]
-        curve = [p for p in meta.get("curve", []) if p[0] <= int(state.step)]
-        if seconds is not None and args.minutes is None:
-            seconds = max(seconds - progress["elapsed_s"], 0.0)  # the rest of the run's time budget
-        if total_steps is not None:
-            state = state._replace(opt_state=train.set_hyperparams(state.opt_state, total_steps=total_steps))
-        stream.position = int(state.step)
-    step0 = int(state.step)
-    metrics_path = out / "metrics.jsonl"
-    _write_metrics(metrics_path, (progress or {}).get("history", []))
-    early = None
-    if args.patience:
-        es = (progress or {}).get("early_stopping")
-        early = train.EarlyStopping.from_dict(es) if es else train.EarlyStopping(args.patience, args.min_delta)
-        early.patience, early.min_delta = args.patience, args.min_delta
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+    k_sample = jax.random.split(jax.random.key(s["seed"]), 3)[2]  # the engine's third key
 
-    def save(st, c, metrics, prog):
-        ckpt.save(int(st.step), st, carry=c, metrics=metrics, meta={
-            "model": model_config, "vocab": json.loads(d.vocab.to_json()), "progress": prog,
-            "curve": [p for p in curve if p[0] <= int(st.step)],
-            "data": {"position": int(st.step), "source": d.source, "text_md5": d.digest}})
+    def eval_text(record, st):
+        if not args.eval_sample_length:
+            return ""
+        ids = generate(model, st.params, jax.random.fold_in(k_sample, record["step"]), prompt_ids,
+                       args.eval_sample_length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        return "\n  " + (args.prompt + d.vocab.decode(np.asarray(ids))).replace("\n", "\n  ")
 
-    what = f"{total_steps} steps" if total_steps else f"{seconds / 60:g} min"
-    print(f"rnnjax: {model.name} ({n_params / 1e6:.2f}M parameters) on {d.source}: {len(d.train_ids):,} train / "
-          f"{len(d.val_ids):,} validation characters, vocabulary {d.vocab.size}; batch {B} x {T} (state carried "
-          f"across windows); budget {what}{f'; resuming at step {step0}' if saved else ''}; backend "
-          f"{jax.default_backend()}; run directory {str(out)!r}", file=sys.stderr)
-
-    bar = tqdm(total=total_steps, initial=step0, unit="step", dynamic_ncols=True, file=sys.stderr,
-               desc=model.name, smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 10.0)
-    postfix = {}
-
-    recent_losses = []
-
-    def on_step(step, m, tps, horizon):
-        if total_steps is None and horizon < 10 ** 9 and bar.total != horizon:
-            bar.total = horizon
-        if not m["skipped"]:
-            recent_losses.append(m["loss"])
-        if step % 10 == 0 and recent_losses:
-            curve.append([step, round(float(np.mean(recent_losses)), 4)])
-            postfix["loss"] = f"{curve[-1][1]:.3f}"
-            if tps:
-                postfix["tok/s"] = f"{tps:,.0f}"
-            bar.set_postfix(postfix, refresh=False)
-            recent_losses.clear()
-        bar.update(1)
-
-    def on_eval(record, st):
-        postfix["val"] = f"{record['val_loss']:.3f}"
-        _write_metrics(metrics_path, history_so_far + [record])
-        history_so_far.append(record)
-        train_part = "" if record["train_loss"] is None else f", train {record['train_loss']:.4f}"
-        line = (f"step {record['step']}: validation loss {record['val_loss']:.4f} nats/char{train_part} "
-                f"({record['elapsed_s']:.0f} s)")
-        if args.eval_sample_length:
-            ids = generate(model, st.params, jax.random.fold_in(k_sample, record["step"]), prompt_ids,
-                           args.eval_sample_length, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p)
-            line += "\n  " + (args.prompt + d.vocab.decode(np.asarray(ids))).replace("\n", "\n  ")
-        bar.write(line, file=sys.stderr)
-
-    history_so_far = list((progress or {}).get("history", []))
-    with _Interrupt() as interrupt:
-        try:
-            result = train.fit(
-                train_step, state, stream, carry=carry, total_steps=total_steps, seconds=seconds,
-                start_time=args.start_time,
-                evaluate=evaluate, evals=args.evals, early_stopping=early, save=save,
-                save_every_steps=args.save_every_steps,
-                save_every_seconds=None if args.save_every_minutes is None else args.save_every_minutes * 60,
-                tokens_per_step=B * T, on_step=on_step, on_eval=on_eval,
-                should_stop=lambda: interrupt.requested, max_consecutive_skipped=MAX_SKIPPED, progress=progress)
-        finally:
-            bar.close()
-            ckpt.wait()
-    ckpt.close()
-    history = result.history
-    if history and not args.no_plot:
-        try:
-            plot_history(history, out / "loss.png", f"{model.name} on {Path(d.source).name}", curve)
-        except Exception as e:  # noqa: BLE001 - a failed plot must not fail a finished run
-            print(f"rnnjax: could not write loss.png ({type(e).__name__}: {e})", file=sys.stderr)
-    step = int(result.state.step)
-    val = history[-1]["val_loss"] if history and history[-1]["step"] == step else None
-    skipped = f"; {result.skipped_steps} step(s) skipped for non-finite gradients" if result.skipped_steps else ""
-    summary = (f"rnnjax: step {step} after {result.elapsed_s:.0f} s ({result.tokens_per_s:,.0f} characters/s after "
-               f"compilation)" + (f"; validation loss {val:.4f} nats/char ({val / math.log(2):.3f} bits/char)"
-                                  if val is not None else "") + skipped)
-    print(summary, file=sys.stderr)
-    if result.stop_reason == "interrupted":
-        print(f"rnnjax: interrupted; checkpoint of step {step} saved in {str(out / 'checkpoints')!r}. Resume with: "
-              f"rnnjax train charlm --out {args.out} --resume", file=sys.stderr)
-        return 130
-    if result.stop_reason == "not_finite":
-        print(f"rnnjax: error: the gradients were not finite for {MAX_SKIPPED} steps in a row (skipped, never "
-              f"applied) at step {step}; the last good parameters are saved. Fix: lower --lr (now {s['lr']:g}) or "
-              "--clip.",
-              file=sys.stderr)
-        return 1
-    if result.stop_reason == "early_stopping":
-        print(f"rnnjax: early stopping: no improvement for {early.patience} evaluations (best "
-              f"{early.best:.4f} at step {early.best_step})", file=sys.stderr)
-    print(f"rnnjax: checkpoints, metrics.jsonl{'' if args.no_plot else ', loss.png'} and sample.txt are in "
-          f"{str(out)!r}", file=sys.stderr)
+    outcome = engine.run(engine.Job(
+        cmd=cmd, out=out, model_name=model.name, init=model.init,
+        loss_fn=train.language_model_loss(model, carry=True), batches=stream,
+        evaluate=train.stream_evaluator(model, val_lanes), settings=s, total_steps=total_steps, seconds=seconds,
+        resume_step=resume_step, rest_of_time=args.minutes is None,
+        initial_carry=lambda params: model.initial_carry(params, (B,)),
+        meta={"model": model_config, "vocab": json.loads(d.vocab.to_json()),
+              "data": {"source": d.source, "text_md5": d.digest}},
+        describe=f"{d.source}: {len(d.train_ids):,} train / {len(d.val_ids):,} validation characters, vocabulary "
+                 f"{d.vocab.size}; batch {B} x {T} (state carried across windows)",
+        tokens_per_step=B * T, unit="characters", metric_unit="nats/char", eval_text=eval_text,
+        files=("metrics.jsonl", "loss.png", "sample.txt"), plot_title=f"{model.name} on {Path(d.source).name}",
+        evals=args.evals, patience=args.patience, min_delta=args.min_delta,
+        save_every_steps=args.save_every_steps, save_every_minutes=args.save_every_minutes, no_plot=args.no_plot,
+        start_time=args.start_time))
+    if outcome.status:
+        return outcome.status
     if args.sample_length:
-        ids = generate(model, result.state.params, k_sample, prompt_ids, args.sample_length,
+        ids = generate(model, outcome.result.state.params, k_sample, prompt_ids, args.sample_length,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         sample = args.prompt + d.vocab.decode(np.asarray(ids))
         (out / "sample.txt").write_text(sample + "\n", encoding="utf-8")
@@ -793,7 +642,7 @@ def generate_command(args) -> int:
     cmd = "rnnjax generate"
     model, params, vocab, meta, step = _load_for_inference(args, cmd)
     if args.prompt is None:
-        config = _read_config(Path(args.checkpoint).expanduser()) or {}
+        config = read_config(Path(args.checkpoint).expanduser()) or {}
         args.prompt = config.get("options", {}).get("prompt") or vocab.chars[0]
     prompt_ids = _encode_prompt(vocab, args.prompt, cmd)
     try:
@@ -828,7 +677,7 @@ def eval_command(args) -> int:
                              "read, one to predict). Fix: pass a longer text.")
         doc_starts, what = None, f"all of {args.text!r}"
     else:
-        config = _read_config(Path(args.checkpoint).expanduser())
+        config = read_config(Path(args.checkpoint).expanduser())
         source = (config or {}).get("settings", {}).get("text")
         if source is not None and not Path(source).expanduser().is_file():
             raise UsageError(f"{cmd}: the run's text {source!r} is gone, so its validation part cannot be read. "
@@ -1020,7 +869,8 @@ def _g2p_dev_evaluator(model, data, batch_size: int = 512):
 
 def train_g2p(args) -> int:
     cmd = "rnnjax train g2p"
-    out, saved = _check_out(args, cmd)
+    out, saved = engine.check_out(args.out, resume=args.resume, overwrite=args.overwrite, cmd=cmd,
+                                  run_files=tuple(dict.fromkeys(RUN_FILES + G2P_RUN_FILES)))
     s = _g2p_settings(args, saved, cmd)
     args.evals = args.evals or (saved or {}).get("options", {}).get("evals") or 10
     save_minutes = args.save_every_minutes or 3.0
@@ -1069,7 +919,7 @@ def train_g2p(args) -> int:
                            "split": {"seed": data.seed, "train_words": len(data.train), "dev_words": len(data.dev),
                                      "test_words": len(data.test)}}
         config["options"] = {"evals": args.evals}
-        _write_json(out / "config.json", config)
+        engine.write_json(out / "config.json", config)
     except OSError as e:
         raise UsageError(f"{cmd}: cannot write to --out {args.out!r}: {e.strerror}. Fix: choose a writable "
                          "folder.") from None
@@ -1109,7 +959,7 @@ def train_g2p(args) -> int:
     batches = g2p.BucketedBatches(src, tgt, s["batch"], seed=s["seed"], start_step=step0, schedule=schedule)
     metrics_path = out / "metrics.jsonl"
     history_so_far = list((progress or {}).get("history", []))
-    _write_metrics(metrics_path, history_so_far)
+    engine.write_metrics(metrics_path, history_so_far)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
 
     def save(st, c, metrics, prog):
@@ -1144,11 +994,11 @@ def train_g2p(args) -> int:
     def on_eval(record, st):
         postfix["dev"] = f"{record['val_loss']:.3f}"
         history_so_far.append(record)
-        _write_metrics(metrics_path, history_so_far)
+        engine.write_metrics(metrics_path, history_so_far)
         bar.write(f"step {record['step']}: dev loss {record['val_loss']:.4f} nats/phoneme "
                   f"({record['elapsed_s']:.0f} s)", file=sys.stderr)
 
-    with _Interrupt() as interrupt:
+    with engine.Interrupt() as interrupt:
         try:
             result = train.fit(train_step, state, batches, total_steps=total_steps, seconds=seconds,
                                start_time=args.start_time, evaluate=evaluate, evals=args.evals, save=save,
@@ -1161,7 +1011,7 @@ def train_g2p(args) -> int:
     ckpt.close()
     if result.history and not args.no_plot:
         try:
-            plot_history(result.history, out / "loss.png", f"{model.name} g2p on CMUdict", curve)
+            engine.plot_history(result.history, out / "loss.png", f"{model.name} g2p on CMUdict", curve)
         except Exception as e:  # noqa: BLE001 - a failed plot must not fail a finished run
             print(f"rnnjax: could not write loss.png ({type(e).__name__}: {e})", file=sys.stderr)
     step = int(result.state.step)
@@ -1258,7 +1108,7 @@ def g2p_command(args) -> int:
 
         from rnnjax.metrics import error_rates
 
-        config = _read_config(Path(args.checkpoint).expanduser()) or {}
+        config = read_config(Path(args.checkpoint).expanduser()) or {}
         s = config.get("settings", G2P_DEFAULTS)
         data = _g2p_load_data(s, cmd)
         split = getattr(data, args.eval)

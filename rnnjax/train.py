@@ -488,8 +488,10 @@ def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_s
         horizon is fitted to it: after :data:`CALIBRATION_STEPS` timed steps
         and one evaluation, and again every few percent of the run, the
         measured speed sets ``total_steps`` so the cosine ends as time runs out.
-      evaluate: ``params -> validation loss``; run ``evals`` times, evenly
-        spaced, the last at the end (plus once after calibration in a timed run).
+      evaluate: ``params -> validation loss``, or a dict with ``val_loss`` and
+        other validation metrics (added to the record, e.g. ``val_accuracy``);
+        run ``evals`` times, evenly spaced, the last at the end (plus once
+        after calibration in a timed run). Early stopping watches ``val_loss``.
       early_stopping: stop when it says so after an evaluation.
       save: ``save(state, carry, metrics, progress)``: called after each
         evaluation (``metrics={"val_loss": ...}``), every ``save_every_steps``
@@ -566,12 +568,17 @@ def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_s
     def do_eval():
         nonlocal eval_cost, losses, evaluated_at
         t0 = now()
-        val = float(evaluate(state.params))
+        evaluated = evaluate(state.params)
+        extra = {}
+        if isinstance(evaluated, dict):  # more validation metrics than the loss
+            extra = {k: round(float(v), 5) for k, v in evaluated.items() if k != "val_loss"}
+            evaluated = evaluated["val_loss"]
+        val = float(evaluated)
         train_loss = float(np.mean(losses)) if losses else None
         recent = iter_times[-100:]
         record = {"step": step, "elapsed_s": round(prior_elapsed + now() - start, 3),
                   "train_loss": None if train_loss is None else round(train_loss, 5), "val_loss": round(val, 5),
-                  "lr": current_learning_rate(state.opt_state),
+                  **extra, "lr": current_learning_rate(state.opt_state),
                   "tokens_per_s": round(tokens_per_step * len(recent) / sum(recent)) if recent else None}
         history.append(record)
         losses = []

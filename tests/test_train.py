@@ -312,3 +312,13 @@ def test_fit_time_budget_fits_the_schedule():
     assert res.history[-1]["step"] == steps  # the last evaluation is at the end
     with pytest.raises(ValueError, match=re.escape("rnnjax.train.fit: expected a budget")):
         train.fit(step, state, batches)
+
+
+def test_fit_records_extra_validation_metrics_and_stops_on_val_loss():
+    step, state, batches = _loop_setup()
+    vals = iter([{"val_loss": 2.0, "val_accuracy": 0.5}, {"val_loss": 3.0, "val_accuracy": 0.9},
+                 {"val_loss": 3.0, "val_accuracy": 1.0}, {"val_loss": 1.0, "val_accuracy": 1.0}])
+    res = train.fit(step, state, batches, total_steps=40, evaluate=lambda p: next(vals), evals=4,
+                    early_stopping=train.EarlyStopping(patience=2))
+    assert [(r["val_loss"], r["val_accuracy"]) for r in res.history] == [(2.0, 0.5), (3.0, 0.9), (3.0, 1.0)]
+    assert res.stop_reason == "early_stopping"
