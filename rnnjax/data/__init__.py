@@ -1,5 +1,18 @@
 """Data sets and batching. Loaders return NumPy arrays; nothing here needs a network."""
 
+from rnnjax.data import synthetic
+from rnnjax.data.datasets import CLASSIFICATION, SERIES, load_classification, load_digits, load_series
+from rnnjax.data.sequences import (
+    ExampleBatches,
+    GeneratedBatches,
+    Scaler,
+    fill_missing,
+    pad_sequences,
+    sliding_windows,
+    split,
+    valid_mask,
+)
+from rnnjax.data.ts import read_ts
 from rnnjax.data.text import (
     TokenStream,
     Vocabulary,
@@ -14,6 +27,21 @@ from rnnjax.data.text import (
 )
 
 __all__ = [
+    "CLASSIFICATION",
+    "SERIES",
+    "ExampleBatches",
+    "GeneratedBatches",
+    "Scaler",
+    "fill_missing",
+    "load_classification",
+    "load_digits",
+    "load_series",
+    "pad_sequences",
+    "read_ts",
+    "sliding_windows",
+    "split",
+    "synthetic",
+    "valid_mask",
     "TokenStream",
     "Vocabulary",
     "batches",

@@ -12,5 +12,19 @@ from rnnjax.models.seq2seq import (
     translate,
 )
 
-__all__ = ["CELLS", "LMParams", "LanguageModel", "Seq2Seq", "Seq2SeqParams", "attention_weights", "generate",
-           "language_model", "sampling_schedule", "seq2seq", "seq2seq_loss", "sequence_log_probs", "translate"]
+from rnnjax.models.sequence import (
+    FORECAST_MODES,
+    POOLINGS,
+    SequenceModel,
+    SequenceParams,
+    classifier,
+    forecaster,
+    pool,
+    regressor,
+    tagger,
+)
+
+__all__ = ["CELLS", "FORECAST_MODES", "LMParams", "LanguageModel", "POOLINGS", "Seq2Seq", "Seq2SeqParams",
+           "SequenceModel", "SequenceParams", "attention_weights", "classifier", "forecaster", "generate",
+           "language_model", "pool", "regressor", "sampling_schedule", "seq2seq", "seq2seq_loss", "sequence_log_probs",
+           "tagger", "translate"]

@@ -1,0 +1,174 @@
+"""Sequences of examples: padding with lengths, splits, scaling fitted on training data only,
+sliding windows, and a resumable shuffled batch iterator.
+
+Variable-length data is padded to the longest sequence and carries its
+``lengths``; nothing is ever truncated. Loaders return NumPy dicts
+``{"x": [N, T, F] float32, "y": ..., "lengths": [N] int32}``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+
+def pad_sequences(seqs, *, dtype=np.float32, value: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``[T_i, F]`` arrays -> ``(x [N, max T_i, F], lengths [N])``, padded with ``value`` at the end."""
+    fn = "rnnjax.data.pad_sequences"
+    seqs = [np.asarray(s, dtype) for s in seqs]
+    if not seqs:
+        raise ValueError(f"{fn}: got no sequences; expected at least one.")
+    if any(s.ndim != 2 or s.shape[1] != seqs[0].shape[-1] for s in seqs):
+        shapes = [list(s.shape) for s in seqs[:3]]
+        raise ValueError(f"{fn}: expected sequences of shape [T_i, F] with the same F, got shapes {shapes}"
+                         f"{' ...' if len(seqs) > 3 else ''}. Fix: reshape each sequence to [T_i, F].")
+    lengths = np.array([len(s) for s in seqs], np.int32)
+    x = np.full((len(seqs), int(lengths.max()), seqs[0].shape[1]), value, dtype)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = s
+    return x, lengths
+
+
+def valid_mask(lengths, T: int) -> np.ndarray:
+    """Booleans ``[N, T]``: True at the valid steps ``t < lengths[n]``."""
+    return np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+
+
+def fill_missing(x, lengths=None) -> np.ndarray:
+    """NaNs in ``x [N, T, F]`` replaced by the last valid value of the same feature (the next one
+    before the first), or 0 where a feature has no value at all; padding stays as it is."""
+    x = np.array(x, np.float32, copy=True)
+    N, T, _ = x.shape
+    lengths = np.full(N, T) if lengths is None else np.asarray(lengths)
+    for n in range(N):
+        s = x[n, :lengths[n]]  # a view
+        for f in np.flatnonzero(np.isnan(s).any(axis=0)):
+            col = s[:, f]
+            ok = np.flatnonzero(~np.isnan(col))
+            if not len(ok):
+                col[:] = 0.0
+                continue
+            idx = np.maximum.accumulate(np.where(~np.isnan(col), np.arange(len(col)), -1))
+            col[:] = np.where(idx >= 0, col[np.maximum(idx, 0)], col[ok[0]])
+    return x
+
+
+class Scaler(NamedTuple):
+    """Per-feature standardisation ``(x - mean) / std``, fitted on training data only."""
+
+    mean: np.ndarray  # [F]
+    std: np.ndarray  # [F]
+
+    @classmethod
+    def fit(cls, x, lengths=None) -> "Scaler":
+        """Mean and standard deviation of each feature over the valid steps of ``x [N, T, F]``
+        (or over ``x [N, F]`` / ``[T, F]`` rows), NaNs ignored; a constant feature gets std 1."""
+        x = np.asarray(x, np.float64)
+        if lengths is not None:
+            x = x[valid_mask(lengths, x.shape[1])]
+        rows = x.reshape(-1, x.shape[-1])
+        mean = np.nanmean(rows, axis=0)
+        std = np.nanstd(rows, axis=0)
+        std = np.where(std > 0, std, 1.0)
+        return cls(mean.astype(np.float32), std.astype(np.float32))
+
+    def transform(self, x, lengths=None) -> np.ndarray:
+        """Standardised ``x``; padding (past ``lengths``) stays 0."""
+        out = ((np.asarray(x, np.float32) - self.mean) / self.std).astype(np.float32)
+        if lengths is not None:
+            out = np.where(valid_mask(lengths, out.shape[1])[..., None], out, 0.0).astype(np.float32)
+        return out
+
+    def inverse(self, x) -> np.ndarray:
+        return (np.asarray(x, np.float32) * self.std + self.mean).astype(np.float32)
+
+
+def split(n: int, fraction: float, *, seed: int = 0, labels=None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(kept, held_out)`` holding out ``fraction`` of ``n`` examples at random (seeded);
+    with ``labels``, the same fraction of every class (stratified)."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        perm = rng.permutation(n)
+        k = int(round(n * fraction))
+        return np.sort(perm[k:]), np.sort(perm[:k])
+    labels = np.asarray(labels)
+    held = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        held.extend(idx[:int(round(len(idx) * fraction))])
+    held = np.sort(np.array(held, np.int64))
+    return np.setdiff1d(np.arange(n), held), held
+
+
+def sliding_windows(series, window: int, horizon: int, *, start: int = 0, stop: int | None = None,
+                    stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of a series ``[T]`` or ``[T, F]``: inputs ``x [N, window, F]`` (the ``window`` values
+    before each forecast origin) and targets ``y [N, horizon]`` (the next ``horizon`` values of
+    feature 0), for every origin ``o`` with ``start <= o - window`` and ``o + horizon <= stop``."""
+    fn = "rnnjax.data.sliding_windows"
+    s = np.asarray(series, np.float32)
+    s = s[:, None] if s.ndim == 1 else s
+    stop = len(s) if stop is None else stop
+    origins = np.arange(start + window, stop - horizon + 1, stride)
+    if window < 1 or horizon < 1 or not len(origins):
+        raise ValueError(f"{fn}: no window of {window} inputs and {horizon} targets fits in steps [{start}, "
+                         f"{stop}) of a series of {len(s)}. Fix: use a shorter window or horizon.")
+    x = s[origins[:, None] - window + np.arange(window)]
+    y = s[origins[:, None] + np.arange(horizon), 0]
+    return x, y
+
+
+class ExampleBatches:
+    """Shuffled mini-batches of a data set, every batch full: the examples are read in one
+    permutation per epoch (seeded by ``seed`` and the epoch), the permutations end to end.
+
+    Batch ``i`` depends only on ``(seed, i)``, so a resumed run reads what an uninterrupted one
+    would: set ``position`` (the index of the next batch). Yields dicts of NumPy arrays with the
+    same keys as ``arrays`` (each indexed on its first axis)."""
+
+    def __init__(self, arrays: dict, batch_size: int, *, seed: int = 0, position: int = 0):
+        n = {len(v) for v in arrays.values()}
+        if len(n) != 1:
+            raise ValueError(f"rnnjax.data.ExampleBatches: every array needs the same first axis, got "
+                             f"{ {k: len(v) for k, v in arrays.items()} }.")
+        self.arrays, self.n, self.batch_size, self.seed = arrays, n.pop(), int(batch_size), seed
+        self.position = int(position)
+
+    def _epoch(self, e: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, e]).permutation(self.n)
+
+    def batch(self, i: int) -> dict:
+        first = i * self.batch_size
+        e0, e1 = first // self.n, (first + self.batch_size - 1) // self.n
+        order = np.concatenate([self._epoch(e) for e in range(e0, e1 + 1)])
+        idx = order[first - e0 * self.n: first - e0 * self.n + self.batch_size]
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = self.batch(self.position)
+        self.position += 1
+        return b
+
+
+class GeneratedBatches:
+    """Batches made by ``make(rng, batch_size)`` from a NumPy generator seeded by ``(seed, i)``
+    for batch ``i``: endless fresh data (synthetic tasks), resumable by ``position``."""
+
+    def __init__(self, make: Callable[[np.random.Generator, int], dict], batch_size: int, *, seed: int = 0,
+                 position: int = 0):
+        self.make, self.batch_size, self.seed, self.position = make, int(batch_size), seed, int(position)
+
+    def batch(self, i: int) -> dict:
+        return self.make(np.random.default_rng([self.seed, 1, i]), self.batch_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = self.batch(self.position)
+        self.position += 1
+        return b

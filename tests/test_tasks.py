@@ -1,0 +1,64 @@
+"""rnnjax train classify|digits|forecast|adding|copy: the shared engine end to end on tiny runs."""
+
+import json
+
+import jax
+import numpy as np
+
+from rnnjax import checkpoint, cli, data, models
+
+
+def _tiny_ts(tmp_path, seed=0):
+    rng = np.random.default_rng(seed)
+    header = ("@problemName Toy\n@timeStamps false\n@missing true\n@univariate false\n@dimensions 2\n"
+              "@equalLength false\n@classLabel true up down\n@data\n")
+    for split, n in (("TRAIN", 24), ("TEST", 10)):
+        lines = []
+        for i in range(n):
+            label = ("up", "down")[i % 2]
+            T = int(rng.integers(3, 9))
+            ramp = np.arange(T) * (1 if label == "up" else -1)
+            dims = [ramp + rng.normal(size=T) * 0.1, rng.normal(size=T)]
+            vals = [",".join(f"{v:.3f}" for v in d) for d in dims]
+            if i == 3:
+                vals[1] = "?," + vals[1].split(",", 1)[1]
+            lines.append(":".join(vals) + f":{label}")
+        (tmp_path / f"Toy_{split}.ts").write_text(header + "\n".join(lines) + "\n")
+    return tmp_path / "Toy_TRAIN.ts"
+
+
+def test_cli_classify_end_to_end_test_metrics_match_the_best_checkpoint(tmp_path, capsys):
+    path = _tiny_ts(tmp_path)
+    out = tmp_path / "run"
+    rc = cli.main(["train", "classify", "--dataset", str(path), "--steps", "6", "--evals", "2", "--hidden", "4",
+                   "--batch", "4", "--val-fraction", "0.25", "--out", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records[:-1]] == [3, 6] and all("val_accuracy" in r for r in records[:-1])
+    test = records[-1]
+    assert test["split"] == "test" and test["test_accuracy"] == printed["test_accuracy"]
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Independently: the best checkpoint's parameters on the test file, scaled with the stored
+    # training statistics, give the reported accuracy.
+    ckpt, step = checkpoint.open_run(out, which="best")
+    meta = ckpt.read_meta(step)
+    model = models.classifier(2, input_size=2, cell="lstm", hidden=4, bidirectional=True, pooling="mean")
+    params, _ = ckpt.restore_params(step, jax.eval_shape(model.init, jax.random.key(0)))
+    ckpt.close()
+    assert step == test["step"] and meta["classes"] == ["up", "down"]
+    d = data.read_ts(tmp_path / "Toy_TEST.ts", classes=meta["classes"])
+    scaler = data.Scaler(np.asarray(meta["scaler"]["mean"], np.float32), np.asarray(meta["scaler"]["std"], np.float32))
+    x = scaler.transform(data.fill_missing(d["x"], d["lengths"]), d["lengths"])
+    pred = np.argmax(model.apply(params, x, lengths=d["lengths"]), -1)
+    assert abs(np.mean(pred == d["y"]) - test["test_accuracy"]) < 1e-6
+
+
+def test_cli_task_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    assert cli.main(["train", "classify", "--dataset", "mnist", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err == ("rnnjax: error: rnnjax train classify: rnnjax.data.load_classification: unknown dataset 'mnist'; "
+                   "known: japanese_vowels, gunpoint, basic_motions, arrow_head, italy_power_demand, digits. Fix: "
+                   "pass one of those, or the path of a UCR/UEA _TRAIN.ts file.\n")
+    assert not (tmp_path / "a").exists()
