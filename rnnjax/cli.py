@@ -242,12 +242,24 @@ TASK_HELP = {
     "digits": ("scikit-learn digits as 64-step pixel sequences",
                "Train a recurrent classifier on scikit-learn's 8x8 digits read one pixel per step (a small "
                "sequential MNIST); a stratified fifth of the 1,797 digits is the test set."),
+    "forecast": ("multi-step time-series forecasting",
+                 "Train a recurrent forecaster on a series (pmdarima's taylor, statsmodels' sunspots, nile, co2, "
+                 "vega_datasets' seattle_temps): from a window of past values, predict the next --horizon values. "
+                 "The last --test-fraction of the series is the test part, the end of the rest validates; the "
+                 "scaling is fitted on the training part only. The test RMSE is compared with the seasonal-naive "
+                 "forecast (the value one season earlier) and with ridge regression on the same window."),
+    "adding": ("the adding problem (long-range memory)",
+               "Train on the adding problem: two marked values in a sequence of --length random values; predict "
+               "their sum (predicting the mean gives MSE 0.167). Fresh sequences every step."),
+    "copy": ("the copy task (long-range memory)",
+             "Train on the copy task: --symbols random symbols, a delay of --delay steps, then recall them in order. "
+             "Accuracy counts the recalled symbols only. Fresh sequences every step."),
 }
 
 
 def _task_flags(task: str):
     """(dest, type, help) of every fixed setting of a task."""
-    from rnnjax.data import CLASSIFICATION
+    from rnnjax.data import CLASSIFICATION, SERIES
     from rnnjax.models import CELLS, POOLINGS
 
     common = {
@@ -267,7 +279,15 @@ def _task_flags(task: str):
         "seed": (int, "seed for initialisation, data order and splits"),
         "val_fraction": (_in_range(0, 1, lo_open=True), "fraction of the training data held out for validation"),
         "dataset": (str, f"a data set: {', '.join(c for c in CLASSIFICATION if c != 'digits')}, or the path of a "
-                         "*_TRAIN.ts file"),
+                         "*_TRAIN.ts file") if task == "classify" else (str, f"a series: {', '.join(SERIES)}"),
+        "horizon": (_positive(int), "steps to forecast"),
+        "window": (_positive(int), "past values the model reads (the lag window; ridge regression gets the same)"),
+        "mode": (str, "direct (one head predicts all steps) or autoregressive (one step ahead, fed back)"),
+        "test_fraction": (_in_range(0, 1, lo_open=True), "the last fraction of the series held out for testing"),
+        "length": (_positive(int), "sequence length T"),
+        "delay": (_positive(int), "steps between the symbols and their recall"),
+        "symbols": (_positive(int), "symbols to remember"),
+        "alphabet": (_positive(int), "distinct symbols"),
     }
     from rnnjax.tasks import fixed_keys
 

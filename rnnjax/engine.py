@@ -272,8 +272,8 @@ class Job:
       tokens_per_step, unit: throughput shown as ``unit``/s (``"characters"``, ``"sequences"``).
       metric_unit: the unit of the validation loss in messages (``"nats/char"``, ``"MSE"``).
       eval_text: ``(record, state) -> str``: extra lines printed after each evaluation (e.g. a sample).
-      finish: ``params -> dict`` of test metrics (and plots), run on the best checkpoint's parameters
-        after training; the dict is appended to ``metrics.jsonl`` with ``"split": "test"``.
+      finish: ``(params, history) -> dict`` of test metrics (and plots), run on the best checkpoint's
+        parameters after training; the dict is appended to ``metrics.jsonl`` with ``"split": "test"``.
       files: what the closing line lists as written into ``out``.
       plot_title: the title of ``loss.png``.
       evals, patience, min_delta, save_every_steps, save_every_minutes, no_plot, start_time: as the
@@ -469,7 +469,7 @@ def run(job: Job) -> Outcome:
         if best_step is not None and best_step != step:
             params, _ = ckpt.restore_params(best_step, jax.eval_shape(lambda: result.state.params))
         test = {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v)
-                for k, v in job.finish(params).items()}
+                for k, v in job.finish(params, history).items()}
         record = {"step": best_step if best_step is not None else step, "split": "test", **test}
         write_metrics(metrics_path, history + [record])
         shown = ", ".join(f"{k.removeprefix('test_').replace('_', ' ')} {v:.4f}" for k, v in test.items()

@@ -11,6 +11,7 @@ final test metrics for :func:`rnnjax.engine.run`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -150,7 +151,7 @@ def prepare_classify(s: dict, cmd: str) -> Prepared:
 
     predict = jax.jit(lambda params, batch: jnp.argmax(model.apply(params, batch["x"], lengths=batch["lengths"]), -1))
 
-    def finish(params, out: Path, no_plot: bool):
+    def finish(params, out, no_plot, history):
         t = sums_over(per_example, test, params)
         n = len(test["y"])
         pred = _predict_all(predict, test, params)
@@ -200,10 +201,255 @@ def plot_confusion(y_true, y_pred, classes, path: Path, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------
+# The adding problem and the copy task (fresh generated data every step)
+
+
+VAL_SEQUENCES, TEST_SEQUENCES = 1000, 2000
+
+
+def _fixed_set(make, n: int, seed: int, which: int) -> dict:
+    return make(np.random.default_rng([seed, which]), n)
+
+
+def _model_or_usage(cmd, build):
+    try:
+        return build()
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{cmd}: {e}") from None
+
+
+def prepare_adding(s: dict, cmd: str) -> Prepared:
+    if s["length"] < 2:
+        raise UsageError(f"{cmd}: --length must be at least 2 (one marked step in each half), got {s['length']}.")
+    make = partial(data.synthetic.adding, length=s["length"])
+    model = _model_or_usage(cmd, lambda: models.regressor(
+        1, input_size=2, cell=s["cell"], layers=s["layers"], hidden=s["hidden"], bidirectional=s["bidirectional"],
+        pooling="last", dropout=s["dropout"]))
+
+    def loss_fn(params, batch, key):
+        pred = model.apply(params, batch["x"], key=key)[..., 0]
+        return jnp.mean((pred - batch["y"]) ** 2)
+
+    @jax.jit
+    def per_example(params, batch):
+        return {"se": (model.apply(params, batch["x"])[..., 0] - batch["y"]) ** 2}
+
+    val = _fixed_set(make, VAL_SEQUENCES, s["seed"], 2)
+    test = _fixed_set(make, TEST_SEQUENCES, s["seed"], 3)
+
+    def evaluate(params):
+        return {"val_loss": sums_over(per_example, val, params)["se"] / VAL_SEQUENCES}
+
+    def finish(params, out, no_plot, history):
+        mse = sums_over(per_example, test, params)["se"] / TEST_SEQUENCES
+        return {"test_mse": mse, "baseline_mse": float(np.mean((test["y"] - 1.0) ** 2)), "test_examples": TEST_SEQUENCES}
+
+    return Prepared(
+        model=model, loss_fn=loss_fn, batches=data.GeneratedBatches(make, s["batch"], seed=s["seed"]),
+        evaluate=evaluate, finish=finish,
+        describe=f"the adding problem, T = {s['length']}: fresh sequences every step, {VAL_SEQUENCES} validation / "
+                 f"{TEST_SEQUENCES} test; predicting the mean gives MSE 1/6 = 0.167; batch {s['batch']}",
+        metric_unit="MSE", files=("metrics.jsonl", "loss.png"), tokens_per_step=s["batch"])
+
+
+def prepare_copy(s: dict, cmd: str) -> Prepared:
+    if s["delay"] < 1 or s["symbols"] < 1 or s["alphabet"] < 2:
+        raise UsageError(f"{cmd}: expected --delay >= 1, --symbols >= 1 and --alphabet >= 2, got --delay "
+                         f"{s['delay']}, --symbols {s['symbols']}, --alphabet {s['alphabet']}.")
+    make = partial(data.synthetic.copy, delay=s["delay"], symbols=s["symbols"], alphabet=s["alphabet"])
+    K = s["alphabet"]
+    model = _model_or_usage(cmd, lambda: models.tagger(
+        K + 1, vocab_size=K + 2, cell=s["cell"], layers=s["layers"], hidden=s["hidden"], dropout=s["dropout"]))
+
+    def loss_fn(params, batch, key):
+        logits = model.apply(params, batch["x"], key=key)
+        m = batch["mask"]
+        return jnp.sum(jnp.where(m, _nll(logits, batch["y"]), 0.0)) / jnp.sum(m)
+
+    @jax.jit
+    def per_example(params, batch):
+        logits = model.apply(params, batch["x"])
+        m = batch["mask"]
+        nll = jnp.where(m, _nll(logits, batch["y"]), 0.0).sum(-1)
+        correct = jnp.where(m, jnp.argmax(logits, -1) == batch["y"], False).sum(-1)
+        return {"loss": nll, "correct": correct.astype(jnp.float32)}
+
+    val = _fixed_set(make, VAL_SEQUENCES, s["seed"], 2)
+    test = _fixed_set(make, TEST_SEQUENCES, s["seed"], 3)
+    per_seq = s["symbols"]
+
+    def evaluate(params):
+        t = sums_over(per_example, val, params)
+        n = VAL_SEQUENCES * per_seq
+        return {"val_loss": t["loss"] / n, "val_accuracy": t["correct"] / n}
+
+    def finish(params, out, no_plot, history):
+        t = sums_over(per_example, test, params)
+        n = TEST_SEQUENCES * per_seq
+        if not no_plot and history:
+            plot_accuracy(history, out / "accuracy.png", f"{model.name}: copy task, delay {s['delay']} (validation "
+                          "accuracy on the recalled symbols)", chance=1.0 / K)
+        return {"test_accuracy": t["correct"] / n, "test_loss": t["loss"] / n, "baseline_accuracy": 1.0 / K,
+                "test_symbols": n}
+
+    T = 2 * s["symbols"] + s["delay"]
+    return Prepared(
+        model=model, loss_fn=loss_fn, batches=data.GeneratedBatches(make, s["batch"], seed=s["seed"]),
+        evaluate=evaluate, finish=finish,
+        describe=f"the copy task: {s['symbols']} symbols of {K}, recalled after a delay of {s['delay']} (T = {T}); "
+                 f"fresh sequences every step, {VAL_SEQUENCES} validation / {TEST_SEQUENCES} test; guessing gives "
+                 f"accuracy {1 / K:.3f}; batch {s['batch']}",
+        metric_unit="nats", files=("metrics.jsonl", "loss.png", "accuracy.png"), tokens_per_step=s["batch"])
+
+
+def plot_accuracy(history: list[dict], path: Path, title: str, chance: float | None = None) -> None:
+    """Validation accuracy against steps, as a PNG."""
+    plt = engine.pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    ax.plot([r["step"] for r in history], [r["val_accuracy"] for r in history], "o-", color="tab:green", ms=4,
+            label="validation accuracy")
+    if chance is not None:
+        ax.axhline(chance, color="gray", ls=":", label="chance")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# Forecasting
+
+
+def ridge_forecast(x_train, y_train, x_eval, lam: float) -> np.ndarray:
+    """Ridge regression of ``y [N, H]`` on the flattened windows ``x [N, W, F]`` plus a bias (NumPy,
+    closed form, the bias not penalised)."""
+    A = np.c_[x_train.reshape(len(x_train), -1), np.ones(len(x_train))].astype(np.float64)
+    reg = lam * np.eye(A.shape[1])
+    reg[-1, -1] = 0.0
+    w = np.linalg.solve(A.T @ A + reg, A.T @ y_train.astype(np.float64))
+    return (np.c_[x_eval.reshape(len(x_eval), -1), np.ones(len(x_eval))] @ w).astype(np.float32)
+
+
+def prepare_forecast(s: dict, cmd: str) -> Prepared:
+    try:
+        series = data.load_series(s["dataset"])
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(f"{cmd}: {e}") from None
+    values, period = series["values"], series["period"]
+    W, Hz = s["window"], s["horizon"]
+    n = len(values)
+    test_start = int(round(n * (1 - s["test_fraction"])))
+    val_start = int(round(test_start * (1 - s["val_fraction"])))
+    # Scaling from the fitting part only; windows' inputs may reach back into earlier parts (they
+    # are past observations), their targets never cross into a later part.
+    scaler = data.Scaler.fit(values[:val_start, None])
+    z = scaler.transform(values[:, None])[:, 0]
+    try:
+        x_tr, y_tr = data.sliding_windows(z, W, Hz, start=0, stop=val_start)
+        x_va, y_va = data.sliding_windows(z, W, Hz, start=val_start - W, stop=test_start)
+        x_te, y_te = data.sliding_windows(z, W, Hz, start=test_start - W, stop=n)
+    except ValueError as e:
+        raise UsageError(f"{cmd}: --window {W} and --horizon {Hz} do not fit the {n} points of {s['dataset']!r} "
+                         f"({e}). Fix: use a shorter --window or --horizon.") from None
+    if period > W:
+        raise UsageError(f"{cmd}: the seasonal-naive baseline needs the value one season ({period} steps) earlier "
+                         f"inside the window, got --window {W}. Fix: pass --window {period} or more.")
+    autoregressive = s["mode"] == "autoregressive"
+    model = _model_or_usage(cmd, lambda: models.forecaster(
+        Hz, mode=s["mode"], cell=s["cell"], layers=s["layers"], hidden=s["hidden"], dropout=s["dropout"]))
+
+    def loss_fn(params, batch, key):
+        if autoregressive:  # teacher forcing: the true values in, the next value out, at every step
+            seq = jnp.concatenate([batch["x"][..., 0], batch["y"]], axis=-1)
+            pred = model.apply(params, seq[..., :-1, None], key=key)[..., 0]
+            return jnp.mean((pred - seq[..., 1:]) ** 2)
+        return jnp.mean((model.apply(params, batch["x"], key=key) - batch["y"]) ** 2)
+
+    @jax.jit
+    def per_example(params, batch):
+        return {"se": jnp.mean((model.forecast(params, batch["x"], Hz) - batch["y"]) ** 2, axis=-1)}
+
+    forecast = jax.jit(lambda params, batch: model.forecast(params, batch["x"], Hz))
+    val, test = {"x": x_va, "y": y_va}, {"x": x_te, "y": y_te}
+    sd = float(scaler.std[0])
+
+    def evaluate(params):
+        mse = sums_over(per_example, val, params)["se"] / len(y_va)
+        return {"val_loss": mse, "val_rmse": math.sqrt(mse) * sd}
+
+    # Baselines on the same windows: the same half-hour one season earlier, and ridge regression
+    # on the same lag window (its penalty chosen on the validation windows).
+    def seasonal_naive(x):
+        idx = W - period + (np.arange(Hz) % period)
+        return x[:, idx, 0]
+
+    lams = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    val_err = [np.mean((ridge_forecast(x_tr, y_tr, x_va, lam) - y_va) ** 2) for lam in lams]
+    lam = lams[int(np.argmin(val_err))]
+    x_fit, y_fit = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])
+    ridge_test = ridge_forecast(x_fit, y_fit, x_te, lam)
+
+    def rmse(pred):
+        return float(np.sqrt(np.mean((pred - y_te) ** 2))) * sd
+
+    def finish(params, out, no_plot, history):
+        pred = _predict_all(forecast, test, params)
+        result = {"test_rmse": rmse(pred), "test_mse": float(np.mean((pred - y_te) ** 2)),
+                  "seasonal_naive_rmse": rmse(seasonal_naive(x_te)), "ridge_rmse": rmse(ridge_test),
+                  "ridge_lambda": lam, "test_windows": len(y_te)}
+        result["vs_seasonal_naive"] = result["test_rmse"] / result["seasonal_naive_rmse"]
+        result["vs_ridge"] = result["test_rmse"] / result["ridge_rmse"]
+        if not no_plot:
+            plot_forecast(scaler.inverse(z[:, None])[:, 0], test_start, W, Hz, period,
+                          scaler.inverse(pred[..., None])[..., 0], scaler.inverse(ridge_test[..., None])[..., 0],
+                          out / "forecast.png", f"{model.name} on {s['dataset']}: {Hz} steps ahead, test RMSE "
+                          f"{result['test_rmse']:.0f} (seasonal naive {result['seasonal_naive_rmse']:.0f}, ridge "
+                          f"{result['ridge_rmse']:.0f})")
+        return result
+
+    return Prepared(
+        model=model, loss_fn=loss_fn, batches=data.ExampleBatches({"x": x_tr, "y": y_tr}, s["batch"], seed=s["seed"]),
+        evaluate=evaluate, finish=finish,
+        describe=f"{s['dataset']} ({series['description']}): {Hz} steps ahead from windows of {W}; "
+                 f"{len(y_tr)} train / {len(y_va)} validation / {len(y_te)} test windows (the last "
+                 f"{s['test_fraction']:.0%} of the series is the test part); batch {s['batch']}",
+        metric_unit="MSE, scaled", files=("metrics.jsonl", "loss.png", "forecast.png"),
+        meta={"scaler": {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()}}, tokens_per_step=s["batch"])
+
+
+def plot_forecast(values, test_start, W, Hz, period, pred, ridge, path: Path, title: str, days: int = 7) -> None:
+    """The first ``days`` seasons of the test part: the truth, and forecasts from every ``Hz``-th
+    origin (non-overlapping) of the model and of ridge regression."""
+    plt = engine.pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.0), dpi=100)
+    span = min(days * period, len(values) - test_start)
+    t = np.arange(test_start, test_start + span)
+    ax.plot(t, values[t], color="black", lw=1, label="truth")
+    for k, i in enumerate(range(0, span - Hz + 1, Hz)):
+        ax.plot(t[i:i + Hz], pred[i], color="tab:red", lw=1.2, label="rnnjax forecast" if k == 0 else None)
+        ax.plot(t[i:i + Hz], ridge[i], color="tab:blue", lw=0.8, ls="--", label="ridge" if k == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
 # The task table and the run
 
 
-PREPARE = {"classify": prepare_classify, "digits": prepare_classify}
+PREPARE = {"classify": prepare_classify, "digits": prepare_classify, "forecast": prepare_forecast,
+           "adding": prepare_adding, "copy": prepare_copy}
 
 
 def train(task: str, settings: dict, *, out: str, steps: int | None = None, minutes: float | None = None,
@@ -241,5 +487,5 @@ def train(task: str, settings: dict, *, out: str, steps: int | None = None, minu
         start_time=start_time))
 
 
-def _finish(fn, out, no_plot, params):
-    return fn(params, out, no_plot)
+def _finish(fn, out, no_plot, params, history):
+    return fn(params, out, no_plot, history)

@@ -62,3 +62,34 @@ def test_cli_task_bad_input_exits_2_with_one_line(tmp_path, capsys):
                    "known: japanese_vowels, gunpoint, basic_motions, arrow_head, italy_power_demand, digits. Fix: "
                    "pass one of those, or the path of a UCR/UEA _TRAIN.ts file.\n")
     assert not (tmp_path / "a").exists()
+
+
+def test_cli_forecast_baselines_match_numpy(tmp_path, capsys):
+    out = tmp_path / "fc"
+    assert cli.main(["train", "forecast", "--window", "48", "--hidden", "4", "--steps", "2", "--evals", "1",
+                     "--no-plot", "--out", str(out)]) == 0
+    m = json.loads(capsys.readouterr().out)
+    y = data.load_series("taylor")["values"].astype(np.float64)
+    start = int(round(len(y) * 0.8))
+    origins = np.arange(start, len(y) - 48 + 1)
+    target = y[origins[:, None] + np.arange(48)]
+    naive = y[origins[:, None] + np.arange(48) - 48]  # the same half-hour one day earlier
+    assert m["test_windows"] == len(origins)
+    assert abs(m["seasonal_naive_rmse"] - np.sqrt(np.mean((naive - target) ** 2))) < 1e-2
+    assert abs(m["vs_ridge"] - m["test_rmse"] / m["ridge_rmse"]) < 1e-5
+    assert not (out / "forecast.png").exists()
+
+
+def test_cli_adding_and_copy_write_their_metrics_and_curves(tmp_path, capsys):
+    assert cli.main(["train", "adding", "--length", "12", "--hidden", "4", "--steps", "2", "--evals", "1",
+                     "--out", str(tmp_path / "add")]) == 0
+    m = json.loads(capsys.readouterr().out)
+    # Predicting the mean of a fixed test set of 2,000 sums of two uniforms: close to 1/6.
+    assert abs(m["baseline_mse"] - 1 / 6) < 0.02 and m["test_mse"] > 0
+    assert cli.main(["train", "copy", "--delay", "4", "--symbols", "3", "--hidden", "4", "--steps", "2",
+                     "--evals", "2", "--out", str(tmp_path / "copy")]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["test_symbols"] == 6000 and m["baseline_accuracy"] == 0.125
+    assert (tmp_path / "copy" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    records = [json.loads(line) for line in (tmp_path / "copy" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("split") for r in records] == [None, None, "test"]
