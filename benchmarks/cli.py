@@ -4,6 +4,7 @@
     rnnjax-bench --preset C1 --compare rnnjax,rnnjax-hoisted,rnnjax-inloop,torch --json out.jsonl
     rnnjax-bench --quick                      # tiny shapes, all modes, under a minute (CI)
     rnnjax-bench long --time 1000,100000      # memory and compile time against T (benchmarks/long_sequences.py)
+    rnnjax-bench tasks --markdown tasks.md    # every `rnnjax train` task against its baseline (benchmarks/tasks.py)
 
 A first argument naming a subcommand (:data:`SUBCOMMANDS`) hands the rest of
 the arguments to that module's ``main``.
@@ -34,6 +35,8 @@ SUBCOMMANDS = {
     "parallel": ("benchmarks.parallel", "linear cells: associative_scan against the sequential scan, against T"),
     "population": ("benchmarks.population", "N models trained by one vmapped step against N sequential runs"),
     "memory": ("benchmarks.long_memory", "a long-memory task (the adding problem): which cells learn it"),
+    "tasks": ("benchmarks.tasks", "every rnnjax train task with default settings against its baseline: a results "
+                                  "table"),
 }
 DEFAULT_ROUNDS, QUICK_ROUNDS, MIN_ROUNDS = 7, 3, 5
 DEFAULT_MODES, QUICK_MODES = "fwd,fwdbwd", "fwd,fwdbwd,train"

@@ -288,6 +288,9 @@ def _task_flags(task: str):
         "delay": (_positive(int), "steps between the symbols and their recall"),
         "symbols": (_positive(int), "symbols to remember"),
         "alphabet": (_positive(int), "distinct symbols"),
+        "shift": (_non_negative_int, "augment the training images: shift each by up to this many pixels per axis"),
+        "chrono": ("bool", "chrono-initialise the gate biases (LSTM forget/input, GRU update) for memories up to "
+                           "the sequence length (Tallec & Ollivier 2018)"),
     }
     from rnnjax.tasks import fixed_keys
 

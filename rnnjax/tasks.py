@@ -32,11 +32,13 @@ MODEL_DEFAULTS = dict(cell="lstm", layers=1, hidden=128, bidirectional=False, dr
 DEFAULTS = {
     "classify": {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "dataset": "japanese_vowels", "pooling": "mean",
                  "hidden": 64, "bidirectional": True, "batch": 32, "val_fraction": 0.1, "steps": 800},
-    "digits": {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "pooling": "last", "cell": "gru", "hidden": 128, "batch": 64,
-               "val_fraction": 0.1, "steps": 1500},
-    "adding": {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "length": 200, "batch": 64, "lr": 3e-3, "steps": 2000},
-    "copy": {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "delay": 100, "symbols": 10, "alphabet": 8, "cell": "gru",
-             "hidden": 128, "batch": 64, "steps": 3000},
+    "digits": {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "pooling": "mean", "cell": "gru", "hidden": 128,
+               "bidirectional": True, "dropout": 0.2, "weight_decay": 0.01, "batch": 64, "val_fraction": 0.1,
+               "shift": 1, "steps": 2000},
+    "adding": {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "length": 200, "chrono": True, "hidden": 64, "batch": 64,
+               "lr": 1e-2, "steps": 1500},
+    "copy": {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "delay": 100, "symbols": 10, "alphabet": 8, "chrono": True,
+             "cell": "gru", "hidden": 128, "batch": 64, "lr": 1e-2, "steps": 3000},
     "forecast": {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "dataset": "taylor", "horizon": 48, "window": 144,
                  "mode": "direct", "hidden": 64, "batch": 64, "test_fraction": 0.2, "val_fraction": 0.1,
                  "steps": 1500},
@@ -60,6 +62,7 @@ class Prepared:
     files: tuple[str, ...]
     meta: dict = field(default_factory=dict)
     tokens_per_step: int = 1
+    init: Callable | None = None  # key -> params (default: model.init)
 
 
 def fixed_keys(task: str) -> tuple[str, ...]:
@@ -160,16 +163,52 @@ def prepare_classify(s: dict, cmd: str) -> Prepared:
                            f"{model.name} on {d['name']}: test accuracy {t['correct'] / n:.2%}")
         return {"test_accuracy": t["correct"] / n, "test_loss": t["loss"] / n, "test_examples": n}
 
+    batches = data.ExampleBatches(fit_part, s["batch"], seed=s["seed"])
+    if s.get("shift"):
+        batches = ShiftedImages(batches, 8, 8, s["shift"], float(scaler.transform(np.zeros((1, 1)))[0, 0]), s["seed"])
     lengths = train["lengths"]
     ragged = f"lengths {lengths.min()}-{lengths.max()}" if lengths.min() != lengths.max() else f"length {lengths[0]}"
     return Prepared(
         model=model, loss_fn=loss_fn,
-        batches=data.ExampleBatches(fit_part, s["batch"], seed=s["seed"]), evaluate=evaluate, finish=finish,
+        batches=batches, evaluate=evaluate, finish=finish,
         describe=f"{d['name']}: {len(kept)} train / {len(held)} validation / {len(test['y'])} test sequences, "
                  f"{F} feature(s), {ragged}, {C} classes; batch {s['batch']} (padded, masked by lengths)",
         metric_unit="nats", files=("metrics.jsonl", "loss.png", "confusion.png"),
         meta={"classes": d["classes"], "scaler": {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()}},
         tokens_per_step=s["batch"])
+
+
+class ShiftedImages:
+    """Training batches of images read as pixel sequences (``x [B, rows * cols, 1]``), each image
+    shifted by a random whole number of pixels in ``[-shift, shift]`` per axis (the uncovered
+    border filled with ``fill``, the scaled value of a blank pixel): data augmentation. Seeded by
+    ``(seed, batch index)``, so a resumed run sees the same batches."""
+
+    def __init__(self, batches, rows: int, cols: int, shift: int, fill: float, seed: int):
+        self.batches, self.rows, self.cols, self.shift, self.fill, self.seed = batches, rows, cols, shift, fill, seed
+
+    @property
+    def position(self):
+        return self.batches.position
+
+    @position.setter
+    def position(self, value):
+        self.batches.position = value
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        i = self.batches.position
+        b = dict(next(self.batches))
+        rng = np.random.default_rng([self.seed, 7, i])
+        n, k = len(b["x"]), self.shift
+        img = b["x"].reshape(n, self.rows, self.cols)
+        pad = np.pad(img, ((0, 0), (k, k), (k, k)), constant_values=self.fill)
+        dy, dx = rng.integers(-k, k + 1, (2, n))
+        out = np.stack([pad[j, k + dy[j]:k + dy[j] + self.rows, k + dx[j]:k + dx[j] + self.cols] for j in range(n)])
+        b["x"] = out.reshape(b["x"].shape).astype(np.float32)
+        return b
 
 
 def _nll(logits, labels):
@@ -218,6 +257,18 @@ def _model_or_usage(cmd, build):
         raise UsageError(f"{cmd}: {e}") from None
 
 
+def _chrono(model, s: dict, t_max: int):
+    """``key -> params`` with chrono-initialised gate biases when ``s["chrono"]`` (else ``model.init``)."""
+    if not s["chrono"]:
+        return model.init
+
+    def init(key):
+        k_model, k_chrono = jax.random.split(key)
+        return models.chrono_init(model.init(k_model), k_chrono, t_max, s["cell"])
+
+    return init
+
+
 def prepare_adding(s: dict, cmd: str) -> Prepared:
     if s["length"] < 2:
         raise UsageError(f"{cmd}: --length must be at least 2 (one marked step in each half), got {s['length']}.")
@@ -249,7 +300,8 @@ def prepare_adding(s: dict, cmd: str) -> Prepared:
         evaluate=evaluate, finish=finish,
         describe=f"the adding problem, T = {s['length']}: fresh sequences every step, {VAL_SEQUENCES} validation / "
                  f"{TEST_SEQUENCES} test; predicting the mean gives MSE 1/6 = 0.167; batch {s['batch']}",
-        metric_unit="MSE", files=("metrics.jsonl", "loss.png"), tokens_per_step=s["batch"])
+        metric_unit="MSE", files=("metrics.jsonl", "loss.png"), tokens_per_step=s["batch"],
+        init=_chrono(model, s, s["length"]))
 
 
 def prepare_copy(s: dict, cmd: str) -> Prepared:
@@ -299,7 +351,8 @@ def prepare_copy(s: dict, cmd: str) -> Prepared:
         describe=f"the copy task: {s['symbols']} symbols of {K}, recalled after a delay of {s['delay']} (T = {T}); "
                  f"fresh sequences every step, {VAL_SEQUENCES} validation / {TEST_SEQUENCES} test; guessing gives "
                  f"accuracy {1 / K:.3f}; batch {s['batch']}",
-        metric_unit="nats", files=("metrics.jsonl", "loss.png", "accuracy.png"), tokens_per_step=s["batch"])
+        metric_unit="nats", files=("metrics.jsonl", "loss.png", "accuracy.png"), tokens_per_step=s["batch"],
+        init=_chrono(model, s, T))
 
 
 def plot_accuracy(history: list[dict], path: Path, title: str, chance: float | None = None) -> None:
@@ -477,7 +530,7 @@ def train(task: str, settings: dict, *, out: str, steps: int | None = None, minu
                        "budget": {"steps": total_steps, "seconds": seconds}}
     engine.write_config(out_path, config, overwrite=overwrite, cmd=cmd, out_arg=out, run_files=run_files)
     return engine.run(engine.Job(
-        cmd=cmd, out=out_path, model_name=p.model.name, init=p.model.init, loss_fn=p.loss_fn, batches=p.batches,
+        cmd=cmd, out=out_path, model_name=p.model.name, init=p.init or p.model.init, loss_fn=p.loss_fn, batches=p.batches,
         evaluate=p.evaluate, settings=s, total_steps=total_steps, seconds=seconds, resume_step=resume_step,
         rest_of_time=minutes is None, meta={"task": task, "settings": s, **p.meta}, describe=p.describe,
         tokens_per_step=p.tokens_per_step, unit="sequences", metric_unit=p.metric_unit,

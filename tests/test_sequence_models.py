@@ -85,3 +85,26 @@ def test_autoregressive_forecast_feeds_its_predictions_back():
             "rnnjax.models.forecaster: mode='autoregressive' feeds its predictions back as inputs, so it needs "
             "input_size=1 (the series alone), got 2. Fix: use mode='direct' with covariates.")):
         models.forecaster(4, input_size=2, mode="autoregressive")
+
+
+def test_chrono_init_sets_the_memory_gates_only():
+    for cell, gates in (("lstm", 4), ("gru", 3)):
+        model = models.regressor(1, input_size=2, cell=cell, hidden=5, bidirectional=True)
+        base = model.init(jax.random.key(0))
+        new = models.chrono_init(base, jax.random.key(1), 100, cell)
+        for old_p, new_p in zip(jax.tree_util.tree_leaves(base.rnn.layers[0]), jax.tree_util.tree_leaves(new.rnn.layers[0])):
+            assert old_p.shape == new_p.shape
+        for direction in (new.rnn.layers[0].forward, new.rnn.layers[0].backward):
+            b_ih, b_hh = np.asarray(direction.b_ih).reshape(gates, 5), np.asarray(direction.b_hh).reshape(gates, 5)
+            keep = b_ih[1]  # LSTM: the forget gate; GRU: the update gate z
+            assert np.all((keep >= 0) & (keep <= np.log(99))) and np.all(b_hh[1] == 0)
+            if cell == "lstm":
+                np.testing.assert_array_equal(b_ih[0], -keep)
+                np.testing.assert_array_equal(b_hh[0], 0)
+        # Every other parameter is the one model.init gave.
+        np.testing.assert_array_equal(new.rnn.layers[0].forward.w_hh, base.rnn.layers[0].forward.w_hh)
+        np.testing.assert_array_equal(np.asarray(new.rnn.layers[0].forward.b_ih).reshape(gates, 5)[2:],
+                                      np.asarray(base.rnn.layers[0].forward.b_ih).reshape(gates, 5)[2:])
+    elman = models.regressor(1, input_size=2, cell="elman", hidden=5)
+    p = elman.init(jax.random.key(0))
+    assert models.chrono_init(p, jax.random.key(1), 100, "elman") is p

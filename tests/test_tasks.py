@@ -93,3 +93,31 @@ def test_cli_adding_and_copy_write_their_metrics_and_curves(tmp_path, capsys):
     assert (tmp_path / "copy" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     records = [json.loads(line) for line in (tmp_path / "copy" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("split") for r in records] == [None, None, "test"]
+
+
+def test_shifted_images_are_translations_with_the_blank_fill():
+    from rnnjax.tasks import ShiftedImages
+
+    rng = np.random.default_rng(0)
+    imgs = rng.random((6, 4, 5)).astype(np.float32)
+    base = data.ExampleBatches({"x": imgs.reshape(6, 20, 1), "y": np.arange(6)}, 6, seed=0)
+    shifted = ShiftedImages(base, 4, 5, 1, -9.0, seed=0)
+    b = next(shifted)
+    seen = set()
+    for x, label in zip(b["x"].reshape(6, 4, 5), b["y"]):
+        padded = np.pad(imgs[label], 1, constant_values=-9.0)
+        matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                   if np.array_equal(x, padded[1 + dy:5 + dy, 1 + dx:6 + dx])]
+        assert matches
+        seen.add(matches[0])
+    assert len(seen) > 1 and shifted.position == 1
+    shifted.position = 0
+    assert np.array_equal(next(shifted)["x"], b["x"])  # resumable: the same batch again
+
+
+def test_bench_tasks_unknown_run_exits_2(capsys):
+    from benchmarks import cli as bench
+
+    assert bench.main(["tasks", "--only", "classify,mnist"]) == 2
+    assert capsys.readouterr().err == ("rnnjax-bench tasks: error: unknown run 'mnist'; known: classify, digits, "
+                                       "adding, copy-gru, copy-lstm, forecast, copy, adding-sweep\n")

@@ -17,6 +17,7 @@ from rnnjax.models.sequence import (
     POOLINGS,
     SequenceModel,
     SequenceParams,
+    chrono_init,
     classifier,
     forecaster,
     pool,
@@ -25,6 +26,6 @@ from rnnjax.models.sequence import (
 )
 
 __all__ = ["CELLS", "FORECAST_MODES", "LMParams", "LanguageModel", "POOLINGS", "Seq2Seq", "Seq2SeqParams",
-           "SequenceModel", "SequenceParams", "attention_weights", "classifier", "forecaster", "generate",
+           "SequenceModel", "SequenceParams", "attention_weights", "chrono_init", "classifier", "forecaster", "generate",
            "language_model", "pool", "regressor", "sampling_schedule", "seq2seq", "seq2seq_loss", "sequence_log_probs",
            "tagger", "translate"]

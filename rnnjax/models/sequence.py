@@ -117,6 +117,49 @@ def pool(ys: Array, lengths=None, how: str = "last", *, attention: AttentionPool
     return jnp.einsum("...t,...th->...h", weights, ys)
 
 
+CHRONO_GATES = {"lstm": ((1, 1.0), (0, -1.0)), "gru": ((1, 1.0),)}  # (gate block, sign) per cell family
+
+
+def chrono_init(params: SequenceParams, key: PRNGKey, t_max: float, cell: str) -> SequenceParams:
+    """Chrono initialisation (Tallec & Ollivier 2018) of every recurrent layer's gate biases:
+    ``b ~ log(U(1, t_max - 1))`` for the gate that keeps the state (the LSTM's forget gate, with
+    the input gate at ``-b``; the GRU's update gate ``z``), so the initial memory spans time scales
+    up to ``t_max`` steps. The recurrent biases of those gates are set to 0. Other cells (Elman)
+    are returned unchanged: they have no gate to set."""
+    fn = "rnnjax.models.chrono_init"
+    if not t_max > 2:
+        raise ValueError(f"{fn}: t_max must be > 2 (the longest dependency, in steps), got {t_max!r}.")
+    gates = CHRONO_GATES.get(cell)
+    if gates is None:
+        return params
+    leaves = []
+
+    def visit(p):
+        if hasattr(p, "b_ih") and hasattr(p, "b_hh") and p.b_ih is not None:
+            leaves.append(p)
+        elif isinstance(p, tuple):
+            for q in p:
+                visit(q)
+
+    visit(params.rnn.layers)
+    keys = iter(jax.random.split(key, max(1, len(leaves))))
+
+    def fix(p):
+        if hasattr(p, "b_ih") and hasattr(p, "b_hh") and p.b_ih is not None:
+            H = p.b_hh.shape[-1] // (4 if cell == "lstm" else 3)
+            b = jnp.log(jax.random.uniform(next(keys), (H,), p.b_ih.dtype, 1.0, t_max - 1.0))
+            b_ih, b_hh = p.b_ih, p.b_hh
+            for gate, sign in gates:
+                b_ih = b_ih.at[gate * H:(gate + 1) * H].set(sign * b)
+                b_hh = b_hh.at[gate * H:(gate + 1) * H].set(0.0)
+            return p._replace(b_ih=b_ih, b_hh=b_hh)
+        if isinstance(p, tuple):
+            return type(p)(*[fix(q) for q in p]) if hasattr(p, "_fields") else tuple(fix(q) for q in p)
+        return p
+
+    return params._replace(rnn=params.rnn._replace(layers=fix(params.rnn.layers)))
+
+
 def _make_cell(fn: str, cell, cell_options):
     if isinstance(cell, str):
         if cell not in CELLS:
