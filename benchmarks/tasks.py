@@ -146,10 +146,13 @@ def main(argv=None) -> int:
                    help=f"comma list of {', '.join([*RUNS, *GROUPS])} (default: all)")
     p.add_argument("--out", default="runs/bench-tasks", help="folder for the runs (default: %(default)s)")
     p.add_argument("--sweep-lengths", default="50,100,200,400", help="T of the adding sweep (default: %(default)s)")
-    p.add_argument("--sweep-steps", type=int, default=800, help="steps per sweep run (default: %(default)s)")
+    p.add_argument("--sweep-steps", type=int, default=500, help="steps per sweep run (default: %(default)s)")
     p.add_argument("--plots", default=None, metavar="DIR", help="also write the sweep and copy plots here")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the table as Markdown")
     p.add_argument("--json", default=None, metavar="FILE", help="write one JSON line per run")
+    p.add_argument("--add-json", default="", metavar="FILES",
+                   help="comma list of --json files of earlier invocations: their runs join the table and plots "
+                        "(to split the runs into several sessions)")
     args = p.parse_args(argv)
     chosen = []
     for name in [n.strip() for n in args.only.split(",") if n.strip()]:
@@ -160,7 +163,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plots = [out] + ([Path(args.plots)] if args.plots else [])
-    rows, histories = [], {}
+    rows, histories, sweep = [], {}, []
+    for name in [f for f in args.add_json.split(",") if f]:
+        for line in Path(name).read_text().splitlines():
+            r = json.loads(line)
+            (sweep if "T" in r else rows).append(r)
+            if r.get("run", "").startswith("copy-") and r.get("history"):
+                histories[r["run"].split("-")[1].upper()] = r["history"]
     for name in chosen:
         if name == "adding-sweep":
             continue
@@ -180,28 +189,30 @@ def main(argv=None) -> int:
             value = f"{m[key]:.0f}"
         row = {"run": name, "metric": what, "value": value, "baseline": baseline, "wall_s": round(wall, 1),
                "command": shown, "test": m}
+        if name.startswith("copy"):
+            row["history"] = histories[name.split("-")[1].upper()]
         rows.append(row)
         print(f"{what}: {value} (baseline: {baseline}) in {wall:.0f} s: {shown}", flush=True)
     if histories:
         for d in plots:
             plot_copy(histories, d / "copy-delay100.png")
-    sweep = []
     if "adding-sweep" in chosen:
         for T in [int(t) for t in args.sweep_lengths.split(",")]:
             for cell in SWEEP_CELLS:
                 m, wall, shown = _train(["adding", "--length", str(T), "--cell", cell, "--steps", str(args.sweep_steps),
                                          "--evals", "1"], out / f"sweep-{cell}-{T}", out / f"sweep-{cell}-{T}.log")
                 sweep.append({"T": T, "cell": cell, "test_mse": m["test_mse"], "wall_s": round(wall, 1),
-                              "command": shown})
+                              "steps": args.sweep_steps, "command": shown})
                 print(f"adding sweep T={T} {cell}: test MSE {m['test_mse']:.5f} in {wall:.0f} s: {shown}", flush=True)
+    if sweep:
         for d in plots:
-            plot_sweep(sweep, d / "adding-mse-vs-T.png", args.sweep_steps)
+            plot_sweep(sweep, d / "adding-mse-vs-T.png", sweep[0]["steps"])
     lines = ["| run | result | baseline | wall time | command |", "|---|---|---|---|---|"]
     lines += [f"| {r['metric']} | **{r['value']}** | {r['baseline']} | {r['wall_s']:.0f} s | `{r['command']}` |"
               for r in rows]
     if sweep:
         Ts = sorted({r["T"] for r in sweep})
-        lines += ["", f"Adding problem, test MSE after {args.sweep_steps} steps:", "",
+        lines += ["", f"Adding problem, test MSE after {sweep[0]['steps']} steps:", "",
                   "| cell | " + " | ".join(f"T = {t}" for t in Ts) + " |", "|---|" + "---|" * len(Ts)]
         for cell in SWEEP_CELLS:
             vals = {r["T"]: r["test_mse"] for r in sweep if r["cell"] == cell}

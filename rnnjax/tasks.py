@@ -38,7 +38,7 @@ DEFAULTS = {
     "adding": {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "length": 200, "chrono": True, "hidden": 64, "batch": 64,
                "lr": 1e-2, "steps": 1500},
     "copy": {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "delay": 100, "symbols": 10, "alphabet": 8, "chrono": True,
-             "cell": "gru", "hidden": 128, "batch": 64, "lr": 1e-2, "steps": 3000},
+             "cell": "lstm", "hidden": 128, "batch": 64, "lr": 1e-2, "steps": 3000},
     "forecast": {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "dataset": "taylor", "horizon": 48, "window": 144,
                  "mode": "direct", "hidden": 64, "batch": 64, "test_fraction": 0.2, "val_fraction": 0.1,
                  "steps": 1500},
