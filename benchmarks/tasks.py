@@ -132,7 +132,7 @@ def plot_sweep(rows: list[dict], path: Path, steps: int) -> None:
     ax.set_xticks(Ts, [str(t) for t in Ts])
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("test MSE")
-    ax.set_title(f"adding problem: test MSE after {steps} steps (1x128, batch 64)", fontsize=10)
+    ax.set_title(f"adding problem: test MSE after {steps} steps (1x64, batch 64)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
