@@ -166,6 +166,7 @@ def profile_compiled(compiled, args, steps: int, feedback=None) -> dict:
         calls = count[name] / steps
         flops = sum(d[3] for d in ins["dots"])
         ops.append(dict(op=name, kind=kind(ins), phase=phase(ins["op_name"]), calls_per_step=calls,
+                        flops_per_step=flops * calls,
                         ms_per_step=us / steps / 1e3, us_per_call=us / count[name],
                         gflops=(flops * count[name] / (us * 1e-6) / 1e9) if flops and us else None,
                         dots=[d[:3] for d in ins["dots"]]))
@@ -286,10 +287,8 @@ def summarise(jax_result: dict, torch_result: dict | None, rates: list[dict]) ->
         by_phase[op["phase"]] += op["ms_per_step"]
         if op["dots"]:
             mm_ms += op["ms_per_step"]
-            flops = op["gflops"] * op["ms_per_step"] * 1e-3 * 1e9 if op["gflops"] else 0.0
-            r = rate.get(tuple(op["dots"][0]))
-            t_rate = (r or {}).get("torch_gflops")
-            mm_at_torch_ms += (flops / (t_rate * 1e9) * 1e3) if t_rate else op["ms_per_step"]
+            t_rate = rate.get(tuple(op["dots"][0]), {}).get("torch_gflops")
+            mm_at_torch_ms += op["flops_per_step"] / (t_rate * 1e6) if t_rate else op["ms_per_step"]
         else:
             other_ms += op["ms_per_step"]
     out = dict(wall_ms=jax_result["wall_ms"], thunk_ms=mm_ms + other_ms, matmul_ms=mm_ms, other_ms=other_ms,
