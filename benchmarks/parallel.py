@@ -13,6 +13,14 @@ coefficients of all steps at once, ``jax.lax.associative_scan``), ``loop``
 sequential median over the associative one (``loop_speedup``: over the loop
 form); the crossover is the smallest ``T`` from which the associative path
 is faster at every longer measured length.
+
+The bound: every form performs the same matrix products (the input
+projection and, for the LRU, the readout, forward and backward), so no
+evaluation order can take less than their FLOPs (counted from the jaxpr of
+the fwd+bwd, :func:`matmul_flops`) divided by the matmul peak measured in
+the same run (a square GEMM, :func:`matmul_peak`): ``matmul_floor_s``.
+``max_speedup`` (sequential time over that floor) is the largest speed-up
+any parallel evaluation could reach on this machine.
 """
 
 from __future__ import annotations
@@ -30,18 +38,81 @@ DEFAULT_TIME = "16,32,64,128,256,512,1024,2048,4096,16384,65536"
 
 
 FORMS = (("associative", True), ("loop", "loop"), ("sequential", False))
+GEMM_SIZE = 2048
 
 
-def _compiled(cell, params, xs, parallel):
-    import time
+def _subjaxprs(value):
+    from jax.extend import core
 
+    if isinstance(value, core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, core.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _subjaxprs(item)
+
+
+def _jaxpr_matmul_flops(jaxpr) -> int:
+    import math
+
+    import numpy as np
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval
+            flops = 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
+            total += flops * (4 if np.issubdtype(lhs.dtype, np.complexfloating) else 1)
+            continue
+        if eqn.primitive.name == "while":
+            raise ValueError("benchmarks.parallel.matmul_flops: a while loop's trip count is unknown; "
+                             "expected only scans (lax.scan), conds and calls.")
+        inner = [_jaxpr_matmul_flops(j) for v in eqn.params.values() for j in _subjaxprs(v)]
+        if eqn.primitive.name == "cond":
+            total += max(inner, default=0)
+        else:
+            total += sum(inner) * eqn.params.get("length", 1)
+    return total
+
+
+def matmul_flops(fn, *args) -> int:
+    """The FLOPs of every matrix product in ``fn(*args)`` (2 per multiply-add, 4x for complex), counted from
+    its jaxpr: scan bodies times their length, the larger branch of a cond."""
     import jax
+
+    return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def matmul_peak(rounds: int, size: int = GEMM_SIZE) -> float:
+    """FLOP/s of a jitted float32 ``[size, size] @ [size, size]`` product, median of ``rounds`` calls."""
+    import jax
+
+    a = jax.random.normal(jax.random.key(2), (size, size))
+    b = jax.random.normal(jax.random.key(3), (size, size))
+    product = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+    result = timing.measure({"gemm": lambda: jax.block_until_ready(product(a, b))}, rounds=rounds, warmup=1)
+    return 2 * size**3 / result["gemm"]["median_s"]
+
+
+def _loss(cell, parallel):
     import jax.numpy as jnp
 
     import rnnjax
 
     def loss(p, x):
         return jnp.sum(rnnjax.unroll(cell, p, x, parallel=parallel)[1])
+
+    return loss
+
+
+def _compiled(cell, params, xs, parallel):
+    import time
+
+    import jax
+
+    loss = _loss(cell, parallel)
 
     start = time.perf_counter()
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile()
@@ -51,8 +122,10 @@ def _compiled(cell, params, xs, parallel):
     return compiled, compile_s, planned
 
 
-def measure(cell_name: str, T: int, *, batch: int, features: int, hidden: int, rounds: int) -> dict:
-    """One row: both paths of ``cell_name`` at length ``T``, compiled and timed interleaved."""
+def measure(cell_name: str, T: int, *, batch: int, features: int, hidden: int, rounds: int,
+            peak_flops: float) -> dict:
+    """One row: the three forms of ``cell_name`` at length ``T``, compiled and timed interleaved, and the
+    matmul bound from ``peak_flops`` (FLOP/s, :func:`matmul_peak`)."""
     import jax
 
     from rnnjax import cells
@@ -72,6 +145,10 @@ def measure(cell_name: str, T: int, *, batch: int, features: int, hidden: int, r
         row[f"{name}_samples_s"] = result[name]["samples_s"]
     row["speedup"] = row["sequential_s"] / row["associative_s"]
     row["loop_speedup"] = row["sequential_s"] / row["loop_s"]
+    row["matmul_flops"] = matmul_flops(jax.grad(_loss(cell, True), argnums=(0, 1)), params, xs)
+    row["peak_flops"] = peak_flops
+    row["matmul_floor_s"] = row["matmul_flops"] / peak_flops
+    row["max_speedup"] = row["sequential_s"] / row["matmul_floor_s"]
     return row
 
 
@@ -111,19 +188,25 @@ def main(argv: list[str] | None = None) -> int:
                                    "--hidden and --rounds positive")
         print(f"{PROG}: error: {what}.", file=sys.stderr)
         return 2
+    peak = matmul_peak(args.rounds)
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (float32 [{GEMM_SIZE}, {GEMM_SIZE}] @ [{GEMM_SIZE}, {GEMM_SIZE}], "
+          f"median of {args.rounds})", flush=True)
     print(f"{'cell':>8} {'T':>7} {'assoc ms':>10} {'loop ms':>9} {'seq ms':>9} {'seq/assoc':>9} {'seq/loop':>8} "
+          f"{'matmul GFLOP':>12} {'floor ms':>9} {'max seq/par':>11} "
           f"{'peak MiB assoc/loop/seq':>24} {'compile s assoc/loop/seq':>25}", flush=True)
     for name in names:
         rows = []
         for T in times:
-            row = measure(name, T, batch=args.batch, features=args.features, hidden=args.hidden, rounds=args.rounds)
+            row = measure(name, T, batch=args.batch, features=args.features, hidden=args.hidden, rounds=args.rounds,
+                          peak_flops=peak)
             rows.append(row)
             gc.collect()
-            peak = "/".join(f"{row[f'{f}_peak_mib']:.0f}" for f, _ in FORMS)
+            mib = "/".join(f"{row[f'{f}_peak_mib']:.0f}" for f, _ in FORMS)
             comp = "/".join(f"{row[f'{f}_compile_s']:.2f}" for f, _ in FORMS)
             print(f"{name:>8} {T:>7} {row['associative_s'] * 1e3:>10.2f} {row['loop_s'] * 1e3:>9.2f} "
                   f"{row['sequential_s'] * 1e3:>9.2f} {row['speedup']:>8.2f}x {row['loop_speedup']:>7.2f}x "
-                  f"{peak:>24} {comp:>25}", flush=True)
+                  f"{row['matmul_flops'] / 1e9:>12.2f} {row['matmul_floor_s'] * 1e3:>9.2f} {row['max_speedup']:>10.2f}x "
+                  f"{mib:>24} {comp:>25}", flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -20,7 +20,41 @@ def test_tiny_run_writes_rows_whose_speedup_is_the_ratio_of_medians(tmp_path, ca
         assert row["loop_speedup"] == pytest.approx(row["sequential_s"] / row["loop_s"], rel=1e-12)
         assert len(row["associative_samples_s"]) == len(row["loop_samples_s"]) == len(row["sequential_samples_s"]) == 2
         assert row["associative_peak_mib"] > 0 and row["sequential_compile_s"] > 0
+        # minGRU's only matmul is the projection x [T*B, F] @ W [F, 2H]: forward, dx and dW
+        assert row["matmul_flops"] == 3 * 2 * row["T"] * 2 * 3 * (2 * 4)
+        assert row["max_speedup"] == pytest.approx(row["sequential_s"] * row["peak_flops"] / row["matmul_flops"],
+                                                   rel=1e-12)
     assert "mingru crossover: associative faster than sequential from T = " in capsys.readouterr().out
+
+
+def test_matmul_flops_counts_products_in_scans_conds_and_gradients():
+    import jax
+    import jax.numpy as jnp
+
+    x, w = jnp.ones((5, 3)), jnp.ones((3, 7))
+    assert parallel.matmul_flops(lambda x, w: x @ w, x, w) == 2 * 5 * 3 * 7
+    # the gradient adds dx = g W^T and dW = x^T g
+    assert parallel.matmul_flops(jax.grad(lambda x, w: jnp.sum(x @ w), argnums=(0, 1)), x, w) == 3 * 2 * 5 * 3 * 7
+    xs = jnp.ones((11, 5, 3))
+    looped = jax.grad(lambda xs, w: jnp.sum(jax.lax.scan(lambda c, x: (c, x @ w), 0.0, xs)[1]), argnums=(0, 1))
+    assert parallel.matmul_flops(looped, xs, w) == 11 * 3 * 2 * 5 * 3 * 7
+    assert parallel.matmul_flops(lambda x, w: (x + 1j) @ w.astype(jnp.complex64), x, w) == 4 * 2 * 5 * 3 * 7
+    branches = jax.jit(lambda p, x, w: jax.lax.cond(p, lambda: jnp.sum(x @ w), lambda: jnp.sum(x)))
+    assert parallel.matmul_flops(branches, True, x, w) == 2 * 5 * 3 * 7
+
+
+def test_matmul_flops_refuses_a_while_loop():
+    import re
+
+    import jax
+
+    def counted(x):
+        return jax.lax.while_loop(lambda c: c < 3, lambda c: c + 1, x)
+
+    with pytest.raises(ValueError, match=re.escape(
+            "benchmarks.parallel.matmul_flops: a while loop's trip count is unknown; expected only scans "
+            "(lax.scan), conds and calls.")):
+        parallel.matmul_flops(counted, 0)
 
 
 def test_crossover_is_where_parallel_stays_faster():
