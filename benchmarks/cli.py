@@ -130,6 +130,10 @@ def resolve(args: argparse.Namespace) -> dict:
     """Checks the arguments and turns them into a plan: configs (without mode), modes, implementations."""
     cells = _choose("--cell", args.cell, CELLS, "cell")
     modes = _choose("--mode", args.mode or (QUICK_MODES if args.quick else DEFAULT_MODES), MODES, "mode")
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    if rounds < MIN_ROUNDS and not args.quick:
+        raise UsageError(f"--rounds must be >= {MIN_ROUNDS} for a measurement (got {rounds}); "
+                         "use --quick for a smoke test.")
     if args.compare is None:
         names = ["rnnjax"]
         for peer in impls.PEERS:
@@ -142,10 +146,6 @@ def resolve(args: argparse.Namespace) -> dict:
         names = _choose("--compare", args.compare, list(impls.IMPLS), "implementation")
         if not any(impls.is_rnnjax(n) for n in names):
             names.insert(0, "rnnjax")
-    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
-    if rounds < MIN_ROUNDS and not args.quick:
-        raise UsageError(f"--rounds must be >= {MIN_ROUNDS} for a measurement (got {rounds}); "
-                         "use --quick for a smoke test.")
     dims = {k: getattr(args, k) for k in ("batch", "time", "features", "hidden") if getattr(args, k) is not None}
     if args.preset and dims:
         raise UsageError("--preset and --batch/--time/--features/--hidden are exclusive; "
