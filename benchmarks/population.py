@@ -1,18 +1,30 @@
 """``rnnjax-bench population``: N language models trained by one vmapped step against N sequential runs.
 
     rnnjax-bench population [--members 8] [--hidden 16,32,64,128,256] [--batch 16] [--time 64] [--rounds 7]
+    rnnjax-bench population --sweep 100,1000 [--members 8] [--hidden 128] [--rounds 3]
 
-Each round times, in alternating order, one step of the population
-(:func:`rnnjax.train.make_population_step`, members with their own seeds and
-learning rates on a shared batch) and the same step of every member run one
-after another with :func:`rnnjax.train.make_train_step` (what N separate
-runs do). Reports the medians and their ratio, after compile and warm-up.
+Per step (the default): each round times, in alternating order, one step of
+the population (:func:`rnnjax.train.make_population_step`, members with their
+own seeds and learning rates on a shared batch) and the same step of every
+member run one after another with :func:`rnnjax.train.make_train_step` (what
+N separate runs do). Reports the medians and their ratio, after compile and
+warm-up.
+
+``--sweep STEPS``: what a user waits for. Each round times, in alternating
+order and each in a fresh process, ``rnnjax train charlm --steps STEPS
+--population N --lr l1,...,lN`` and the N commands ``rnnjax train charlm
+--steps STEPS --lr li --seed i`` one after another (the same models: member i
+starts from seed i), start-up, data, compilation, evaluations and
+checkpoints included. Reports the medians and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 PROG = "rnnjax-bench population"
@@ -67,6 +79,33 @@ def measure(members: int, hidden: int, batch: int, time_steps: int, rounds: int,
                 speedup=seq / pop)
 
 
+def sweep(members: int, hidden: int, steps: int, rounds: int) -> dict:
+    """Wall seconds of one population command against ``members`` single commands (see the module doc)."""
+    import numpy as np
+
+    lrs = [f"{lr:.3g}" for lr in np.geomspace(1e-3, 1e-2, members)]
+    common = [sys.executable, "-m", "rnnjax", "train", "charlm", "--steps", str(steps), "--hidden", str(hidden),
+              "--sample-length", "0", "--eval-sample-length", "0", "--evals", "2", "--no-plot", "--overwrite"]
+
+    def timed(commands):
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            for i, argv in enumerate(commands):
+                done = subprocess.run(argv + ["--out", f"{tmp}/run{i}"], capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"{PROG}: {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+            return time.perf_counter() - start
+
+    runs = {"population": [common + ["--lr", ",".join(lrs)]],
+            "sequential": [common + ["--lr", lr, "--seed", str(i)] for i, lr in enumerate(lrs)]}
+    samples = {name: [] for name in runs}
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            samples[name].append(timed(runs[name]))
+    pop, seq = statistics.median(samples["population"]), statistics.median(samples["sequential"])
+    return dict(members=members, hidden=hidden, steps=steps, population_s=pop, sequential_s=seq, speedup=seq / pop)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--members", type=int, default=8)
@@ -74,12 +113,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--time", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--sweep", default=None, metavar="STEPS",
+                   help="time whole `rnnjax train charlm` commands of these comma-separated step counts instead "
+                        "(--hidden: one width; --batch and --time are the command's defaults, 64 x 8)")
     args = p.parse_args(argv)
     widths = [int(h) for h in args.hidden.split(",")]
     if args.members < 2 or args.rounds < 1 or min(widths) < 1:
         print(f"{PROG}: error: expected --members >= 2, --rounds >= 1 and positive --hidden; got --members "
               f"{args.members} --rounds {args.rounds} --hidden {args.hidden}")
         return 2
+    if args.sweep is not None:
+        parts = args.sweep.split(",")
+        if not all(part.isdigit() and int(part) > 0 for part in parts):
+            print(f"{PROG}: error: --sweep expects comma-separated positive step counts, e.g. 100,1000; got "
+                  f"{args.sweep!r}")
+            return 2
+        print(f"{'members':>7} {'H':>5} {'steps':>6} {'one population command':>23} {'N single commands':>18} "
+              f"{'speedup':>8}")
+        for steps in map(int, parts):
+            for h in widths:
+                r = sweep(args.members, h, steps, args.rounds)
+                print(f"{r['members']:>7} {h:>5} {steps:>6} {r['population_s']:>21.1f} s {r['sequential_s']:>16.1f} s "
+                      f"{r['speedup']:>7.2f}x", flush=True)
+        return 0
     print(f"{'members':>7} {'H':>5} {'B':>4} {'T':>4} {'population step':>16} {'N sequential steps':>19} {'speedup':>8}")
     for h in widths:
         r = measure(args.members, h, args.batch, args.time, args.rounds)

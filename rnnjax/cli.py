@@ -70,6 +70,7 @@ def _process_start() -> float:
 CHARLM_DEFAULTS = dict(
     cell="lstm", layers=1, hidden=512, embed=64, batch=64, seq_len=8, lr=5e-3, warmup=None, end_lr=0.0,
     weight_decay=0.01, clip=1.0, dropout=0.0, residual=False, layer_norm=False, block=False, accumulate=1, seed=0,
+    population=None,
 )
 RUN_DEFAULTS = dict(minutes=5.0, evals=5, sample_length=500, eval_sample_length=200, temperature=0.8,
                     prompt="ROMEO:", out="runs/charlm")
@@ -78,7 +79,7 @@ RUN_OPTIONS = ("evals", "patience", "min_delta", "save_every_steps", "save_every
                "eval_sample_length", "temperature", "top_k", "top_p", "prompt")
 # Settings fixed when a run starts; --resume takes them from the run and refuses different ones.
 FIXED = ("text", "cell", "layers", "hidden", "embed", "batch", "seq_len", "lr", "warmup", "end_lr", "weight_decay",
-         "clip", "dropout", "residual", "layer_norm", "block", "accumulate", "seed")
+         "clip", "dropout", "residual", "layer_norm", "block", "accumulate", "seed", "population")
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "sample.txt")  # what --overwrite replaces
 # Training evaluates at most the first VAL_CHARS characters of the validation part (all of Tiny
 # Shakespeare's 111,539; 200,000 of the bundled corpus's 478,357), so evaluations stay a few seconds.
@@ -142,6 +143,27 @@ def _non_negative_int(text):
     return value
 
 
+def _one_or_list(kind):
+    """A value, or comma-separated values (one per population member)."""
+    def parse(text):
+        values = [kind(part) for part in text.split(",")]
+        return values[0] if len(values) == 1 else values
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _population_args(p):
+    g = p.add_argument_group("populations and devices")
+    g.add_argument("--population", type=_positive(int), default=None, metavar="N",
+                   help="train N models at once in one vmapped step: member i starts from --seed + i and takes "
+                        "the i-th value of --lr and --weight-decay when they are comma-separated lists (a list "
+                        "alone sets N); all read the same batches; the best by validation loss is kept")
+    g.add_argument("--devices", type=_positive(int), default=None, metavar="N",
+                   help="data-parallel over N local devices, each batch split between them (default: as many as "
+                        "divide the batch: all of a TPU's cores, 1 on a CPU)")
+
+
 def _sampling_args(p, *, temperature_default):
     p.add_argument("--temperature", type=_non_negative_float, default=temperature_default,
                    help=f"sampling temperature; 0 is greedy (default: {RUN_DEFAULTS['temperature']})")
@@ -180,13 +202,15 @@ def _charlm_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=_positive(int),
                    help=f"characters per window; the state is carried from one window to the next "
                         f"(truncated BPTT) (default: {d['seq_len']})")
-    g.add_argument("--lr", type=_positive(float), help=f"peak learning rate of AdamW (default: {d['lr']})")
+    g.add_argument("--lr", type=_one_or_list(_positive(float)),
+                   help=f"peak learning rate of AdamW; a comma-separated list trains a population "
+                        f"(default: {d['lr']})")
     g.add_argument("--warmup", type=_positive(int),
                    help=f"linear warmup steps (default: {WARMUP}, or a tenth of a shorter --steps run)")
     g.add_argument("--end-lr", type=_in_range(0, 1, hi_open=False),
                    help=f"final learning rate of the cosine decay, as a fraction of --lr (default: {d['end_lr']})")
-    g.add_argument("--weight-decay", type=_non_negative_float,
-                   help=f"AdamW weight decay (default: {d['weight_decay']})")
+    g.add_argument("--weight-decay", type=_one_or_list(_non_negative_float),
+                   help=f"AdamW weight decay, or one per population member (default: {d['weight_decay']})")
     g.add_argument("--clip", type=_positive(float), help=f"gradient clipping by global norm (default: {d['clip']})")
     g.add_argument("--accumulate", type=_positive(int),
                    help="gradient accumulation: micro-batches per update (must divide --batch) (default: 1)")
@@ -226,6 +250,7 @@ def _charlm_parser(sub) -> argparse.ArgumentParser:
                         "opening of the text's first line)")
     g.add_argument("--no-plot", action="store_true", help="do not write loss.png")
     _sampling_args(g, temperature_default=None)
+    _population_args(p)
     p.set_defaults(run=train_charlm)
     return p
 
@@ -270,10 +295,11 @@ def _task_flags(task: str):
         "dropout": (_in_range(0, 1), "dropout between layers and before the readout"),
         "pooling": (str, f"how outputs are pooled over the valid steps: {', '.join(POOLINGS)}"),
         "batch": (_positive(int), "sequences per batch"),
-        "lr": (_positive(float), "peak learning rate of AdamW"),
+        "lr": (_one_or_list(_positive(float)), "peak learning rate of AdamW; a comma-separated list trains a "
+                                               "population"),
         "warmup": (_positive(int), f"linear warmup steps (default: {WARMUP}, or a tenth of a shorter run)"),
         "end_lr": (_in_range(0, 1, hi_open=False), "final learning rate of the cosine decay, a fraction of --lr"),
-        "weight_decay": (_non_negative_float, "AdamW weight decay"),
+        "weight_decay": (_one_or_list(_non_negative_float), "AdamW weight decay, or one per population member"),
         "clip": (_positive(float), "gradient clipping by global norm"),
         "accumulate": (_positive(int), "gradient accumulation: micro-batches per update (must divide --batch)"),
         "seed": (int, "seed for initialisation, data order and splits"),
@@ -294,7 +320,7 @@ def _task_flags(task: str):
     }
     from rnnjax.tasks import fixed_keys
 
-    return [(k, *common[k]) for k in fixed_keys(task)]
+    return [(k, *common[k]) for k in fixed_keys(task) if k != "population"]
 
 
 def _task_parser(sub, task: str) -> argparse.ArgumentParser:
@@ -339,6 +365,7 @@ def _task_parser(sub, task: str) -> argparse.ArgumentParser:
     g.add_argument("--save-every-minutes", type=_positive(float), default=None,
                    help="also save a checkpoint every M minutes")
     g.add_argument("--no-plot", action="store_true", help="write no plots")
+    _population_args(p)
     p.set_defaults(run=train_task, task_name=task)
     return p
 
@@ -346,9 +373,10 @@ def _task_parser(sub, task: str) -> argparse.ArgumentParser:
 def train_task(args) -> int:
     from rnnjax import tasks
 
-    given = {dest: getattr(args, dest) for dest, *_ in _task_flags(args.task_name)
+    given = {dest: getattr(args, dest) for dest, *_ in _task_flags(args.task_name) + [("population",)]
              if getattr(args, dest) is not None}
     outcome = tasks.train(args.task_name, given, out=args.out, steps=args.steps, minutes=args.minutes,
+                          devices=args.devices,
                           resume=args.resume, overwrite=args.overwrite, evals=args.evals, patience=args.patience,
                           min_delta=args.min_delta, save_every_steps=args.save_every_steps,
                           save_every_minutes=args.save_every_minutes, no_plot=args.no_plot,
@@ -581,6 +609,8 @@ def train_charlm(args) -> int:
         raise UsageError(str(e)) from None
     model_config = _model_config(s, d.vocab.size)
     model = _build_model(model_config, cmd)
+    members = engine.population_members(s, s["population"], cmd)
+    devices = engine.device_count(args.devices, B, cmd, population=len(members))
     resume_step = engine.resume_step(out, cmd) if saved else None
     total_steps, seconds = engine.budget(args.steps, args.minutes, saved, RUN_DEFAULTS["minutes"])
     config = saved or {RUN_MARKER: 1, "task": "charlm", "settings": s, "model": model_config,
@@ -615,11 +645,11 @@ def train_charlm(args) -> int:
         files=("metrics.jsonl", "loss.png", "sample.txt"), plot_title=f"{model.name} on {Path(d.source).name}",
         evals=args.evals, patience=args.patience, min_delta=args.min_delta,
         save_every_steps=args.save_every_steps, save_every_minutes=args.save_every_minutes, no_plot=args.no_plot,
-        start_time=args.start_time))
+        start_time=args.start_time, devices=devices, population=len(members)))
     if outcome.status:
         return outcome.status
     if args.sample_length:
-        ids = generate(model, outcome.result.state.params, k_sample, prompt_ids, args.sample_length,
+        ids = generate(model, outcome.params, k_sample, prompt_ids, args.sample_length,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         sample = args.prompt + d.vocab.decode(np.asarray(ids))
         (out / "sample.txt").write_text(sample + "\n", encoding="utf-8")
@@ -647,7 +677,14 @@ def _load_for_inference(args, cmd: str):
                     "settings or vocabulary in its meta). Fix: point at a run of `rnnjax train charlm`.")
             vocab = data.Vocabulary.from_json(json.dumps(meta["vocab"]))
             model = _build_model(meta["model"], cmd)
-            params, _ = ckpt.restore_params(step, jax.eval_shape(model.init, jax.random.key(0)))
+            abstract = jax.eval_shape(model.init, jax.random.key(0))
+            population = meta.get("population")
+            if population:  # a population's checkpoint: its best member at that step
+                n = len(population["members"])
+                abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), abstract)
+            params, _ = ckpt.restore_params(step, abstract)
+            if population:
+                params = jax.tree_util.tree_map(lambda x: x[population["best"]], params)
         finally:
             ckpt.close()
     except checkpoint.CheckpointError as e:

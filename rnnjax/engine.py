@@ -220,6 +220,99 @@ def plot_history(history: list[dict], path: Path, title: str, curve: list | None
 
 
 # ----------------------------------------------------------------------------
+# Devices and populations
+
+MEMBER_SETTINGS = ("lr", "weight_decay")  # settings a population's members may each have their own of
+
+
+def device_count(requested: int | None, batch_size: int, cmd: str, *, population: int | None = None) -> int:
+    """The local devices a run trains on, data-parallel: ``requested`` (``--devices``), checked, or by
+    default as many as divide ``batch_size`` (all of them when they do; 1 on a plain CPU). A
+    population runs on one device."""
+    import jax
+
+    available = jax.local_device_count()
+    platform = jax.local_devices()[0].platform
+    if population and population > 1:
+        if requested not in (None, 1):
+            raise UsageError(f"{cmd}: --population {population} trains its members on one device; got --devices "
+                             f"{requested}. Fix: drop --devices, or train one model (no --population) on "
+                             f"{requested} devices.")
+        return 1
+    if requested is None:
+        return max(d for d in range(1, available + 1) if batch_size % d == 0)
+    if requested > available:
+        raise UsageError(f"{cmd}: --devices {requested}, but only {available} {platform} device"
+                         f"{'s are' if available > 1 else ' is'} visible. Fix: pass --devices {available} or "
+                         "fewer (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N "
+                         "devices).")
+    if batch_size % requested:
+        raise UsageError(f"{cmd}: --devices {requested} must divide the batch size {batch_size} (each device "
+                         f"reads an equal part of every batch). Fix: pass a --batch that is a multiple of "
+                         f"{requested}, or another --devices.")
+    return requested
+
+
+def population_members(settings: dict, population: int | None, cmd: str) -> list[dict]:
+    """The settings of each member of a population: member ``i`` has ``seed + i`` (its initial
+    parameters and dropout) and the ``i``-th value of every list in :data:`MEMBER_SETTINGS`
+    (a single value is every member's). Without ``population``, the longest list sets the count.
+    All members read the same batches (those of ``seed``)."""
+    lists = {k: list(settings[k]) for k in MEMBER_SETTINGS if isinstance(settings.get(k), (list, tuple))}
+    lengths = {len(v) for v in lists.values()} - {1}
+    if population is None and len(lengths) > 1:
+        shown = " and ".join(f"--{k.replace('_', '-')} {len(v)}" for k, v in lists.items())
+        raise UsageError(f"{cmd}: the lists of member settings differ in length ({shown} values); expected one "
+                         "value per member in each. Fix: give them the same number of values (or one value for "
+                         "all members).")
+    n = population or max((len(v) for v in lists.values()), default=1)
+    for k, v in lists.items():
+        if len(v) not in (1, n):
+            raise UsageError(f"{cmd}: --{k.replace('_', '-')} has {len(v)} values ({','.join(map(str, v))}) for a "
+                             f"population of {n}; expected one value, or one per member. Fix: give --"
+                             f"{k.replace('_', '-')} {n} comma-separated values, or --population {len(v)}.")
+    return [{**settings, **{k: v[i % len(v)] for k, v in lists.items()}, "seed": settings["seed"] + i}
+            for i in range(n)]
+
+
+def _best_member(values) -> int:
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    return int(np.argmin(np.where(np.isfinite(v), v, np.inf)))
+
+
+def _population_evaluate(evaluate: Callable, n: int) -> Callable:
+    """``evaluate`` of one model run on every member: the best member's metrics, plus ``member``
+    (its index) and ``member_val_loss`` (every member's)."""
+    import jax
+
+    def run(params):
+        results = [evaluate(jax.tree_util.tree_map(lambda x, i=i: x[i], params)) for i in range(n)]
+        losses = [float(r["val_loss"] if isinstance(r, dict) else r) for r in results]
+        best = _best_member(losses)
+        chosen = dict(results[best]) if isinstance(results[best], dict) else {}
+        return {**chosen, "val_loss": losses[best], "member": best, "member_val_loss": losses}
+
+    return run
+
+
+def _print_members(members: list[dict], history: list[dict], kept: int) -> None:
+    """The closing table of a population: each member's settings and validation losses."""
+    import numpy as np
+
+    evals = [r["member_val_loss"] for r in history if "member_val_loss" in r]
+    print("rnnjax: population (validation loss of each member; * the member kept):", file=sys.stderr)
+    print(f"  {'member':>6} {'seed':>6} {'lr':>10} {'weight decay':>12} {'best':>10} {'last':>10}", file=sys.stderr)
+    for i, m in enumerate(members):
+        mine = [e[i] for e in evals]
+        best = f"{np.nanmin(mine):.4f}" if mine and np.isfinite(mine).any() else "-"
+        last = f"{mine[-1]:.4f}" if mine else "-"
+        print(f"  {i:>5}{'*' if i == kept else ' '} {m['seed']:>6} {m['lr']:>10.3g} {m['weight_decay']:>12.3g} "
+              f"{best:>10} {last:>10}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------
 # The run
 
 
@@ -278,6 +371,10 @@ class Job:
       plot_title: the title of ``loss.png``.
       evals, patience, min_delta, save_every_steps, save_every_minutes, no_plot, start_time: as the
         CLI flags of the same names.
+      devices: data-parallel over this many local devices (:func:`device_count`), batches split
+        along their first axis; 1: no mesh.
+      population: train this many models at once (:func:`population_members`; ``settings["lr"]`` and
+        ``settings["weight_decay"]`` may then be lists, one value per member). None or 1: one model.
     """
 
     cmd: str
@@ -309,16 +406,20 @@ class Job:
     save_every_minutes: float | None = None
     no_plot: bool = False
     start_time: float | None = None
+    devices: int = 1
+    population: int | None = None
 
 
 @dataclass
 class Outcome:
-    """What :func:`run` ends with: the exit status, the fit result, the sampling key and the test metrics."""
+    """What :func:`run` ends with: the exit status, the fit result, the sampling key, the test metrics
+    and the trained parameters (a population's: its kept member's)."""
 
     status: int
     result: Any
     sample_key: Any
     test_metrics: dict | None = None
+    params: Any = None
 
 
 def run(job: Job) -> Outcome:
@@ -333,11 +434,13 @@ def run(job: Job) -> Outcome:
 
     s, out, cmd = job.settings, job.out, job.cmd
     total_steps, seconds = job.total_steps, job.seconds
-    key = jax.random.key(s["seed"])
-    k_init, k_train, k_sample = jax.random.split(key, 3)
+    members = population_members(s, job.population, cmd)
+    n_members = len(members)
+    keys = [jax.random.split(jax.random.key(m["seed"]), 3) for m in members]
+    k_sample = keys[0][2]
     warmup = s["warmup"] or (min(WARMUP, max(1, total_steps // 10)) if total_steps else WARMUP)
-    optimizer = train.default_optimizer(s["lr"], total_steps=total_steps or 10 ** 9, warmup_steps=warmup,
-                                        end_fraction=s["end_lr"], weight_decay=s["weight_decay"],
+    optimizer = train.default_optimizer(members[0]["lr"], total_steps=total_steps or 10 ** 9, warmup_steps=warmup,
+                                        end_fraction=s["end_lr"], weight_decay=members[0]["weight_decay"],
                                         clip_norm=s["clip"])
     carried = job.initial_carry is not None
 
@@ -346,8 +449,24 @@ def run(job: Job) -> Outcome:
         return st, (job.initial_carry(st.params) if carried else None)
 
     # One compiled call, not one per initialiser (which costs seconds on CPU).
-    state, carry = jax.jit(init_all)(k_init, k_train)
-    train_step = train.make_train_step(job.loss_fn, optimizer, carry=carried, accumulate=s["accumulate"])
+    init_all = jax.jit(init_all)
+    evaluate = job.evaluate
+    if n_members == 1:
+        state, carry = init_all(keys[0][0], keys[0][1])
+        train_step = train.make_train_step(job.loss_fn, optimizer, carry=carried, accumulate=s["accumulate"])
+    else:
+        states, carries = [], []
+        for m, (k1, k2, _) in zip(members, keys):
+            st, c = init_all(k1, k2)
+            states.append(st._replace(opt_state=train.set_hyperparams(
+                st.opt_state, learning_rate=m["lr"], weight_decay=m["weight_decay"])))
+            carries.append(c)
+        state = train.stack_states(states)
+        carry = jax.tree_util.tree_map(lambda *xs: jax.numpy.stack(xs), *carries) if carried else None
+        train_step = train.make_population_step(job.loss_fn, optimizer, carry=carried, accumulate=s["accumulate"],
+                                                summarise=train.population_summary)
+        evaluate = _population_evaluate(job.evaluate, n_members)
+    kept = {"member": 0}  # the best member at the latest evaluation
     ckpt = checkpoint.Checkpointer(out)
     progress, curve = None, []
     if job.resume_step is not None:
@@ -358,13 +477,21 @@ def run(job: Job) -> Outcome:
             ckpt.close()
             raise UsageError(f"{cmd} --resume: {e}") from None
         progress = meta["progress"]
-        curve = [p for p in meta.get("curve", []) if p[0] <= int(state.step)]
+        step0 = train.step_of(state)
+        curve = [p for p in meta.get("curve", []) if p[0] <= step0]
+        kept["member"] = meta.get("population", {}).get("best", 0)
         if seconds is not None and job.rest_of_time:
             seconds = max(seconds - progress["elapsed_s"], 0.0)  # the rest of the run's time budget
         if total_steps is not None:
             state = state._replace(opt_state=train.set_hyperparams(state.opt_state, total_steps=total_steps))
-        job.batches.position = int(state.step)
-    step0 = int(state.step)
+        job.batches.position = step0
+    step0 = train.step_of(state)
+    batches = job.batches
+    if job.devices > 1:
+        from rnnjax import parallel
+
+        mesh = parallel.make_mesh(job.devices)
+        train_step, state, batches, carry = parallel.distribute(train_step, state, batches, mesh, carry=carry)
     metrics_path = out / "metrics.jsonl"
     write_metrics(metrics_path, (progress or {}).get("history", []))
     early = None
@@ -372,17 +499,26 @@ def run(job: Job) -> Outcome:
         es = (progress or {}).get("early_stopping")
         early = train.EarlyStopping.from_dict(es) if es else train.EarlyStopping(job.patience, job.min_delta)
         early.patience, early.min_delta = job.patience, job.min_delta
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params)) // n_members
+    population_meta = {"members": [{k: m[k] for k in ("seed", *MEMBER_SETTINGS)} for m in members]}
 
     def save(st, c, metrics, prog):
-        ckpt.save(int(st.step), st, carry=c, metrics=metrics, meta={
-            **job.meta, "progress": prog, "curve": [p for p in curve if p[0] <= int(st.step)],
-            "data": {**job.meta.get("data", {}), "position": int(st.step)}})
+        at = train.step_of(st)
+        ckpt.save(at, st, carry=c, metrics=metrics, meta={
+            **job.meta, "progress": prog, "curve": [p for p in curve if p[0] <= at],
+            "data": {**job.meta.get("data", {}), "position": at},
+            **({"population": {**population_meta, "best": kept["member"]}} if n_members > 1 else {})})
 
     what = f"{total_steps} steps" if total_steps else f"{seconds / 60:g} min"
-    print(f"rnnjax: {job.model_name} ({n_params / 1e6:.2f}M parameters) on {job.describe}; budget {what}"
-          f"{f'; resuming at step {step0}' if job.resume_step is not None else ''}; backend "
-          f"{jax.default_backend()}; run directory {str(out)!r}", file=sys.stderr)
+    how = ""
+    if job.devices > 1:
+        how = f"; data-parallel over {job.devices} {jax.default_backend()} devices"
+    if n_members > 1:
+        how = (f"; a population of {n_members} (seeds {members[0]['seed']}..{members[-1]['seed']}, lr "
+               f"{','.join(format(m['lr'], 'g') for m in members)}) in one vmapped step")
+    print(f"rnnjax: {job.model_name} ({n_params / 1e6:.2f}M parameters{' each' if n_members > 1 else ''}) on "
+          f"{job.describe}; budget {what}{f'; resuming at step {step0}' if job.resume_step is not None else ''}"
+          f"{how}; backend {jax.default_backend()}; run directory {str(out)!r}", file=sys.stderr)
 
     bar = tqdm(total=total_steps, initial=step0, unit="step", dynamic_ncols=True, file=sys.stderr,
                desc=job.model_name, smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 10.0)
@@ -416,6 +552,11 @@ def run(job: Job) -> Outcome:
                          if k.startswith("val_") and k != "val_loss" and isinstance(v, float))
         line = (f"step {record['step']}: validation loss {record['val_loss']:.4f}{unit}{extras}{train_part} "
                 f"({record['elapsed_s']:.0f} s)")
+        if n_members > 1:
+            kept["member"] = record["member"]
+            line += f"; best member {record['member']}; members " + " ".join(
+                f"{v:.4f}" for v in record["member_val_loss"])
+            st = train.member(st, record["member"])
         if job.eval_text is not None:
             line += job.eval_text(record, st)
         bar.write(line, file=sys.stderr)
@@ -423,8 +564,8 @@ def run(job: Job) -> Outcome:
     with Interrupt() as interrupt:
         try:
             result = train.fit(
-                train_step, state, job.batches, carry=carry, total_steps=total_steps, seconds=seconds,
-                start_time=job.start_time, evaluate=job.evaluate, evals=job.evals, early_stopping=early, save=save,
+                train_step, state, batches, carry=carry, total_steps=total_steps, seconds=seconds,
+                start_time=job.start_time, evaluate=evaluate, evals=job.evals, early_stopping=early, save=save,
                 save_every_steps=job.save_every_steps,
                 save_every_seconds=None if job.save_every_minutes is None else job.save_every_minutes * 60,
                 tokens_per_step=job.tokens_per_step, on_step=on_step, on_eval=on_eval,
@@ -440,7 +581,7 @@ def run(job: Job) -> Outcome:
                          ylabel=f"loss ({job.metric_unit})" if job.metric_unit else "loss")
         except Exception as e:  # noqa: BLE001 - a failed plot must not fail a finished run
             print(f"rnnjax: could not write loss.png ({type(e).__name__}: {e})", file=sys.stderr)
-    step = int(result.state.step)
+    step = train.step_of(result.state)
     val = history[-1]["val_loss"] if history and history[-1]["step"] == step else None
     skipped = f"; {result.skipped_steps} step(s) skipped for non-finite gradients" if result.skipped_steps else ""
     unit = f" {job.metric_unit}" if job.metric_unit else ""
@@ -448,18 +589,25 @@ def run(job: Job) -> Outcome:
     summary = (f"rnnjax: step {step} after {result.elapsed_s:.0f} s ({result.tokens_per_s:,.0f} {job.unit}/s after "
                f"compilation)" + (f"; validation loss {val:.4f}{unit}{bits}" if val is not None else "") + skipped)
     print(summary, file=sys.stderr)
+    final_params = result.state.params
+    if n_members > 1:
+        # Kept: the best member of the best evaluation (the best checkpoint's), else of the last one.
+        best_record = min((r for r in history if "member" in r), key=lambda r: r["val_loss"], default=None)
+        kept["member"] = best_record["member"] if best_record else kept["member"]
+        _print_members(members, history, kept["member"])
+        final_params = jax.tree_util.tree_map(lambda x: x[kept["member"]], final_params)
     if result.stop_reason == "interrupted":
         ckpt.close()
         print(f"rnnjax: interrupted; checkpoint of step {step} saved in {str(out / 'checkpoints')!r}. Resume with: "
               f"{cmd} --out {job.out} --resume", file=sys.stderr)
-        return Outcome(130, result, k_sample)
+        return Outcome(130, result, k_sample, params=final_params)
     if result.stop_reason == "not_finite":
         ckpt.close()
         print(f"rnnjax: error: the gradients were not finite for {MAX_SKIPPED} steps in a row (skipped, never "
               f"applied) at step {step}; the last good parameters are saved. Fix: lower --lr (now {s['lr']:g}) or "
               "--clip.",
               file=sys.stderr)
-        return Outcome(1, result, k_sample)
+        return Outcome(1, result, k_sample, params=final_params)
     if result.stop_reason == "early_stopping":
         print(f"rnnjax: early stopping: no improvement for {early.patience} evaluations (best "
               f"{early.best:.4f} at step {early.best_step})", file=sys.stderr)
@@ -468,16 +616,20 @@ def run(job: Job) -> Outcome:
         params = result.state.params
         if best_step is not None and best_step != step:
             params, _ = ckpt.restore_params(best_step, jax.eval_shape(lambda: result.state.params))
+        if n_members > 1:
+            params = jax.tree_util.tree_map(lambda x: x[kept["member"]], params)
         test = {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v)
                 for k, v in job.finish(params, history).items()}
-        record = {"step": best_step if best_step is not None else step, "split": "test", **test}
+        record = {"step": best_step if best_step is not None else step, "split": "test",
+                  **({"member": kept["member"]} if n_members > 1 else {}), **test}
         write_metrics(metrics_path, history + [record])
         shown = ", ".join(f"{k.removeprefix('test_').replace('_', ' ')} {v:.4f}" for k, v in test.items()
                           if isinstance(v, float))
         print(f"rnnjax: test ({'best checkpoint, ' if best_step not in (None, step) else ''}step "
-              f"{record['step']}): {shown}", file=sys.stderr)
+              f"{record['step']}{', member ' + str(kept['member']) if n_members > 1 else ''}): {shown}",
+              file=sys.stderr)
     ckpt.close()
     files = [f for f in job.files if not (job.no_plot and f.endswith(".png"))]
     print(f"rnnjax: checkpoints, {', '.join(files[:-1])}{' and ' if len(files) > 1 else ''}{files[-1]} are in "
           f"{str(out)!r}", file=sys.stderr)
-    return Outcome(0, result, k_sample, test)
+    return Outcome(0, result, k_sample, test, final_params)

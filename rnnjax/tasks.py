@@ -24,7 +24,8 @@ import numpy as np
 from rnnjax import data, engine, models
 from rnnjax.engine import RUN_MARKER, UsageError
 
-OPTIM_DEFAULTS = dict(lr=3e-3, warmup=None, end_lr=0.0, weight_decay=0.0, clip=1.0, accumulate=1, seed=0)
+OPTIM_DEFAULTS = dict(lr=3e-3, warmup=None, end_lr=0.0, weight_decay=0.0, clip=1.0, accumulate=1, seed=0,
+                      population=None)
 MODEL_DEFAULTS = dict(cell="lstm", layers=1, hidden=128, bidirectional=False, dropout=0.0)
 
 # Defaults per task: chosen so that the plain command reaches the acceptance numbers of the README
@@ -508,9 +509,11 @@ PREPARE = {"classify": prepare_classify, "digits": prepare_classify, "forecast":
 def train(task: str, settings: dict, *, out: str, steps: int | None = None, minutes: float | None = None,
           resume: bool = False, overwrite: bool = False, evals: int = 5, patience: int | None = None,
           min_delta: float = 0.0, save_every_steps: int | None = None, save_every_minutes: float | None = None,
-          no_plot: bool = False, start_time: float | None = None) -> engine.Outcome:
+          no_plot: bool = False, start_time: float | None = None, devices: int | None = None) -> engine.Outcome:
     """Runs ``rnnjax train TASK``: ``settings`` are the task's fixed settings that differ from
-    :data:`DEFAULTS` (on ``resume``, those that were given, checked against the run's)."""
+    :data:`DEFAULTS` (on ``resume``, those that were given, checked against the run's); a
+    ``population`` setting (or a list of ``lr``/``weight_decay`` values) trains several models at once.
+    ``devices``: data-parallel over that many local devices (None: as many as divide the batch)."""
     cmd = f"rnnjax train {task}"
     if task not in DEFAULTS:
         raise UsageError(f"{cmd}: unknown task {task!r}; known: {', '.join(DEFAULTS)}.")
@@ -521,6 +524,8 @@ def train(task: str, settings: dict, *, out: str, steps: int | None = None, minu
     if task == "digits":
         s["dataset"] = "digits"
     p = PREPARE[task](s, cmd)
+    members = engine.population_members(s, s["population"], cmd)
+    devices = engine.device_count(devices, s["batch"], cmd, population=len(members))
     resume_step = engine.resume_step(out_path, cmd) if saved else None
     default_steps = DEFAULTS[task].get("steps")
     if steps is None and minutes is None and not saved and default_steps:
@@ -537,7 +542,7 @@ def train(task: str, settings: dict, *, out: str, steps: int | None = None, minu
         finish=partial(_finish, p.finish, out_path, no_plot), files=p.files,
         plot_title=f"{p.model.name}: rnnjax train {task}", evals=evals, patience=patience, min_delta=min_delta,
         save_every_steps=save_every_steps, save_every_minutes=save_every_minutes, no_plot=no_plot,
-        start_time=start_time))
+        start_time=start_time, devices=devices, population=len(members)))
 
 
 def _finish(fn, out, no_plot, params, history):

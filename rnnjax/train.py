@@ -142,17 +142,22 @@ def set_hyperparams(opt_state, **values):
                          "rnnjax.train.default_optimizer or optax.inject_hyperparams.")
     new = dict(hp)
     for k, v in values.items():
-        new[k] = jnp.asarray(v, dtype=jnp.asarray(hp[k]).dtype)
+        old = jnp.asarray(hp[k])
+        # A population's state (stack_states) holds one value per member: a scalar goes to every member,
+        # an array of the member count sets each its own.
+        new[k] = jnp.broadcast_to(jnp.asarray(v, dtype=old.dtype), old.shape)
     return opt_state._replace(hyperparams=new)
 
 
-def current_learning_rate(opt_state) -> float | None:
-    """The learning rate :func:`default_optimizer` will use at its next update (None for other optimisers)."""
+def current_learning_rate(opt_state) -> float | list[float] | None:
+    """The learning rate :func:`default_optimizer` will use at its next update (None for other optimisers;
+    a list, one per member, for a population's state)."""
     hp = getattr(opt_state, "hyperparams", None)
     if not isinstance(hp, dict) or "total_steps" not in hp:
         return None
-    return float(_scheduled_lr(opt_state.count, hp["learning_rate"], hp["warmup_steps"], hp["total_steps"],
-                               hp["end_fraction"]))
+    lr = np.asarray(_scheduled_lr(opt_state.count, hp["learning_rate"], hp["warmup_steps"], hp["total_steps"],
+                                  hp["end_fraction"]))
+    return float(lr) if lr.ndim == 0 else [float(v) for v in lr]
 
 
 @jax.jit
@@ -282,13 +287,19 @@ def population_size(states: TrainState) -> int:
     return int(states.step.shape[0])
 
 
+def step_of(state: TrainState) -> int:
+    """The step of a train state, or of a population's (its members step together)."""
+    return int(np.asarray(state.step).reshape(-1)[0])
+
+
 def member(states: TrainState, i: int) -> TrainState:
     """Member ``i`` of a population state, as an ordinary train state."""
     return jax.tree_util.tree_map(lambda x: x[i], states)
 
 
 def make_population_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, carry: bool = False,
-                         accumulate: int = 1, shared_batch: bool = True):
+                         accumulate: int = 1, shared_batch: bool = True,
+                         summarise: Callable[[dict], dict] | None = None):
     """The step of :func:`make_train_step`, vmapped over a population (:func:`stack_states`).
 
     ``population_step(states, batch[, carries]) -> (states, [carries,] metrics)``,
@@ -296,13 +307,31 @@ def make_population_step(loss_fn: LossFn, optimizer: optax.GradientTransformatio
     member reads the same batch (a sweep over seeds and hyperparameters on
     the same data); ``False``: the batch has a leading member axis too. One
     compile serves the whole population, and each member's numbers equal
-    its individually trained twin's.
+    its individually trained twin's. ``summarise`` maps the per-member
+    metrics to the ones returned, inside the compiled step (e.g.
+    :func:`population_summary`).
     """
-    step = make_train_step(loss_fn, optimizer, carry=carry, accumulate=accumulate, donate=False)
-    batch_axis = None if shared_batch else 0
-    if carry:
-        return jax.jit(jax.vmap(step, in_axes=(0, batch_axis, 0)), donate_argnums=(0, 2))
-    return jax.jit(jax.vmap(step, in_axes=(0, batch_axis)), donate_argnums=0)
+    step = jax.vmap(make_train_step(loss_fn, optimizer, carry=carry, accumulate=accumulate, donate=False),
+                    in_axes=(0, None if shared_batch else 0) + ((0,) if carry else ()))
+    summarise = summarise or (lambda metrics: metrics)
+
+    def population_step(states, batch, *c):
+        *out, metrics = step(states, batch, *c)
+        return (*out, summarise(metrics))
+
+    return jax.jit(population_step, donate_argnums=(0, 2) if carry else 0)
+
+
+def population_summary(metrics: dict) -> dict:
+    """A population step's metrics as one run's: ``loss`` is the mean over the members whose step was
+    not skipped, ``skipped`` is 1 only when every member's was; ``member_loss`` and ``member_skipped``
+    keep each member's."""
+    ok = metrics["skipped"] == 0
+    n_ok = jnp.sum(ok)
+    loss = jnp.sum(jnp.where(ok, metrics["loss"], 0.0)) / jnp.maximum(n_ok, 1)
+    return {"loss": jnp.where(n_ok > 0, loss, jnp.nan), "grad_norm": jnp.max(metrics["grad_norm"]),
+            "skipped": (n_ok == 0).astype(jnp.int32), "member_loss": metrics["loss"],
+            "member_skipped": metrics["skipped"]}
 
 
 # ----------------------------------------------------------------------------
@@ -450,6 +479,16 @@ def _spread(start: int, stop: int, count: int) -> list[int]:
     return sorted({start + round(k * (stop - start) / count) for k in range(1, count + 1)} - {start})
 
 
+def _rounded(value):
+    """A validation metric for the JSON record: floats to 5 decimals, integers (a member's index) as
+    they are, lists (one value per population member) element by element."""
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    return round(float(value), 5)
+
+
 @dataclass
 class FitResult:
     """What :func:`fit` ends with."""
@@ -516,7 +555,7 @@ def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_s
     history = list(progress.get("history", []))
     skipped = int(progress.get("skipped_steps", 0))
     deadline = start + seconds if seconds is not None else math.inf
-    step = int(state.step)
+    step = step_of(state)
     first_step = step
     fit_horizon = seconds is not None and total_steps is None
     horizon = total_steps if total_steps is not None else int(progress.get("total_steps", 10 ** 9))
@@ -571,7 +610,7 @@ def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_s
         evaluated = evaluate(state.params)
         extra = {}
         if isinstance(evaluated, dict):  # more validation metrics than the loss
-            extra = {k: round(float(v), 5) for k, v in evaluated.items() if k != "val_loss"}
+            extra = {k: _rounded(v) for k, v in evaluated.items() if k != "val_loss"}
             evaluated = evaluated["val_loss"]
         val = float(evaluated)
         train_loss = float(np.mean(losses)) if losses else None

@@ -75,3 +75,25 @@ def test_stack_states_errors():
             "rnnjax.train.stack_states: member 1's state has a different structure from member 0's. Fix: build "
             "every member with the same model and optimiser (hyperparameters may differ).")):
         train.stack_states([states[0], odd])
+
+
+def test_hyperparameters_of_a_population():
+    model, opt, states, batches = _setup([1e-2, 1e-2, 1e-2], [0, 1, 2])
+    population = train.stack_states(states)
+    # One value for every member, or one per member; the schedule is each member's own.
+    opt_state = train.set_hyperparams(population.opt_state, learning_rate=np.array([1e-3, 2e-3, 4e-3]))
+    opt_state = train.set_hyperparams(opt_state, total_steps=40)
+    assert opt_state.hyperparams["total_steps"].tolist() == [40, 40, 40]
+    lrs = train.current_learning_rate(opt_state)  # step 0 of a 2-step warmup: zero; after one step, half the peak
+    np.testing.assert_allclose(lrs, [0.0, 0.0, 0.0], atol=0)
+    loss_fn = train.language_model_loss(model)
+    step = train.make_population_step(loss_fn, opt, summarise=train.population_summary)
+    population, metrics = step(population._replace(opt_state=opt_state), batches[0])
+    twins = [train.make_train_step(loss_fn, opt)(s._replace(opt_state=train.set_hyperparams(
+        s.opt_state, learning_rate=lr, total_steps=40)), batches[0])[1]["loss"] for s, lr in
+        zip(states, [1e-3, 2e-3, 4e-3])]
+    np.testing.assert_allclose(metrics["member_loss"], twins, rtol=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(float(np.mean(twins)), rel=1e-6)
+    assert int(metrics["skipped"]) == 0 and metrics["member_skipped"].tolist() == [0, 0, 0]
+    np.testing.assert_allclose(train.current_learning_rate(population.opt_state), [5e-4, 1e-3, 2e-3], rtol=1e-5)
+    assert train.step_of(population) == 1
