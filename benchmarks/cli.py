@@ -33,7 +33,7 @@ SUBCOMMANDS = {
     "long": ("benchmarks.long_sequences", "memory and compile time of fwd+bwd against T, remat off and on"),
     "profile": ("benchmarks.profile", "where one training step's time goes, op by op, next to torch"),
     "parallel": ("benchmarks.parallel", "linear cells: associative_scan against the sequential scan, against T"),
-    "population": ("benchmarks.population", "N models trained by one vmapped step against N sequential runs"),
+    "population": ("benchmarks.population", "N models trained by one compiled step against N sequential runs"),
     "memory": ("benchmarks.long_memory", "a long-memory task (the adding problem): which cells learn it"),
     "tasks": ("benchmarks.tasks", "every rnnjax train task with default settings against its baseline: a results "
                                   "table"),

@@ -1,14 +1,14 @@
-"""``rnnjax-bench population``: N language models trained by one vmapped step against N sequential runs.
+"""``rnnjax-bench population``: N language models trained by one compiled step against N sequential runs.
 
     rnnjax-bench population [--members 8] [--hidden 16,32,64,128,256] [--batch 16] [--time 64] [--rounds 7]
     rnnjax-bench population --sweep 100,1000 [--members 8] [--hidden 128] [--rounds 3]
 
-Per step (the default): each round times, in alternating order, one step of
-the population (:func:`rnnjax.train.make_population_step`, members with their
-own seeds and learning rates on a shared batch) and the same step of every
-member run one after another with :func:`rnnjax.train.make_train_step` (what
-N separate runs do). Reports the medians and their ratio, after compile and
-warm-up.
+Per step (the default): each round times, in rotated order, one step of the
+population (:func:`rnnjax.train.make_population_step`, members with their own
+seeds and learning rates on a shared batch) with ``strategy="vmap"`` and with
+``strategy="map"``, and the same step of every member run one after another
+with :func:`rnnjax.train.make_train_step` (what N separate runs do). Reports
+the medians and the ratios, after compile and warm-up.
 
 ``--sweep STEPS``: what a user waits for. Each round times, in alternating
 order and each in a fresh process, ``rnnjax train charlm --steps STEPS
@@ -52,31 +52,39 @@ def measure(members: int, hidden: int, batch: int, time_steps: int, rounds: int,
     batch_ = {"x": rng.integers(0, vocab, size=(batch, time_steps)), "y": rng.integers(0, vocab, size=(batch, time_steps))}
     batch_ = jax.tree_util.tree_map(jax.numpy.asarray, batch_)
     loss_fn = train.language_model_loss(model)
-    pop_step, single_step = train.make_population_step(loss_fn, opt), train.make_train_step(loss_fn, opt)
-    box = {"population": train.stack_states(states()), "singles": states()}
+    single_step = train.make_train_step(loss_fn, opt)
+    box = {"singles": states()}
 
-    def run_population():
-        box["population"], metrics = pop_step(box["population"], batch_)
-        jax.block_until_ready(metrics)
+    def population(strategy):
+        step = train.make_population_step(loss_fn, opt, strategy=strategy)
+        box[strategy] = train.stack_states(states())
+
+        def run():
+            box[strategy], metrics = step(box[strategy], batch_)
+            jax.block_until_ready(metrics)
+
+        return run
 
     def run_sequential():
         for i, state in enumerate(box["singles"]):
             box["singles"][i], metrics = single_step(state, batch_)
             jax.block_until_ready(metrics)
 
-    runners = {"population": run_population, "sequential": run_sequential}
+    runners = {"vmap": population("vmap"), "map": population("map"), "sequential": run_sequential}
     for run in runners.values():  # compile, then warm up
         run()
         run()
     samples = {name: [] for name in runners}
+    names = list(runners)
     for r in range(rounds):
-        for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotated each round
             start = time.perf_counter()
             runners[name]()
             samples[name].append(time.perf_counter() - start)
-    pop, seq = statistics.median(samples["population"]), statistics.median(samples["sequential"])
-    return dict(members=members, hidden=hidden, batch=batch, time=time_steps, population_s=pop, sequential_s=seq,
-                speedup=seq / pop)
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    return dict(members=members, hidden=hidden, batch=batch, time=time_steps, vmap_s=med["vmap"], map_s=med["map"],
+                sequential_s=med["sequential"], vmap_speedup=med["sequential"] / med["vmap"],
+                map_speedup=med["sequential"] / med["map"])
 
 
 def sweep(members: int, hidden: int, steps: int, rounds: int) -> dict:
@@ -120,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     widths = [int(h) for h in args.hidden.split(",")]
     if args.members < 2 or args.rounds < 1 or min(widths) < 1:
         print(f"{PROG}: error: expected --members >= 2, --rounds >= 1 and positive --hidden; got --members "
-              f"{args.members} --rounds {args.rounds} --hidden {args.hidden}")
+              f"{args.members} --rounds {args.rounds} --hidden {args.hidden}", file=sys.stderr)
         return 2
     if args.sweep is not None:
         parts = args.sweep.split(",")
         if not all(part.isdigit() and int(part) > 0 for part in parts):
             print(f"{PROG}: error: --sweep expects comma-separated positive step counts, e.g. 100,1000; got "
-                  f"{args.sweep!r}")
+                  f"{args.sweep!r}", file=sys.stderr)
             return 2
         print(f"{'members':>7} {'H':>5} {'steps':>6} {'one population command':>23} {'N single commands':>18} "
               f"{'speedup':>8}")
@@ -136,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['members']:>7} {h:>5} {steps:>6} {r['population_s']:>21.1f} s {r['sequential_s']:>16.1f} s "
                       f"{r['speedup']:>7.2f}x", flush=True)
         return 0
-    print(f"{'members':>7} {'H':>5} {'B':>4} {'T':>4} {'population step':>16} {'N sequential steps':>19} {'speedup':>8}")
+    print(f"{'members':>7} {'H':>5} {'B':>4} {'T':>4} {'vmap step':>10} {'map step':>10} {'N single steps':>15} "
+          f"{'vmap speedup':>13} {'map speedup':>12}")
     for h in widths:
         r = measure(args.members, h, args.batch, args.time, args.rounds)
-        print(f"{r['members']:>7} {h:>5} {r['batch']:>4} {r['time']:>4} {r['population_s'] * 1e3:>13.1f} ms "
-              f"{r['sequential_s'] * 1e3:>16.1f} ms {r['speedup']:>7.2f}x", flush=True)
+        print(f"{r['members']:>7} {h:>5} {r['batch']:>4} {r['time']:>4} {r['vmap_s'] * 1e3:>7.1f} ms "
+              f"{r['map_s'] * 1e3:>7.1f} ms {r['sequential_s'] * 1e3:>12.1f} ms {r['vmap_speedup']:>12.2f}x "
+              f"{r['map_speedup']:>11.2f}x", flush=True)
     return 0
 
 

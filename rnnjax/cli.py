@@ -156,7 +156,7 @@ def _one_or_list(kind):
 def _population_args(p):
     g = p.add_argument_group("populations and devices")
     g.add_argument("--population", type=_positive(int), default=None, metavar="N",
-                   help="train N models at once in one vmapped step: member i starts from --seed + i and takes "
+                   help="train N models at once in one compiled step: member i starts from --seed + i and takes "
                         "the i-th value of --lr and --weight-decay when they are comma-separated lists (a list "
                         "alone sets N); all read the same batches; the best by validation loss is kept")
     g.add_argument("--devices", type=_positive(int), default=None, metavar="N",

@@ -515,7 +515,7 @@ def run(job: Job) -> Outcome:
         how = f"; data-parallel over {job.devices} {jax.default_backend()} devices"
     if n_members > 1:
         how = (f"; a population of {n_members} (seeds {members[0]['seed']}..{members[-1]['seed']}, lr "
-               f"{','.join(format(m['lr'], 'g') for m in members)}) in one vmapped step")
+               f"{','.join(format(m['lr'], 'g') for m in members)}) in one compiled step")
     print(f"rnnjax: {job.model_name} ({n_params / 1e6:.2f}M parameters{' each' if n_members > 1 else ''}) on "
           f"{job.describe}; budget {what}{f'; resuming at step {step0}' if job.resume_step is not None else ''}"
           f"{how}; backend {jax.default_backend()}; run directory {str(out)!r}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""``rnnjax-bench parallel``: a tiny end-to-end run, the crossover rule, bad input."""
+"""``rnnjax-bench parallel``: a tiny end-to-end run, the crossover rule, bad input (and `population`'s)."""
 
 from __future__ import annotations
 
@@ -88,3 +88,14 @@ def test_memory_tiny_run_reports_the_held_out_mse(tmp_path, capsys):
     (row,) = [json.loads(line) for line in path.read_text().splitlines()]
     assert [i for i, _ in row["curve"]] == [2, 4] and row["test_mse"] == row["curve"][-1][1] > 0
     assert "mingru  final " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["population", "--members", "1"], "rnnjax-bench population: error: expected --members >= 2, --rounds >= 1 and "
+                                       "positive --hidden; got --members 1 --rounds 7 --hidden 16,32,64,128,256"),
+    (["population", "--sweep", "100,x"], "rnnjax-bench population: error: --sweep expects comma-separated positive "
+                                         "step counts, e.g. 100,1000; got '100,x'"),
+])
+def test_bench_population_bad_input_exits_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip() == message

@@ -37,7 +37,7 @@ def test_population_member_0_is_the_single_run_and_the_best_member_is_kept(tmp_p
     # Member 1's learning rate is far too small to learn anything in 12 steps: member 0 is the best.
     assert cli.main(ADDING + ["--lr", "1e-2,1e-7", "--out", str(pop)]) == 0
     err = capsys.readouterr().err
-    assert "a population of 2 (seeds 0..1, lr 0.01,1e-07) in one vmapped step" in err
+    assert "a population of 2 (seeds 0..1, lr 0.01,1e-07) in one compiled step" in err
     assert re.search(r"\n +0\* +0 +0\.01 +0 ", err) and re.search(r"\n +1 +1 +1e-07 +0 ", err)
     assert cli.main(ADDING + ["--lr", "1e-2", "--out", str(one)]) == 0
     p, o = _records(pop), _records(one)

@@ -1,5 +1,5 @@
-"""Populations (rnnjax.train.make_population_step): one vmapped step trains N models, and each member
-equals its individually trained twin."""
+"""Populations (rnnjax.train.make_population_step): one compiled step (vmapped, or a lax.map over the
+members) trains N models, and each member equals its individually trained twin."""
 
 import re
 
@@ -25,12 +25,13 @@ def _setup(learning_rates, seeds):
     return model, opt, states, batches
 
 
-def test_each_member_equals_its_individually_trained_twin():
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_each_member_equals_its_individually_trained_twin(strategy):
     lrs, seeds = [3e-3, 1e-2, 3e-2], [0, 1, 2]
     model, opt, states, batches = _setup(lrs, seeds)
     loss_fn = train.language_model_loss(model)
     population = train.stack_states(states)
-    step = train.make_population_step(loss_fn, opt)
+    step = train.make_population_step(loss_fn, opt, strategy=strategy)
     losses = []
     for batch in batches:
         population, metrics = step(population, batch)
@@ -51,10 +52,11 @@ def test_each_member_equals_its_individually_trained_twin():
     assert len(set(finals)) == 3
 
 
-def test_members_with_their_own_batches():
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_members_with_their_own_batches(strategy):
     model, opt, states, batches = _setup([1e-2, 1e-2], [0, 0])
     loss_fn = train.language_model_loss(model)
-    step = train.make_population_step(loss_fn, opt, shared_batch=False)
+    step = train.make_population_step(loss_fn, opt, shared_batch=False, strategy=strategy)
     population = train.stack_states(states)
     stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), batches[0], batches[1])
     population, metrics = step(population, stacked)
@@ -75,6 +77,9 @@ def test_stack_states_errors():
             "rnnjax.train.stack_states: member 1's state has a different structure from member 0's. Fix: build "
             "every member with the same model and optimiser (hyperparameters may differ).")):
         train.stack_states([states[0], odd])
+    with pytest.raises(ValueError, match=re.escape(
+            "rnnjax.train.make_population_step: strategy must be 'auto', 'vmap' or 'map', got 'pmap'.")):
+        train.make_population_step(train.language_model_loss(model), opt, strategy="pmap")
 
 
 def test_hyperparameters_of_a_population():
@@ -97,3 +102,23 @@ def test_hyperparameters_of_a_population():
     assert int(metrics["skipped"]) == 0 and metrics["member_skipped"].tolist() == [0, 0, 0]
     np.testing.assert_allclose(train.current_learning_rate(population.opt_state), [5e-4, 1e-3, 2e-3], rtol=1e-5)
     assert train.step_of(population) == 1
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_members_with_a_carried_state_equal_their_twins(strategy):
+    model, opt, states, batches = _setup([1e-2, 3e-2], [0, 1])
+    loss_fn = train.language_model_loss(model, carry=True)
+    step = train.make_population_step(loss_fn, opt, carry=True, strategy=strategy)
+    carries = [model.initial_carry(s.params, (4,)) for s in states]
+    population = train.stack_states(states)
+    carry = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *carries)
+    for batch in batches:
+        population, carry, metrics = step(population, batch, carry)
+    single = train.make_train_step(loss_fn, opt, carry=True)
+    for i, (state, c) in enumerate(zip(states, carries)):
+        for batch in batches:
+            state, c, m = single(state, batch, c)
+        np.testing.assert_allclose(metrics["loss"][i], m["loss"], rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves((train.member(population, i).params, jax.tree_util.tree_map(
+                lambda x: x[i], carry))), jax.tree_util.tree_leaves((state.params, c))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
