@@ -35,8 +35,7 @@ SUBCOMMANDS = {
     "parallel": ("benchmarks.parallel", "linear cells: associative_scan against the sequential scan, against T"),
     "population": ("benchmarks.population", "N models trained by one compiled step against N sequential runs"),
     "memory": ("benchmarks.long_memory", "a long-memory task (the adding problem): which cells learn it"),
-    "tasks": ("benchmarks.tasks", "every rnnjax train task with default settings against its baseline: a results "
-                                  "table"),
+    "tasks": ("benchmarks.tasks", "every rnnjax train task with fixed seeds against its baseline: a results table"),
 }
 DEFAULT_ROUNDS, QUICK_ROUNDS, MIN_ROUNDS = 7, 3, 5
 DEFAULT_MODES, QUICK_MODES = "fwd,fwdbwd", "fwd,fwdbwd,train"

@@ -1,5 +1,6 @@
-"""``rnnjax-bench tasks``: every ``rnnjax train TASK`` with its default settings and fixed seeds,
-each against a baseline, and the memory sweeps; writes a results table.
+"""``rnnjax-bench tasks``: every ``rnnjax train TASK`` with fixed seeds (default settings, except the
+GRU copy run's step count, below), each against a baseline, and the memory sweeps; writes a results
+table.
 
     rnnjax-bench tasks                                   # all runs, table on stdout
     rnnjax-bench tasks --only classify,digits --markdown results.md --json results.jsonl
