@@ -127,6 +127,22 @@ def test_long_subcommand_reports_less_planned_memory_with_remat(capsys):
     assert rows["8"]["planned_peak_mib"] < rows["none"]["planned_peak_mib"]
 
 
+def test_profile_scales_each_matmul_by_torch_mm_over_xla_for_its_shape():
+    """An op's time is divided by torch.mm's speed-up on its shape alone (not replaced by torch's full
+    time, which would charge an asynchronous matmul whose event under-counts its work in full)."""
+    from benchmarks import profile
+
+    ops = [dict(phase="forward scan", dots=[(16, 512, 2048)], ms_per_step=10.0, flops_per_step=1e12),
+           dict(phase="backward, outside loops", dots=[(512, 8192, 2048)], ms_per_step=4.0, flops_per_step=1e12),
+           dict(phase="forward scan", dots=[], ms_per_step=3.0, flops_per_step=0)]
+    rates = [dict(shape=(16, 512, 2048), xla_gflops=100.0, torch_gflops=200.0),
+             dict(shape=(512, 8192, 2048), xla_gflops=250.0, torch_gflops=300.0)]
+    s = profile.summarise(dict(wall_ms=20.0, ops=ops), None, rates)
+    assert s["matmul_ms"] == 14.0 and s["other_ms"] == 3.0
+    assert s["matmul_at_torch_rate_ms"] == pytest.approx(10.0 / 2 + 4.0 * 250 / 300)
+    assert s["phases"] == {"forward scan": 13.0, "backward, outside loops": 4.0}
+
+
 def test_profile_counts_every_matmul_of_the_train_step(tmp_path):
     """The per-op profile's matmuls, found in the compiled HLO and the trace, add up to the analytic FLOPs."""
     import os
