@@ -8,7 +8,7 @@ are compiled (the gradient of ``sum(ys)`` with respect to the parameters and
 the inputs), then timed interleaved in the same rounds (medians after the
 compile call and one warm-up call): ``associative`` (``parallel=True``: the
 coefficients of all steps at once, ``jax.lax.associative_scan``), ``loop``
-(the same with a ``lax.scan`` of the multiply-add alone) and ``sequential``
+(the same with a loop of the multiply-add alone) and ``sequential``
 (``parallel=False``: the cell's step in ``lax.scan``). ``speedup`` is the
 sequential median over the associative one (``loop_speedup``: over the loop
 form); the crossover is the smallest ``T`` from which the associative path

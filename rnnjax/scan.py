@@ -137,8 +137,9 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
         RG-LRU): ``True`` (or ``"associative"``) computes the coefficients
         of all steps at once and runs the recurrence with
         ``jax.lax.associative_scan`` (depth ``O(log T)``, float32 or wider);
-        ``"loop"`` does the same with a ``lax.scan`` of the multiply-add
-        alone; ``False`` runs the cell's step in the sequential scan;
+        ``"loop"`` does the same with a loop of the multiply-add alone (a
+        ``lax.fori_loop`` writing each state over its ``b``); ``False`` runs
+        the cell's step in the sequential scan;
         ``"auto"`` as :func:`auto_parallel` decides (sequential when
         ``remat`` is set). ``unroll``, ``hoist`` and ``backward`` apply to
         the sequential scan only.
@@ -232,25 +233,68 @@ def _combine(earlier, later):
     return a2 * a1, a2 * b1 + b2
 
 
+def _at(a, t, ndim: int):
+    """Step ``t`` of the coefficients ``a``: ``a`` itself where it has no time axis (fewer dims than ``ndim``)."""
+    return a if a.ndim < ndim else jax.lax.dynamic_index_in_dim(a, t, keepdims=False)
+
+
+def _sum_to(x, shape):
+    """``x`` summed over the axes that broadcasting ``shape`` to ``x.shape`` added or stretched."""
+    lead = x.ndim - len(shape)
+    x = jnp.sum(x, axis=tuple(range(lead)))
+    return jnp.sum(x, axis=tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1), keepdims=True)
+
+
+def _loop_states(a, b, reverse: bool):
+    """``h_t = a_t * h_{t-1} + b_t`` step by step, each state written over ``b_t``.
+
+    A ``lax.fori_loop`` that updates ``b`` in place: a ``lax.scan`` would first fill a zeroed
+    ``[T, ...]`` output buffer, a whole-array pass that costs as much as the loop itself on a CPU.
+    """
+    T = b.shape[0]
+
+    def body(i, carry):
+        h, out = carry
+        t = T - 1 - i if reverse else i
+        h = _at(a, t, b.ndim) * h + jax.lax.dynamic_index_in_dim(out, t, keepdims=False)
+        return h, jax.lax.dynamic_update_index_in_dim(out, h, t, 0)
+
+    return jax.lax.fori_loop(0, T, body, (jnp.zeros_like(b[0]), b))[1]
+
+
 def _scan_states(a, b, reverse: bool, method: str):
     if method == "associative":
-        return jax.lax.associative_scan(_combine, (a, b), reverse=reverse, axis=0)[1]
+        return jax.lax.associative_scan(_combine, (jnp.broadcast_to(a, b.shape), b), reverse=reverse, axis=0)[1]
+    return _loop_states(a, b, reverse)
 
-    def body(h, ab):
-        h = ab[0] * h + ab[1]
-        return h, h
 
-    return jax.lax.scan(body, jnp.zeros_like(b[0]), (a, b), reverse=reverse)[1]
+def _adjoint_loop(a, g, reverse: bool):
+    """The adjoints ``l_t = g_t + a_{t+1} l_{t+1}`` of a forward loop (``reverse`` as the forward loop; ``t + 1``
+    is the step after ``t`` in its order), written over ``g`` in place as :func:`_loop_states` does."""
+    T = g.shape[0]
+
+    def body(i, carry):
+        lam, out = carry
+        t = i if reverse else T - 1 - i
+        after = jnp.maximum(t - 1, 0) if reverse else jnp.minimum(t + 1, T - 1)  # any step when lam is still 0
+        lam = _at(a, after, g.ndim) * lam + jax.lax.dynamic_index_in_dim(out, t, keepdims=False)
+        return lam, jax.lax.dynamic_update_index_in_dim(out, lam, t, 0)
+
+    return jax.lax.fori_loop(0, T, body, (jnp.zeros_like(g[0]), g))[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def linear_scan(a: Array, b: Array, reverse: bool = False, method: str = "associative") -> Array:
     """All states of ``h_t = a_t * h_{t-1} + b_t`` (``h_{-1} = 0``) along axis 0.
 
+    ``a`` is shaped like ``b``, or has no time axis (fewer dims than ``b``,
+    broadcastable to one step of it): the same coefficients at every step,
+    which the loop reads without ever forming ``[T, ...]`` copies.
+
     ``method="associative"``: ``jax.lax.associative_scan`` (depth ``O(log T)``);
-    ``"loop"``: a ``lax.scan`` of the multiply-add alone (``O(T)`` depth,
-    the least work). ``reverse=True`` runs from the last step to the first.
-    The gradient is itself a linear recurrence run the other way
+    ``"loop"``: a loop of the multiply-add alone (``O(T)`` depth, the least
+    work). ``reverse=True`` runs from the last step to the first. The
+    gradient is itself a linear recurrence run the other way
     (``l_t = g_t + a_next l_next``, ``db = l``, ``da = l h_prev``: transposes,
     JAX's convention, also for complex ``a, b``), computed by the same
     method: only ``a`` and ``h`` are stored, and autodiff's trace through
@@ -264,15 +308,19 @@ def _linear_scan_fwd(a, b, reverse, method):
     return h, (a, h)
 
 
+def _shift(x, reverse: bool):
+    """``x`` moved one step later in the scan's order (``x_{t-1}``, or ``x_{t+1}`` with ``reverse``), zero first."""
+    zero = jnp.zeros_like(x[:1])
+    return jnp.concatenate([x[1:], zero]) if reverse else jnp.concatenate([zero, x[:-1]])
+
+
 def _linear_scan_bwd(reverse, method, res, g):
     a, h = res
-    zero = jnp.zeros_like(a[:1])
-    if reverse:
-        a_next, h_prev = jnp.concatenate([zero, a[:-1]]), jnp.concatenate([h[1:], zero])
+    if method == "associative":
+        lam = _scan_states(_shift(jnp.broadcast_to(a, h.shape), not reverse), g, not reverse, method)
     else:
-        a_next, h_prev = jnp.concatenate([a[1:], zero]), jnp.concatenate([zero, h[:-1]])
-    lam = _scan_states(a_next, g, not reverse, method)
-    return lam * h_prev, lam
+        lam = _adjoint_loop(a, g, reverse)
+    return _sum_to(lam * _shift(h, reverse), a.shape), lam
 
 
 linear_scan.defvjp(_linear_scan_fwd, _linear_scan_bwd)
@@ -300,7 +348,7 @@ def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, r
         b = jnp.where(r, a * lin.state(zero_carry) + b, b)
         a = jnp.where(r, jnp.zeros_like(a), a)
     first = -1 if reverse else 0
-    b = b.at[first].add(a[first] * lin.state(carry))
+    b = b.at[first].add((a if a.ndim < b.ndim else a[first]) * lin.state(carry))
     hs = linear_scan(a, b, reverse, method)
     ys = lin.output(params, hs, px)
     if valid is not None:

@@ -148,6 +148,66 @@ def test_auto_picks_the_loop_form_for_long_sequences_on_cpu(monkeypatch):
     assert methods == ["loop", "associative"]
 
 
+def _numpy_states(a, b, reverse):
+    a = np.broadcast_to(a, b.shape)
+    h, out = np.zeros_like(b[0]), np.zeros_like(b)
+    for t in (range(len(b) - 1, -1, -1) if reverse else range(len(b))):
+        h = a[t] * h + b[t]
+        out[t] = h
+    return out
+
+
+@pytest.mark.parametrize("method", ["associative", "loop"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("kind", ["real", "complex", "real-constant", "complex-constant"])
+def test_linear_scan_against_a_numpy_loop(method, reverse, kind):
+    """States against a NumPy loop, gradients against finite differences (float64), for coefficients
+    ``a`` given per step or once for all steps (``[S]``, the LRU's lambda), real and complex."""
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        shape = (4,) if kind.endswith("constant") else (7, 3, 4)
+
+        def draw(s):
+            x = rng.uniform(-0.9, 0.9, size=s)
+            return x + 1j * rng.uniform(-0.4, 0.4, size=s) if kind.startswith("complex") else x
+
+        a, b = draw(shape), draw((7, 3, 4))
+        np.testing.assert_allclose(rnnjax.scan.linear_scan(jnp.asarray(a), jnp.asarray(b), reverse, method),
+                                   _numpy_states(a, b, reverse), atol=1e-12)
+
+        def f(a, b):
+            h = rnnjax.scan.linear_scan(a, b, reverse, method)
+            w = jnp.cos(jnp.arange(h.size)).reshape(h.shape)
+            return jnp.sum(jnp.abs(h * w) ** 2)
+
+        jax.test_util.check_grads(f, (jnp.asarray(a), jnp.asarray(b)), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_min_cell_coefficients_equal_the_log_space_form():
+    """minGRU/minLSTM coefficients against the paper's log-space expressions (float64), and finite, normalised
+    minLSTM gates where both sigmoids underflow."""
+    from rnnjax.cells.minrnn import _mingru_coefficients, _minlstm_coefficients
+
+    def log_g(x):
+        return np.where(x >= 0, np.log(np.maximum(x, 0) + 0.5), -np.logaddexp(0, -x))
+
+    def softplus(x):
+        return np.logaddexp(0, x)
+
+    k = np.random.default_rng(4).normal(scale=6, size=(3, 200))
+    with jax.enable_x64(True):
+        a, b = _mingru_coefficients(jnp.asarray(k[0]), jnp.asarray(k[1]))
+        np.testing.assert_allclose(a, np.exp(-softplus(k[0])), rtol=1e-12)
+        np.testing.assert_allclose(b, np.exp(-softplus(-k[0]) + log_g(k[1])), rtol=1e-12)
+        a, b = _minlstm_coefficients(*(jnp.asarray(x) for x in k))
+        diff = softplus(-k[0]) - softplus(-k[1])
+        np.testing.assert_allclose(a, np.exp(-softplus(diff)), rtol=1e-12)
+        np.testing.assert_allclose(b, np.exp(-softplus(-diff) + log_g(k[2])), rtol=1e-12)
+    a, b = _minlstm_coefficients(jnp.array([-300.0, -200.0]), jnp.array([-301.0, 50.0]), jnp.array([1.0, 1.0]))
+    np.testing.assert_allclose(a, [1 / (1 + np.exp(-1)), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(b, [1.5 / (1 + np.exp(1)), 1.5], rtol=1e-6)
+
+
 def test_lru_ring_initialisation_and_gamma():
     params = cells.lru(64, state_size=512, r_min=0.9, r_max=0.999, max_phase=np.pi / 10).init(jax.random.key(0), 3)
     modulus = np.exp(-np.exp(np.asarray(params.nu_log)))

@@ -58,7 +58,8 @@ def step_from(rec: Recurrence) -> Callable[[Any, Any, Array], tuple[Any, Array]]
 class Linear(NamedTuple):
     """A cell whose state update is linear and elementwise in the carry::
 
-        a, b = coefficients(params, px)          # [..., S] each, from the input alone
+        a, b = coefficients(params, px)          # [..., S] each, from the input alone (``a`` may also be
+                                                 # [S] alone: the same at every step, like the LRU's lambda)
         h = a * state(carry) + b                 # elementwise; complex for the LRU
         carry', y = carry(h), output(params, h, px)
 

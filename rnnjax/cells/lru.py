@@ -85,8 +85,7 @@ def lru(hidden_size: int, *, state_size: int | None = None, r_min: float = 0.0, 
         px = px.astype(real)
         b = jax.lax.complex(px[..., :N], px[..., N:2 * N])
         nu, theta = jnp.exp(params.nu_log.astype(real)), jnp.exp(params.theta_log.astype(real))
-        lam = jnp.exp(jax.lax.complex(-nu, theta))
-        return jnp.broadcast_to(lam, b.shape), b
+        return jnp.exp(jax.lax.complex(-nu, theta)), b  # the same lambda [N] at every step
 
     def state(carry: Array) -> Array:
         return jax.lax.complex(carry[..., :N], carry[..., N:])

@@ -20,9 +20,9 @@ from rnnjax.cells.base import (
 from rnnjax.types import Array, InitSpec
 
 
-def log_g(x: Array) -> Array:
-    """``log g(x)`` with Feng et al.'s positive activation ``g(x) = x + 1/2`` for ``x >= 0``, ``sigmoid(x)`` below."""
-    return jnp.where(x >= 0, jnp.log(jnp.maximum(x, 0) + 0.5), -jax.nn.softplus(-x))
+def g(x: Array) -> Array:
+    """Feng et al.'s positive activation: ``x + 1/2`` for ``x >= 0``, ``sigmoid(x)`` below."""
+    return jnp.where(x >= 0, x + 0.5, jax.nn.sigmoid(x))
 
 
 class MinRNNParams(NamedTuple):
@@ -30,7 +30,7 @@ class MinRNNParams(NamedTuple):
     b: Array | None  # [G*H]
 
 
-def _min_cell(fn: str, name: str, gates: int, log_coefficients, hidden_size: int, bias: bool, input_init: InitSpec,
+def _min_cell(fn: str, name: str, gates: int, gate_coefficients, hidden_size: int, bias: bool, input_init: InitSpec,
               bias_init: InitSpec, param_dtype) -> Cell:
     H = check_size(fn, "hidden_size", hidden_size)
     cfg = init_config(fn, H, input_init, "uniform", bias_init, param_dtype)
@@ -49,8 +49,7 @@ def _min_cell(fn: str, name: str, gates: int, log_coefficients, hidden_size: int
 
     def coefficients(params, px: Array):
         k = px.astype(state_dtype(px.dtype))
-        log_a, log_b = log_coefficients(*(k[..., i * H:(i + 1) * H] for i in range(gates + 1)))
-        return jnp.exp(log_a), jnp.exp(log_b)
+        return gate_coefficients(*(k[..., i * H:(i + 1) * H] for i in range(gates + 1)))
 
     def output(params, h: Array, px: Array) -> Array:
         return h.astype(px.dtype)
@@ -59,33 +58,42 @@ def _min_cell(fn: str, name: str, gates: int, log_coefficients, hidden_size: int
     return linear_cell(lin, init, initial_carry, project, lambda p: p.w.shape[0], H, name)
 
 
-def _mingru_log(k_z, k_h):
-    # z = sigmoid(k_z): log(1 - z) = -softplus(k_z), log z = -softplus(-k_z)
-    return -jax.nn.softplus(k_z), -jax.nn.softplus(-k_z) + log_g(k_h)
+def _mingru_coefficients(k_z, k_h):
+    # 1 - z = sigmoid(-k_z): formed directly, so it does not round to 0 where z rounds to 1
+    return jax.nn.sigmoid(-k_z), jax.nn.sigmoid(k_z) * g(k_h)
 
 
-def _minlstm_log(k_f, k_i, k_h):
-    # f' = f / (f + i), i' = i / (f + i) with f = sigmoid(k_f), i = sigmoid(k_i), in log space
-    diff = jax.nn.softplus(-k_f) - jax.nn.softplus(-k_i)
-    return -jax.nn.softplus(diff), -jax.nn.softplus(-diff) + log_g(k_h)
+def _minlstm_coefficients(k_f, k_i, k_h):
+    # f / (f + i) and i / (f + i) with u = exp(-k_f), v = exp(-k_i):
+    # (1 + v) / (2 + u + v) and (1 + u) / (2 + u + v), numerator and denominator scaled by exp(-m),
+    # m = max(0, -k_f, -k_i), so no exponential overflows and the denominator is at least 1
+    m = jnp.maximum(jnp.maximum(-k_f, -k_i), 0)
+    e_m, u, v = jnp.exp(-m), jnp.exp(-k_f - m), jnp.exp(-k_i - m)
+    inv = 1 / (2 * e_m + u + v)
+    return (e_m + v) * inv, (e_m + u) * inv * g(k_h)
 
 
 def mingru(hidden_size: int, *, bias: bool = True, input_init: InitSpec = "uniform", bias_init: InitSpec = "uniform",
            param_dtype=jnp.float32) -> Cell:
     """minGRU: ``z = sigmoid(x W_z + b_z)``, ``h~ = g(x W_h + b_h)``, ``h' = (1 - z) h + z h~``.
 
-    The log-space form of the paper: ``g`` is the positive activation
-    (``x + 1/2`` for ``x >= 0``, ``sigmoid(x)`` below) and the coefficients
-    are formed from logs (``log(1 - z) = -softplus(k)``, ``log z + log h~``),
-    so no gate saturates to exactly 0 or 1 by rounding. Params are
+    ``g`` is the paper's positive activation (``x + 1/2`` for ``x >= 0``,
+    ``sigmoid(x)`` below). The paper forms the coefficients in log space
+    (``log(1 - z) = -softplus(k)``, ``log z + log h~``) for its log-space
+    scan; rnnjax's scans multiply the coefficients themselves, so they are
+    formed directly with the same stability: ``1 - z`` is ``sigmoid(-k)``,
+    never ``1 - sigmoid(k)``, so no gate rounds to exactly 0 or 1 (the
+    values equal ``exp`` of the log-space ones to float32 round-off, with
+    a third of the transcendentals; a whole-sequence evaluation on a CPU is
+    bound by such elementwise passes). Params are
     ``w [F, 2H]`` (z block, then candidate) and ``b [2H]`` (PyTorch-style
     U(±1/√H) by default); the carry is ``h [..., H]`` in float32 (or wider),
     also for bfloat16 parameters. The step reads no matmul of ``h``, so the
     cell has a :class:`~rnnjax.cells.base.Linear` form and
     :func:`rnnjax.unroll` can run it with ``jax.lax.associative_scan``.
     """
-    return _min_cell("rnnjax.cells.mingru", "mingru", 1, _mingru_log, hidden_size, bias, input_init, bias_init,
-                     param_dtype)
+    return _min_cell("rnnjax.cells.mingru", "mingru", 1, _mingru_coefficients, hidden_size, bias, input_init,
+                     bias_init, param_dtype)
 
 
 def minlstm(hidden_size: int, *, bias: bool = True, input_init: InitSpec = "uniform", bias_init: InitSpec = "uniform",
@@ -93,8 +101,11 @@ def minlstm(hidden_size: int, *, bias: bool = True, input_init: InitSpec = "unif
     """minLSTM: ``f = sigmoid(x W_f + b_f)``, ``i = sigmoid(x W_i + b_i)``, ``h~ = g(x W_h + b_h)``,
     normalised gates ``f' = f / (f + i)``, ``i' = i / (f + i)``, ``h' = f' h + i' h~``.
 
-    Log-space form as :func:`mingru` (``log f' = -softplus(softplus(-k_i) - softplus(-k_f))``).
+    Formed directly as for :func:`mingru`: with ``u = exp(-k_f)``, ``v = exp(-k_i)``,
+    ``f' = (1 + v) / (2 + u + v)`` and ``i' = (1 + u) / (2 + u + v)``, numerator and denominator
+    scaled by ``exp(-max(0, -k_f, -k_i))`` so that nothing overflows and the gates stay finite and
+    normalised where both ``f`` and ``i`` underflow (the log-space form's guarantee).
     Params ``w [F, 3H]`` (f, i, candidate blocks) and ``b [3H]``; carry ``h [..., H]``.
     """
-    return _min_cell("rnnjax.cells.minlstm", "minlstm", 2, _minlstm_log, hidden_size, bias, input_init, bias_init,
-                     param_dtype)
+    return _min_cell("rnnjax.cells.minlstm", "minlstm", 2, _minlstm_coefficients, hidden_size, bias, input_init,
+                     bias_init, param_dtype)
