@@ -373,8 +373,8 @@ def _task_parser(sub, task: str) -> argparse.ArgumentParser:
 def train_task(args) -> int:
     from rnnjax import tasks
 
-    given = {dest: getattr(args, dest) for dest, *_ in _task_flags(args.task_name) + [("population",)]
-             if getattr(args, dest) is not None}
+    dests = [dest for dest, *_ in _task_flags(args.task_name)] + ["population"]
+    given = {dest: getattr(args, dest) for dest in dests if getattr(args, dest) is not None}
     outcome = tasks.train(args.task_name, given, out=args.out, steps=args.steps, minutes=args.minutes,
                           devices=args.devices,
                           resume=args.resume, overwrite=args.overwrite, evals=args.evals, patience=args.patience,
@@ -664,7 +664,7 @@ def train_charlm(args) -> int:
 def _load_for_inference(args, cmd: str):
     import jax
 
-    from rnnjax import checkpoint, data
+    from rnnjax import checkpoint, data, train
 
     which = args.step if args.step is not None else ("latest" if args.latest else "best")
     try:
@@ -684,7 +684,7 @@ def _load_for_inference(args, cmd: str):
                 abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), abstract)
             params, _ = ckpt.restore_params(step, abstract)
             if population:
-                params = jax.tree_util.tree_map(lambda x: x[population["best"]], params)
+                params = train.member(params, population["best"])
         finally:
             ckpt.close()
     except checkpoint.CheckpointError as e:

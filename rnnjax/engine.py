@@ -285,10 +285,10 @@ def _best_member(values) -> int:
 def _population_evaluate(evaluate: Callable, n: int) -> Callable:
     """``evaluate`` of one model run on every member: the best member's metrics, plus ``member``
     (its index) and ``member_val_loss`` (every member's)."""
-    import jax
+    from rnnjax import train
 
     def run(params):
-        results = [evaluate(jax.tree_util.tree_map(lambda x, i=i: x[i], params)) for i in range(n)]
+        results = [evaluate(train.member(params, i)) for i in range(n)]
         losses = [float(r["val_loss"] if isinstance(r, dict) else r) for r in results]
         best = _best_member(losses)
         chosen = dict(results[best]) if isinstance(results[best], dict) else {}
@@ -462,7 +462,7 @@ def run(job: Job) -> Outcome:
                 st.opt_state, learning_rate=m["lr"], weight_decay=m["weight_decay"])))
             carries.append(c)
         state = train.stack_states(states)
-        carry = jax.tree_util.tree_map(lambda *xs: jax.numpy.stack(xs), *carries) if carried else None
+        carry = train.stack_states(carries) if carried else None
         train_step = train.make_population_step(job.loss_fn, optimizer, carry=carried, accumulate=s["accumulate"],
                                                 summarise=train.population_summary)
         evaluate = _population_evaluate(job.evaluate, n_members)
@@ -595,7 +595,7 @@ def run(job: Job) -> Outcome:
         best_record = min((r for r in history if "member" in r), key=lambda r: r["val_loss"], default=None)
         kept["member"] = best_record["member"] if best_record else kept["member"]
         _print_members(members, history, kept["member"])
-        final_params = jax.tree_util.tree_map(lambda x: x[kept["member"]], final_params)
+        final_params = train.member(final_params, kept["member"])
     if result.stop_reason == "interrupted":
         ckpt.close()
         print(f"rnnjax: interrupted; checkpoint of step {step} saved in {str(out / 'checkpoints')!r}. Resume with: "
@@ -604,7 +604,8 @@ def run(job: Job) -> Outcome:
     if result.stop_reason == "not_finite":
         ckpt.close()
         print(f"rnnjax: error: the gradients were not finite for {MAX_SKIPPED} steps in a row (skipped, never "
-              f"applied) at step {step}; the last good parameters are saved. Fix: lower --lr (now {s['lr']:g}) or "
+              f"applied) at step {step}; the last good parameters are saved. Fix: lower --lr (now "
+              f"{','.join(format(m['lr'], 'g') for m in members)}) or "
               "--clip.",
               file=sys.stderr)
         return Outcome(1, result, k_sample, params=final_params)
@@ -617,7 +618,7 @@ def run(job: Job) -> Outcome:
         if best_step is not None and best_step != step:
             params, _ = ckpt.restore_params(best_step, jax.eval_shape(lambda: result.state.params))
         if n_members > 1:
-            params = jax.tree_util.tree_map(lambda x: x[kept["member"]], params)
+            params = train.member(params, kept["member"])
         test = {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v)
                 for k, v in job.finish(params, history).items()}
         record = {"step": best_step if best_step is not None else step, "split": "test",

@@ -268,9 +268,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
 
 def stack_states(states) -> TrainState:
-    """One population state from a sequence of train states of the same structure: every leaf gets a
-    leading member axis. Members may differ in initial parameters, keys and the optimiser's injected
-    hyperparameters (:func:`set_hyperparams`: learning rate, weight decay, ...)."""
+    """One population state from a sequence of train states of the same structure (or of any pytrees:
+    the members' TBPTT carries): every leaf gets a leading member axis. Members may differ in initial
+    parameters, keys and the optimiser's injected hyperparameters (:func:`set_hyperparams`: learning
+    rate, weight decay, ...)."""
     fn = "rnnjax.train.stack_states"
     states = list(states)
     if not states:
@@ -293,7 +294,8 @@ def step_of(state: TrainState) -> int:
 
 
 def member(states: TrainState, i: int) -> TrainState:
-    """Member ``i`` of a population state, as an ordinary train state."""
+    """Member ``i`` of a population state, as an ordinary train state (or of any stacked pytree: a
+    population's parameters or carries)."""
     return jax.tree_util.tree_map(lambda x: x[i], states)
 
 
@@ -315,9 +317,9 @@ def make_population_step(loss_fn: LossFn, optimizer: optax.GradientTransformatio
     matmuls become batched matmuls: what pays on GPUs and TPUs);
     ``"map"`` runs the members one after another inside the one compiled
     step (``lax.map``); ``"auto"``: ``"map"`` on CPU, where XLA's batched
-    matmuls run no faster than the members' own and the vmapped step
-    measured 0.63-0.9x of N separate steps, against 1.07-1.16x for
-    ``"map"`` (README, Populations), else ``"vmap"``.
+    matmuls run slower than the members' own (8 LSTMs: the vmapped step
+    0.63-0.72x of 8 separate steps at H >= 64, ``"map"`` 1.06-1.07x;
+    README, Populations), else ``"vmap"``.
     """
     fn = "rnnjax.train.make_population_step"
     if strategy not in ("auto", "vmap", "map"):

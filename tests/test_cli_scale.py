@@ -123,3 +123,29 @@ def test_data_parallel_over_two_devices_equals_one(tmp_path, task):
         assert bad.stderr.strip().splitlines()[-1] == (
             "rnnjax: error: rnnjax train adding: --devices 2 must divide the batch size 3 (each device reads an "
             "equal part of every batch). Fix: pass a --batch that is a multiple of 2, or another --devices.")
+
+
+class _Batches:
+    position = 0
+
+    def __next__(self):
+        self.position += 1
+        return {"x": np.ones(2, np.float32)}
+
+
+def test_a_population_whose_every_member_diverges_stops_with_each_learning_rate(tmp_path, capsys):
+    import jax.numpy as jnp
+
+    from rnnjax import engine
+
+    settings = dict(lr=[1e-2, 3e-2], weight_decay=0.0, warmup=None, end_lr=0.0, clip=1.0, accumulate=1, seed=0)
+    job = engine.Job(cmd="test", out=tmp_path, model_name="nan", init=lambda key: {"w": jnp.zeros(2)},
+                     loss_fn=lambda p, b, key: jnp.sum(p["w"] * b["x"]) * jnp.nan, batches=_Batches(),
+                     evaluate=lambda p: 1.0, settings=settings, total_steps=100, seconds=None, population=2,
+                     no_plot=True)
+    outcome = engine.run(job)
+    assert outcome.status == 1 and outcome.result.skipped_steps == engine.MAX_SKIPPED
+    assert (f"rnnjax: error: the gradients were not finite for {engine.MAX_SKIPPED} steps in a row (skipped, never "
+            f"applied) at step {engine.MAX_SKIPPED}; the last good parameters are saved. Fix: lower --lr (now "
+            "0.01,0.03) or --clip.") in capsys.readouterr().err
+    np.testing.assert_array_equal(outcome.params["w"], [0.0, 0.0])  # the kept member's, never updated
