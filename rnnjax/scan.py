@@ -138,7 +138,10 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
         of all steps at once and runs the recurrence with
         ``jax.lax.associative_scan`` (depth ``O(log T)``, float32 or wider);
         ``"loop"`` does the same with a loop of the multiply-add alone (a
-        ``lax.fori_loop`` writing each state over its ``b``); ``False`` runs
+        ``lax.fori_loop`` writing each state over its ``b``), a long
+        sequence in chunks of :func:`loop_chunk` steps whose backward pass
+        recomputes each chunk (memory for the chunk boundaries' states and
+        one chunk, not for every step's coefficients); ``False`` runs
         the cell's step in the sequential scan;
         ``"auto"`` as :func:`auto_parallel` decides (sequential when
         ``remat`` is set). ``unroll``, ``hoist`` and ``backward`` apply to
@@ -326,15 +329,32 @@ def _linear_scan_bwd(reverse, method, res, g):
 linear_scan.defvjp(_linear_scan_fwd, _linear_scan_bwd)
 
 
-def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, reverse: bool, method: str):
-    """Time-major ``xs [T, *B, F]`` -> ``(carry, ys [T, *B, O])`` from the cell's linear form: the
-    coefficients of all steps at once, then :func:`linear_scan` (``method``), then the outputs of all steps.
+# The loop form runs a long sequence in chunks of about this many bytes of projected input ([steps, *B, G]):
+# each chunk's projection, coefficients, loop and outputs stay in cache, and its backward pass recomputes
+# them (``jax.checkpoint``) instead of reading whole-sequence residuals. Measured with ``rnnjax-bench
+# parallel`` on a 2-core CPU (README, Performance).
+LOOP_CHUNK_BYTES = 2**21
+
+
+def loop_chunk(T: int, step_bytes: int) -> int:
+    """Steps per chunk of the loop form for ``T`` steps of ``step_bytes`` projected bytes each: a power of
+    two near ``LOOP_CHUNK_BYTES / step_bytes`` (at least 8), or a divisor of ``T`` within a factor of two of
+    it (no remainder chunk); ``T`` itself (one chunk) for sequences shorter than two chunks."""
+    target = 2 ** max(3, int(math.log2(max(LOOP_CHUNK_BYTES // max(step_bytes, 1), 1))))
+    if T < 2 * target:
+        return T
+    divisors = [d for d in range(target // 2, 2 * target + 1) if T % d == 0]
+    return min(divisors, key=lambda d: abs(math.log2(d / target))) if divisors else target
+
+
+def _linear_chunk(cell: Cell, params, zero_state, state, xs, valid, resets, *, reverse: bool, method: str):
+    """Steps ``xs [C, *B, F]`` of the linear form from ``state`` (entering at the first step read):
+    ``(the state after the last step read, ys [C, *B, O])``.
 
     The driver's masking as coefficients: an invalid step holds the carry
     (``a = 1, b = 0``), a reset replaces the carry by the initial one before
     the step (``a' = 0``, ``b' = a h_init + b``, applied after the hold, as
-    the sequential driver resets before it holds); the given carry enters
-    through the first step read (the last one with ``reverse``).
+    the sequential driver resets before it holds).
     """
     lin = cell.linear
     px = cell.project(params, xs)
@@ -345,15 +365,56 @@ def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, r
         b = jnp.where(v, b, jnp.zeros_like(b))
     if resets is not None:
         r = resets[..., None]
-        b = jnp.where(r, a * lin.state(zero_carry) + b, b)
+        b = jnp.where(r, a * zero_state + b, b)
         a = jnp.where(r, jnp.zeros_like(a), a)
     first = -1 if reverse else 0
-    b = b.at[first].add((a if a.ndim < b.ndim else a[first]) * lin.state(carry))
+    b = b.at[first].add((a if a.ndim < b.ndim else a[first]) * state)
     hs = linear_scan(a, b, reverse, method)
     ys = lin.output(params, hs, px)
     if valid is not None:
         ys = jnp.where(valid[..., None], ys, jnp.zeros_like(ys))
-    return lin.carry(hs[-1 - first]), ys
+    return hs[-1 - first], ys
+
+
+def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, reverse: bool, method: str):
+    """Time-major ``xs [T, *B, F]`` -> ``(carry, ys [T, *B, O])`` from the cell's linear form: the
+    coefficients of all steps at once, then :func:`linear_scan` (``method``), then the outputs of all steps
+    (:func:`_linear_chunk`); the given carry enters through the first step read (the last with ``reverse``).
+
+    ``"loop"`` does this :func:`loop_chunk` steps at a time in a ``lax.scan`` over the chunks that carries
+    the state (any remainder after the last whole chunk is one more, shorter chunk); the backward pass
+    recomputes each chunk (``jax.checkpoint``) instead of storing whole-sequence residuals.
+    """
+    lin = cell.linear
+    state = lin.state(carry)
+    chunk = functools.partial(_linear_chunk, cell, params, lin.state(zero_carry), reverse=reverse, method=method)
+    T = xs.shape[0]
+    C = T
+    if method == "loop":
+        step = jax.eval_shape(cell.project, params, xs[0])
+        C = loop_chunk(T, math.prod(step.shape) * max(step.dtype.itemsize, 4))  # coefficients: float32 or wider
+    if C == T:
+        state, ys = chunk(state, xs, valid, resets)
+        return lin.carry(state), ys
+    whole = T - T % C
+    head = tuple(None if u is None else u[:whole].reshape(whole // C, C, *u.shape[1:]) for u in (xs, valid, resets))
+    tail = tuple(None if u is None else u[whole:] for u in (xs, valid, resets))
+
+    def whole_chunks(state):
+        state, ys = jax.lax.scan(lambda s, u: jax.checkpoint(chunk)(s, *u), state, head, reverse=reverse)
+        return state, ys.reshape(whole, *ys.shape[2:])
+
+    if whole == T:
+        state, ys = whole_chunks(state)
+    elif reverse:
+        state, ys_tail = chunk(state, *tail)
+        state, ys = whole_chunks(state)
+        ys = jnp.concatenate([ys, ys_tail])
+    else:
+        state, ys = whole_chunks(state)
+        state, ys_tail = chunk(state, *tail)
+        ys = jnp.concatenate([ys, ys_tail])
+    return lin.carry(state), ys
 
 
 def _use_fused(fn: str, cell: Cell, backward: str, remat: Remat, batch_size: int, T: int) -> bool:

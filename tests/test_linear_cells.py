@@ -101,6 +101,36 @@ def test_parallel_two_batch_dims_time_major_and_vmap(linear):
     assert_trees_close(jax.jit(jax.vmap(one))(XS, LENGTHS), ref)
 
 
+@pytest.mark.parametrize("name,steps,chunk", [(name, T, 4) for name in sorted(OPTIONS)] + [
+    ("resets-lengths-reverse", 12, 4), ("resets-mask", T, 1)])
+def test_chunked_loop_form_equals_sequential(linear, monkeypatch, name, steps, chunk):
+    """The loop form chunk by chunk (a remainder chunk at T = 13, none at T = 12, one step per chunk),
+    recomputed in the backward pass: values and gradients equal the sequential scan's."""
+    cell, params = linear
+    monkeypatch.setattr(rnnjax.scan, "loop_chunk", lambda T, step_bytes: chunk)
+    carry = random_carry(cell, params, (B,))
+    xs = XS[:, :steps]
+    cut = {"lengths": lambda v: jnp.minimum(v, steps), "mask": lambda v: v[:, :steps],
+           "resets": lambda v: v[:, :steps], "reverse": lambda v: v}
+    opts = {k: cut[k](v) for k, v in OPTIONS[name].items()}
+    assert_trees_close(rnnjax.unroll(cell, params, xs, carry=carry, parallel="loop", **opts),
+                       rnnjax.unroll(cell, params, xs, carry=carry, parallel=False, **opts))
+    grad = jax.grad(functools.partial(loss, cell), argnums=(0, 1, 2))
+    assert_trees_close(jax.jit(lambda *a: grad(*a, "loop", **opts))(params, xs, carry),
+                       grad(params, xs, carry, False, **opts), atol=2e-5)
+
+
+def test_loop_chunk_sizes():
+    """Powers of two near LOOP_CHUNK_BYTES per chunk, a divisor of T when one is near, one chunk when short."""
+    per_step = rnnjax.scan.LOOP_CHUNK_BYTES // 256
+    assert rnnjax.scan.loop_chunk(16384, per_step) == 256
+    assert rnnjax.scan.loop_chunk(16384, per_step * 3) == 64
+    assert rnnjax.scan.loop_chunk(1000, per_step) == 250
+    assert rnnjax.scan.loop_chunk(1031, per_step) == 256  # prime: whole chunks and a remainder
+    assert rnnjax.scan.loop_chunk(511, per_step) == 511
+    assert rnnjax.scan.loop_chunk(5000, rnnjax.scan.LOOP_CHUNK_BYTES * 10) == 8
+
+
 @pytest.mark.parametrize("name", LINEAR)
 def test_parallel_check_grads_float64(name):
     """Reverse-mode gradients of the parallel path (lengths, reverse, resets) against finite differences."""
