@@ -1156,11 +1156,14 @@ def g2p_command(args) -> int:
     if not args.words and not args.eval:
         raise UsageError(f"{cmd}: expected one or more WORDs or --eval dev|test, got neither. "
                          "Fix: e.g. rnnjax g2p --checkpoint runs/g2p hello world.")
+    from rnnjax.models.seq2seq import SUPPRESS
+
     beam = args.beam or (1 if args.nbest == 1 else max(args.nbest, 5))
     model, params, graphemes, phonemes = _g2p_load(args, cmd)
-    if beam > model.tgt_vocab:
-        raise UsageError(f"{cmd}: --beam {beam} is wider than the phoneme vocabulary ({model.tgt_vocab} symbols "
-                         f"with <pad>, <s> and </s>). Fix: pass --beam {model.tgt_vocab} or less.")
+    most = model.tgt_vocab - len(SUPPRESS)
+    if beam > most:
+        raise UsageError(f"{cmd}: --beam {beam} is wider than the {most} phoneme symbols it can emit (the "
+                         f"vocabulary's {model.tgt_vocab} but <pad> and <s>). Fix: pass --beam {most} or less.")
     if args.nbest > beam:
         raise UsageError(f"{cmd}: --nbest {args.nbest} exceeds --beam {beam}. Fix: pass --beam {args.nbest} or more.")
     if args.eval:

@@ -86,6 +86,40 @@ def check_decode(fn: str, max_length, eos_id, pad_id, vocab_size: int | None = N
             raise ValueError(f"{fn}: {name} must be a token id in [0, {vocab_size}), got {value!r}.")
 
 
+def check_suppress(fn: str, suppress, vocab_size: int | None = None) -> tuple[int, ...]:
+    """``suppress`` as a sorted tuple of distinct token ids, each in ``[0, vocab_size)``, leaving at least
+    one token that can be emitted."""
+    ids = tuple(suppress) if isinstance(suppress, (tuple, list, set, frozenset)) else None
+    V = "V" if vocab_size is None else vocab_size
+    if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i and (
+            vocab_size is None or i < vocab_size) for i in ids):
+        raise ValueError(f"{fn}: suppress must be a tuple of token ids in [0, {V}), got {suppress!r}. "
+                         "Fix: pass e.g. suppress=(pad_id, bos_id).")
+    ids = tuple(sorted(set(ids)))
+    if vocab_size is not None and len(ids) >= vocab_size:
+        raise ValueError(f"{fn}: suppress leaves no token to emit: it holds all {vocab_size} ids of the "
+                         "vocabulary. Fix: suppress fewer tokens.")
+    return ids
+
+
+def check_beam(fn: str, beam_width, vocab_size: int, suppress: tuple[int, ...]) -> None:
+    """``beam_width`` must be an int no wider than the tokens that can be emitted."""
+    most = vocab_size - len(suppress)
+    if not isinstance(beam_width, int) or isinstance(beam_width, bool) or not 1 <= beam_width <= most:
+        what = (f"the vocabulary size, {vocab_size}, less the {len(suppress)} suppressed ids" if suppress
+                else "the vocabulary size")
+        raise ValueError(f"{fn}: beam_width must be an integer in [1, {most}] ({what}), got {beam_width!r}. "
+                         "Fix: use a beam no wider than the tokens it can emit.")
+
+
+def _suppressed(fn: str, logp: Array, suppress: tuple[int, ...]) -> Array:
+    """``logp [..., V]`` with the ``suppress`` ids at ``-inf``, so they are never chosen."""
+    if not suppress:
+        return logp
+    check_suppress(fn, suppress, logp.shape[-1])
+    return logp.at[..., jnp.asarray(suppress)].set(-jnp.inf)
+
+
 def _check_start(fn: str, start) -> Array:
     start = jnp.asarray(start)
     if start.ndim != 1 or not jnp.issubdtype(start.dtype, jnp.integer):
@@ -105,7 +139,8 @@ def _normalise(log_probs, lengths, length_penalty: float):
     return log_probs / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty
 
 
-def _sequential(fn: str, choose, step_fn, carry, start, context, max_length, eos_id, pad_id, length_penalty):
+def _sequential(fn: str, choose, step_fn, carry, start, context, max_length, eos_id, pad_id, length_penalty,
+                suppress):
     start = _check_start(fn, start)
     B = start.shape[0]
 
@@ -114,6 +149,7 @@ def _sequential(fn: str, choose, step_fn, carry, start, context, max_length, eos
 
     def body(s):
         carry, logp = _call(step_fn, s["carry"], s["last"], context)
+        logp = _suppressed(fn, logp, suppress)
         tok = choose(s["t"], logp).astype(jnp.int32)
         done = s["done"]
         tok = jnp.where(done, pad_id, tok)
@@ -133,34 +169,41 @@ def _sequential(fn: str, choose, step_fn, carry, start, context, max_length, eos
 
 
 def greedy(step_fn, carry, start, *, max_length: int, eos_id: int, context=None, pad_id: int = 0,
-           length_penalty: float = 0.0) -> Decoded:
+           length_penalty: float = 0.0, suppress: tuple[int, ...] = ()) -> Decoded:
     """Greedy decoding: at each step the most likely token (``argmax``; the
     lowest id among ties), until EOS or ``max_length`` tokens. ``start [B]`` is
-    the first input (e.g. BOS). Returns :class:`Decoded` with ``tokens [B, max_length]``."""
+    the first input (e.g. BOS). ``suppress``: token ids never emitted (e.g.
+    PAD and BOS); the choice is among the others, whose log-probabilities
+    are the model's own. Returns :class:`Decoded` with ``tokens [B, max_length]``."""
     fn = "rnnjax.decode.greedy"
     check_decode(fn, max_length, eos_id, pad_id)
+    suppress = check_suppress(fn, suppress)
     return _sequential(fn, lambda t, logp: jnp.argmax(logp, axis=-1), step_fn, carry, start, context,
-                       max_length, eos_id, pad_id, length_penalty)
+                       max_length, eos_id, pad_id, length_penalty, suppress)
 
 
 def sample(step_fn, carry, start, key: PRNGKey, *, max_length: int, eos_id: int, context=None, pad_id: int = 0,
-           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Decoded:
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           suppress: tuple[int, ...] = ()) -> Decoded:
     """Ancestral sampling with :func:`sample_logits` (temperature, top-k, top-p)
     at every step, until EOS or ``max_length``; step ``t`` uses
     ``fold_in(key, t)``. ``log_probs`` are under the model's (untempered)
-    distribution."""
+    distribution. ``suppress``: token ids never emitted (the others are
+    sampled in proportion to their probabilities)."""
     fn = "rnnjax.decode.sample"
     check_decode(fn, max_length, eos_id, pad_id)
+    suppress = check_suppress(fn, suppress)
 
     def choose(t, logp):
         check_sampling(fn, temperature, top_k, top_p, logp.shape[-1])
         return sample_logits(jax.random.fold_in(key, t), logp, temperature=temperature, top_k=top_k, top_p=top_p)
 
-    return _sequential(fn, choose, step_fn, carry, start, context, max_length, eos_id, pad_id, 0.0)
+    return _sequential(fn, choose, step_fn, carry, start, context, max_length, eos_id, pad_id, 0.0, suppress)
 
 
 def beam_search(step_fn, carry, start, *, beam_width: int, max_length: int, eos_id: int, vocab_size: int,
-                context=None, pad_id: int = 0, length_penalty: float = 0.0, nbest: int = 1) -> Decoded:
+                context=None, pad_id: int = 0, length_penalty: float = 0.0, nbest: int = 1,
+                suppress: tuple[int, ...] = ()) -> Decoded:
     """Batched beam search. Returns :class:`Decoded` with ``tokens [B, nbest, max_length]``
     and ``[B, nbest]`` lengths, log-probabilities and scores, best first.
 
@@ -171,7 +214,8 @@ def beam_search(step_fn, carry, start, *, beam_width: int, max_length: int, eos_
     that emitted EOS is finished: it stays in the beam with its score fixed,
     competing with the live ones. The search stops when every beam of every
     batch row is finished, or after ``max_length`` steps. ``beam_width=1`` is
-    exactly :func:`greedy`.
+    exactly :func:`greedy`. ``suppress``: token ids never emitted; the beam
+    can then be at most ``vocab_size - len(suppress)`` wide.
 
     ``carry`` and ``context`` have batch ``[B]``; the step function is called
     with both expanded to ``[B, beam_width]`` (so it must accept any batch
@@ -180,9 +224,8 @@ def beam_search(step_fn, carry, start, *, beam_width: int, max_length: int, eos_
     fn = "rnnjax.decode.beam_search"
     check_decode(fn, max_length, eos_id, pad_id, vocab_size)
     V = vocab_size
-    if not isinstance(beam_width, int) or isinstance(beam_width, bool) or not 1 <= beam_width <= V:
-        raise ValueError(f"{fn}: beam_width must be an integer in [1, {V}] (the vocabulary size), got "
-                         f"{beam_width!r}. Fix: use a beam no wider than the vocabulary.")
+    suppress = check_suppress(fn, suppress, V)
+    check_beam(fn, beam_width, V, suppress)
     if not isinstance(nbest, int) or isinstance(nbest, bool) or not 1 <= nbest <= beam_width:
         raise ValueError(f"{fn}: nbest must be an integer in [1, beam_width={beam_width}], got {nbest!r}. "
                          "Fix: ask for at most as many sequences as the beam holds.")
@@ -204,6 +247,7 @@ def beam_search(step_fn, carry, start, *, beam_width: int, max_length: int, eos_
     def body(s):
         t, done = s["t"], s["done"]
         new_carry, logp = _call(step_fn, s["carry"], s["last"], context)  # [B, K, V]
+        logp = _suppressed(fn, logp, suppress)
         stay = jnp.full((V,), -jnp.inf, jnp.float32).at[pad_id].set(0.0)
         logp = jnp.where(done[..., None], stay, logp)
         total = s["log_probs"][..., None] + logp  # [B, K, V]

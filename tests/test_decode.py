@@ -33,7 +33,7 @@ def test_beam_width_one_equals_greedy_exactly(s2s):
     g = translate(model, params, src, lengths, max_length=9)
     carry, context = model.start(params, src, lengths)
     b = decode.beam_search(partial(model.step, params), carry, jnp.full((4,), BOS), beam_width=1, max_length=9,
-                           eos_id=EOS, vocab_size=VT, context=context)
+                           eos_id=EOS, vocab_size=VT, context=context, suppress=(PAD, BOS))
     np.testing.assert_array_equal(b.tokens, g.tokens)
     np.testing.assert_array_equal(b.log_probs, g.log_probs)
     np.testing.assert_array_equal(b.lengths, g.lengths)
@@ -60,19 +60,21 @@ def test_each_beam_score_is_the_models_log_probability(s2s, penalty):
 
 
 def test_beam_search_is_exhaustive_when_wide_enough(s2s):
-    """With max_length 2 and a beam of the whole vocabulary, every 2-token sequence is scored:
-    the best equals the brute-force best over all of them (and the 1-token ones ending in EOS)."""
+    """With max_length 2 and a beam of every token translate can emit (all but PAD and BOS), every
+    2-token sequence of those is scored: the best equals the brute-force best over all of them (and
+    the 1-token ones ending in EOS)."""
     model, params, src, lengths = s2s
-    d = translate(model, params, src, lengths, beam_width=VT, max_length=2)
+    d = translate(model, params, src, lengths, beam_width=VT - 2, max_length=2)
     carry, context = model.start(params, src, lengths)
     c1, l1 = model.step(params, carry, jnp.full((4,), BOS), context)
     lp1 = jax.nn.log_softmax(l1)
     best = np.asarray(lp1[:, EOS])
     for a in range(VT):
-        if a == EOS:
+        if a in (EOS, PAD, BOS):
             continue
         _, l2 = model.step(params, c1, jnp.full((4,), a), context)
-        best = np.maximum(best, np.asarray(lp1[:, a] + jax.nn.log_softmax(l2).max(-1)))
+        second = jax.nn.log_softmax(l2).at[:, jnp.array([PAD, BOS])].set(-jnp.inf)
+        best = np.maximum(best, np.asarray(lp1[:, a] + second.max(-1)))
     np.testing.assert_allclose(d.log_probs[:, 0], best, rtol=1e-5)
 
 
@@ -127,6 +129,31 @@ def test_jit_of_beam_search_equals_eager(s2s):
     np.testing.assert_allclose(eager.scores, jitted.scores, rtol=1e-6)
 
 
+def test_suppressed_tokens_are_never_emitted():
+    """A decoder that prefers PAD, then BOS: with both suppressed, greedy emits the next most likely token
+    at every step with the model's own log-probability, beam search ranks only sequences of the others,
+    and sampling never draws them."""
+    logits = jnp.array([5.0, 4.0, -1.0, 0.0, 1.0, 2.0, 3.0])  # PAD, BOS, EOS, then 3..6
+    logp = np.asarray(jax.nn.log_softmax(logits))
+
+    def step(carry, tokens, context):
+        return carry, jnp.broadcast_to(logits, (*tokens.shape, VT))
+
+    carry, start = jnp.zeros((3,)), jnp.full((3,), BOS)
+    g = decode.greedy(step, carry, start, max_length=4, eos_id=EOS, suppress=(PAD, BOS))
+    np.testing.assert_array_equal(g.tokens, np.full((3, 4), 6))
+    np.testing.assert_allclose(g.log_probs, np.full(3, 4 * logp[6]), rtol=1e-6)
+    assert np.asarray(decode.greedy(step, carry, start, max_length=4, eos_id=EOS).tokens == PAD).all()
+    b = decode.beam_search(step, carry, start, beam_width=3, nbest=3, max_length=2, eos_id=EOS, vocab_size=VT,
+                           suppress=[BOS, PAD])
+    np.testing.assert_array_equal(b.tokens[0], [[6, 6], [6, 5], [5, 6]])
+    np.testing.assert_allclose(b.log_probs[0], [2 * logp[6], logp[6] + logp[5], logp[5] + logp[6]], rtol=1e-6)
+    s = decode.sample(step, jnp.zeros((500,)), jnp.full((500,), BOS), jax.random.key(0), max_length=3, eos_id=EOS,
+                      temperature=3.0, suppress=(PAD, BOS))
+    drawn = np.asarray(s.tokens)[np.arange(3) < np.asarray(s.lengths)[:, None]]
+    assert set(drawn.tolist()) == {2, 3, 4, 5, 6}
+
+
 def test_bad_input(s2s):
     model, params, src, lengths = s2s
     carry, context = model.start(params, src, lengths)
@@ -134,7 +161,7 @@ def test_bad_input(s2s):
     start = jnp.full((4,), BOS)
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.decode.beam_search: beam_width must be an integer in [1, 7] (the vocabulary size), got 8. "
-            "Fix: use a beam no wider than the vocabulary.")):
+            "Fix: use a beam no wider than the tokens it can emit.")):
         decode.beam_search(step, carry, start, beam_width=8, max_length=5, eos_id=EOS, vocab_size=VT, context=context)
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.decode.beam_search: max_length must be an integer >= 1 (the most tokens to generate, EOS "
@@ -153,9 +180,17 @@ def test_bad_input(s2s):
             "Fix: ask for at most as many sequences as the beam holds.")):
         decode.beam_search(step, carry, start, beam_width=2, nbest=3, max_length=5, eos_id=EOS, vocab_size=VT)
     with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.models.translate: beam_width must be an integer in [1, 7] (the vocabulary size), got 9. "
-            "Fix: use a beam no wider than the vocabulary.")):
-        translate(model, params, src, lengths, beam_width=9)
+            "rnnjax.models.translate: beam_width must be an integer in [1, 5] (the vocabulary size, 7, less the 2 "
+            "suppressed ids), got 6. Fix: use a beam no wider than the tokens it can emit.")):
+        translate(model, params, src, lengths, beam_width=6)
+    with pytest.raises(ValueError, match=re.escape(
+            "rnnjax.decode.beam_search: suppress must be a tuple of token ids in [0, 7), got (7,). "
+            "Fix: pass e.g. suppress=(pad_id, bos_id).")):
+        decode.beam_search(step, carry, start, beam_width=2, max_length=5, eos_id=EOS, vocab_size=VT, suppress=(7,))
+    with pytest.raises(ValueError, match=re.escape(
+            "rnnjax.decode.greedy: suppress leaves no token to emit: it holds all 7 ids of the vocabulary. "
+            "Fix: suppress fewer tokens.")):
+        decode.greedy(step, carry, start, max_length=3, eos_id=EOS, context=context, suppress=tuple(range(VT)))
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.models.translate: max_length must be an integer >= 1 (the most tokens to generate, EOS "
             "included), got 0. Fix: pass e.g. max_length=32.")):

@@ -133,8 +133,8 @@ def test_cli_pronounces_words_nbest_and_heatmap(run, capsys):
     (["", "--beam", "2"], "rnnjax g2p: got an empty word; expected at least one character. Fix: drop it."),
     (["cat9"], "rnnjax g2p: word 'cat9': 1 character(s) not in the vocabulary: '9'; expected only 'abcdgot'. "
                "Fix: remove or replace them."),
-    (["cat", "--beam", "12"], "rnnjax g2p: --beam 12 is wider than the phoneme vocabulary (11 symbols with <pad>, "
-                              "<s> and </s>). Fix: pass --beam 11 or less."),
+    (["cat", "--beam", "10"], "rnnjax g2p: --beam 10 is wider than the 9 phoneme symbols it can emit (the "
+                              "vocabulary's 11 but <pad> and <s>). Fix: pass --beam 9 or less."),
     (["cat", "--nbest", "4", "--beam", "2"], "rnnjax g2p: --nbest 4 exceeds --beam 2. Fix: pass --beam 4 or more."),
     ([], "rnnjax g2p: expected one or more WORDs or --eval dev|test, got neither. Fix: e.g. rnnjax g2p "
          "--checkpoint runs/g2p hello world."),

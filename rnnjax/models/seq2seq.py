@@ -45,6 +45,7 @@ from rnnjax.models.lm import CELLS
 from rnnjax.types import Array, PRNGKey
 
 PAD, BOS, EOS = 0, 1, 2
+SUPPRESS = (PAD, BOS)  # never decoded: a target sequence holds neither after its first input
 BRIDGES = ("dense", "zeros")
 
 
@@ -334,16 +335,16 @@ def _translate(model: Seq2Seq, params, src, src_lengths, *, beam_width, nbest, m
     step = partial(model.step, params)
     if beam_width == 1 and nbest == 1:
         d = decode.greedy(step, carry, start, max_length=max_length, eos_id=EOS, context=context, pad_id=PAD,
-                          length_penalty=length_penalty)
+                          length_penalty=length_penalty, suppress=SUPPRESS)
         return jax.tree_util.tree_map(lambda x: x[:, None], d)
     return decode.beam_search(step, carry, start, beam_width=beam_width, max_length=max_length, eos_id=EOS,
                               vocab_size=model.tgt_vocab, context=context, pad_id=PAD,
-                              length_penalty=length_penalty, nbest=nbest)
+                              length_penalty=length_penalty, nbest=nbest, suppress=SUPPRESS)
 
 
 def translate(model: Seq2Seq, params, src, src_lengths, *, beam_width: int = 1, nbest: int = 1,
               max_length: int = 32, length_penalty: float = 0.0):
-    """Decodes a batch of sources: greedy (``beam_width=1``) or beam search.
+    """Decodes a batch of sources: greedy (``beam_width=1``) or beam search, never emitting PAD or BOS.
     Returns :class:`rnnjax.decode.Decoded` with ``tokens [B, nbest, max_length]``
     (EOS included, then PAD) and ``[B, nbest]`` lengths, log-probabilities and scores."""
     from rnnjax import decode
@@ -354,9 +355,7 @@ def translate(model: Seq2Seq, params, src, src_lengths, *, beam_width: int = 1, 
         raise ValueError(f"{fn}: every source needs at least one token, got source ids of shape "
                          f"{tuple(src.shape)} and lengths {src_lengths.tolist()}. Fix: drop empty sources.")
     decode.check_decode(fn, max_length, EOS, PAD, model.tgt_vocab)
-    if not isinstance(beam_width, int) or not 1 <= beam_width <= model.tgt_vocab:
-        raise ValueError(f"{fn}: beam_width must be an integer in [1, {model.tgt_vocab}] (the vocabulary size), "
-                         f"got {beam_width!r}. Fix: use a beam no wider than the vocabulary.")
+    decode.check_beam(fn, beam_width, model.tgt_vocab, SUPPRESS)
     if not isinstance(nbest, int) or not 1 <= nbest <= beam_width:
         raise ValueError(f"{fn}: nbest must be an integer in [1, beam_width={beam_width}], got {nbest!r}. "
                          "Fix: ask for at most as many sequences as the beam holds.")
