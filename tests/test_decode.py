@@ -159,43 +159,40 @@ def test_bad_input(s2s):
     carry, context = model.start(params, src, lengths)
     step = partial(model.step, params)
     start = jnp.full((4,), BOS)
-    with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.decode.beam_search: beam_width must be an integer in [1, 7] (the vocabulary size), got 8. "
-            "Fix: use a beam no wider than the tokens it can emit.")):
-        decode.beam_search(step, carry, start, beam_width=8, max_length=5, eos_id=EOS, vocab_size=VT, context=context)
-    with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.decode.beam_search: max_length must be an integer >= 1 (the most tokens to generate, EOS "
-            "included), got 0. Fix: pass e.g. max_length=32.")):
-        decode.beam_search(step, carry, start, beam_width=2, max_length=0, eos_id=EOS, vocab_size=VT)
-    with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.decode.greedy: max_length must be an integer >= 1 (the most tokens to generate, EOS "
-            "included), got 0. Fix: pass e.g. max_length=32.")):
-        decode.greedy(step, carry, start, max_length=0, eos_id=EOS, context=context)
-    with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.decode.greedy: expected start tokens of shape [B] (integers), got float32[4]. "
-            "Fix: pass jnp.full((B,), bos_id).")):
-        decode.greedy(step, carry, jnp.ones(4), max_length=3, eos_id=EOS, context=context)
-    with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.decode.beam_search: nbest must be an integer in [1, beam_width=2], got 3. "
-            "Fix: ask for at most as many sequences as the beam holds.")):
-        decode.beam_search(step, carry, start, beam_width=2, nbest=3, max_length=5, eos_id=EOS, vocab_size=VT)
-    with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.models.translate: beam_width must be an integer in [1, 5] (the vocabulary size, 7, less the 2 "
-            "suppressed ids), got 6. Fix: use a beam no wider than the tokens it can emit.")):
-        translate(model, params, src, lengths, beam_width=6)
-    with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.decode.beam_search: suppress must be a tuple of token ids in [0, 7), got (7,). "
-            "Fix: pass e.g. suppress=(pad_id, bos_id).")):
-        decode.beam_search(step, carry, start, beam_width=2, max_length=5, eos_id=EOS, vocab_size=VT, suppress=(7,))
-    with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.decode.greedy: suppress leaves no token to emit: it holds all 7 ids of the vocabulary. "
-            "Fix: suppress fewer tokens.")):
-        decode.greedy(step, carry, start, max_length=3, eos_id=EOS, context=context, suppress=tuple(range(VT)))
-    with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.models.translate: max_length must be an integer >= 1 (the most tokens to generate, EOS "
-            "included), got 0. Fix: pass e.g. max_length=32.")):
-        translate(model, params, src, lengths, max_length=0)
-    with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.models.translate: every source needs at least one token, got source ids of shape (4, 5) and "
-            "lengths [3, 0, 1, 4]. Fix: drop empty sources.")):
-        translate(model, params, src, np.array([3, 0, 1, 4]))
+    beam = partial(decode.beam_search, step, carry, start, eos_id=EOS, vocab_size=VT)
+    greedy = partial(decode.greedy, step, carry, eos_id=EOS, context=context)
+    cases = [
+        (lambda: beam(beam_width=8, max_length=5, context=context),
+         "rnnjax.decode.beam_search: beam_width must be an integer in [1, 7] (the vocabulary size), got 8. "
+         "Fix: use a beam no wider than the tokens it can emit."),
+        (lambda: beam(beam_width=2, max_length=0),
+         "rnnjax.decode.beam_search: max_length must be an integer >= 1 (the most tokens to generate, EOS "
+         "included), got 0. Fix: pass e.g. max_length=32."),
+        (lambda: greedy(start, max_length=0),
+         "rnnjax.decode.greedy: max_length must be an integer >= 1 (the most tokens to generate, EOS "
+         "included), got 0. Fix: pass e.g. max_length=32."),
+        (lambda: greedy(jnp.ones(4), max_length=3),
+         "rnnjax.decode.greedy: expected start tokens of shape [B] (integers), got float32[4]. "
+         "Fix: pass jnp.full((B,), bos_id)."),
+        (lambda: beam(beam_width=2, nbest=3, max_length=5),
+         "rnnjax.decode.beam_search: nbest must be an integer in [1, beam_width=2], got 3. "
+         "Fix: ask for at most as many sequences as the beam holds."),
+        (lambda: translate(model, params, src, lengths, beam_width=6),
+         "rnnjax.models.translate: beam_width must be an integer in [1, 5] (the vocabulary size, 7, less the 2 "
+         "suppressed ids), got 6. Fix: use a beam no wider than the tokens it can emit."),
+        (lambda: beam(beam_width=2, max_length=5, suppress=(7,)),
+         "rnnjax.decode.beam_search: suppress must be a tuple of token ids in [0, 7), got (7,). "
+         "Fix: pass e.g. suppress=(pad_id, bos_id)."),
+        (lambda: greedy(start, max_length=3, suppress=tuple(range(VT))),
+         "rnnjax.decode.greedy: suppress leaves no token to emit: it holds all 7 ids of the vocabulary. "
+         "Fix: suppress fewer tokens."),
+        (lambda: translate(model, params, src, lengths, max_length=0),
+         "rnnjax.models.translate: max_length must be an integer >= 1 (the most tokens to generate, EOS "
+         "included), got 0. Fix: pass e.g. max_length=32."),
+        (lambda: translate(model, params, src, np.array([3, 0, 1, 4])),
+         "rnnjax.models.translate: every source needs at least one token, got source ids of shape (4, 5) and "
+         "lengths [3, 0, 1, 4]. Fix: drop empty sources."),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
