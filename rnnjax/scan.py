@@ -406,15 +406,14 @@ def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, r
 
     if whole == T:
         state, ys = whole_chunks(state)
-    elif reverse:
+        return lin.carry(state), ys
+    if reverse:  # the remainder holds the last steps: read first backwards, last forwards
         state, ys_tail = chunk(state, *tail)
         state, ys = whole_chunks(state)
-        ys = jnp.concatenate([ys, ys_tail])
     else:
         state, ys = whole_chunks(state)
         state, ys_tail = chunk(state, *tail)
-        ys = jnp.concatenate([ys, ys_tail])
-    return lin.carry(state), ys
+    return lin.carry(state), jnp.concatenate([ys, ys_tail])
 
 
 def _use_fused(fn: str, cell: Cell, backward: str, remat: Remat, batch_size: int, T: int) -> bool:
