@@ -7,8 +7,12 @@ Per step (the default): each round times, in rotated order, one step of the
 population (:func:`rnnjax.train.make_population_step`, members with their own
 seeds and learning rates on a shared batch) with ``strategy="vmap"`` and with
 ``strategy="map"``, and the same step of every member run one after another
-with :func:`rnnjax.train.make_train_step` (what N separate runs do). Reports
-the medians and the ratios, after compile and warm-up.
+with :func:`rnnjax.train.make_train_step` (what N separate runs do), and one
+step of a single model on the members' N batches stacked into one ``N*B``
+batch: the same element-wise work and matmul rows as the population, with
+the best batching XLA gives one model, so ``N single steps / that step``
+bounds what any population strategy could reach at that shape (``bound``).
+Reports the medians and the ratios, after compile and warm-up.
 
 ``--sweep STEPS``: what a user waits for. Each round times, in alternating
 order and each in a fresh process, ``rnnjax train charlm --steps STEPS
@@ -70,7 +74,15 @@ def measure(members: int, hidden: int, batch: int, time_steps: int, rounds: int,
             box["singles"][i], metrics = single_step(state, batch_)
             jax.block_until_ready(metrics)
 
-    runners = {"vmap": population("vmap"), "map": population("map"), "sequential": run_sequential}
+    stacked = jax.tree_util.tree_map(lambda x: jax.numpy.tile(x, (members, 1)), batch_)
+    box["batched"] = states()[0]
+
+    def run_batched():
+        box["batched"], metrics = single_step(box["batched"], stacked)
+        jax.block_until_ready(metrics)
+
+    runners = {"vmap": population("vmap"), "map": population("map"), "sequential": run_sequential,
+               "batched": run_batched}
     for run in runners.values():  # compile, then warm up
         run()
         run()
@@ -83,8 +95,8 @@ def measure(members: int, hidden: int, batch: int, time_steps: int, rounds: int,
             samples[name].append(time.perf_counter() - start)
     med = {name: statistics.median(v) for name, v in samples.items()}
     return dict(members=members, hidden=hidden, batch=batch, time=time_steps, vmap_s=med["vmap"], map_s=med["map"],
-                sequential_s=med["sequential"], vmap_speedup=med["sequential"] / med["vmap"],
-                map_speedup=med["sequential"] / med["map"])
+                sequential_s=med["sequential"], batched_s=med["batched"], vmap_speedup=med["sequential"] / med["vmap"],
+                map_speedup=med["sequential"] / med["map"], bound=med["sequential"] / med["batched"])
 
 
 def sweep(members: int, hidden: int, steps: int, rounds: int) -> dict:
@@ -145,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['speedup']:>7.2f}x", flush=True)
         return 0
     print(f"{'members':>7} {'H':>5} {'B':>4} {'T':>4} {'vmap step':>10} {'map step':>10} {'N single steps':>15} "
-          f"{'vmap speedup':>13} {'map speedup':>12}")
+          f"{'1 step of N*B':>14} {'vmap speedup':>13} {'map speedup':>12} {'bound':>7}")
     for h in widths:
         r = measure(args.members, h, args.batch, args.time, args.rounds)
         print(f"{r['members']:>7} {h:>5} {r['batch']:>4} {r['time']:>4} {r['vmap_s'] * 1e3:>7.1f} ms "
-              f"{r['map_s'] * 1e3:>7.1f} ms {r['sequential_s'] * 1e3:>12.1f} ms {r['vmap_speedup']:>12.2f}x "
-              f"{r['map_speedup']:>11.2f}x", flush=True)
+              f"{r['map_s'] * 1e3:>7.1f} ms {r['sequential_s'] * 1e3:>12.1f} ms {r['batched_s'] * 1e3:>11.1f} ms "
+              f"{r['vmap_speedup']:>12.2f}x {r['map_speedup']:>11.2f}x {r['bound']:>6.2f}x", flush=True)
     return 0
 
 

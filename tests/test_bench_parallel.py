@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import cli, parallel
+from benchmarks import cli, parallel, population
 
 
 def test_tiny_run_writes_rows_whose_speedup_is_the_ratio_of_medians(tmp_path, capsys):
@@ -99,3 +99,14 @@ def test_memory_tiny_run_reports_the_held_out_mse(tmp_path, capsys):
 def test_bench_population_bad_input_exits_2(argv, message, capsys):
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.strip() == message
+
+
+def test_bench_population_ratios_are_quotients_of_the_medians(capsys):
+    row = population.measure(2, 4, 2, 3, rounds=3)
+    assert row["vmap_speedup"] == row["sequential_s"] / row["vmap_s"]
+    assert row["map_speedup"] == row["sequential_s"] / row["map_s"]
+    assert row["bound"] == row["sequential_s"] / row["batched_s"]
+    assert cli.main(["population", "--members", "2", "--hidden", "4", "--batch", "2", "--time", "3",
+                     "--rounds", "3"]) == 0
+    header, line = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert header.split()[-1] == "bound" and line.split()[:4] == ["2", "4", "2", "3"] and len(line.split()) == 15
