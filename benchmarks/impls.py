@@ -141,7 +141,8 @@ class _AotCall:
         self.args = args
         self.feedback = feedback
         self.compiled = None
-        self.info = dict(compile_s=None, memory_bytes=None, memory_kind="n/a", xla_peak_bytes=None)
+        self.info = dict(compile_s=None, memory_bytes=None, memory_kind="n/a", xla_peak_bytes=None,
+                         matmul_flops=None)
 
     def _compile(self):
         start = time.perf_counter()
@@ -158,6 +159,10 @@ class _AotCall:
                                             + mem.output_size_in_bytes - mem.alias_size_in_bytes)
             self.info["memory_kind"] = "xla-planned"
             self.info["xla_peak_bytes"] = getattr(mem, "peak_memory_in_bytes", None) or None
+        # The matrix products the compiled program runs, beside the analytic count.
+        from benchmarks.profile import compiled_matmul_flops
+
+        self.info["matmul_flops"] = compiled_matmul_flops(self.compiled.as_text())
 
     def __call__(self):
         import jax

@@ -105,6 +105,41 @@ def parse_hlo(text: str) -> dict[str, dict]:
     return instructions
 
 
+def compiled_matmul_flops(text: str) -> int:
+    """The FLOPs of every matrix product a compiled module runs (its optimised HLO text, after XLA's
+    dead-code elimination): loop bodies times their known trip counts, the larger branch of a conditional."""
+    instructions = parse_hlo(text)
+    own: dict[str, int] = collections.Counter()  # matmul FLOPs of each computation's own instructions
+    for ins in instructions.values():
+        own[ins["computation"]] += sum(d[3] for d in ins["dots"])
+    # Control flow (its tuple shapes are not parsed by parse_hlo): (computation, kind, callees, trips).
+    flow: dict[str, list] = collections.defaultdict(list)
+    current = entry = None
+    for line in text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head:
+            current = head.group(1)
+            entry = current if line.startswith("ENTRY") else entry
+            continue
+        if " while(" in line:
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+            if trips is None:
+                raise ValueError(f"{PROG}: a loop has no known trip count; expected only loops of static length "
+                                 f"(lax.scan, fori_loop), got: {line.strip()[:120]}")
+            flow[current].append((sum, [re.search(r"body=%([\w.\-]+)", line).group(1)], int(trips.group(1))))
+        elif " call(" in line:
+            flow[current].append((sum, [re.search(r"to_apply=%([\w.\-]+)", line).group(1)], 1))
+        elif " conditional(" in line:
+            branches = re.search(r"branch_computations=\{([^}]*)\}", line).group(1)
+            flow[current].append((max, [b.strip().lstrip("%") for b in branches.split(",")], 1))
+
+    def total(computation: str) -> int:
+        return own[computation] + sum(trips * combine(total(c) for c in callees)
+                                      for combine, callees, trips in flow[computation])
+
+    return total(entry)
+
+
 def phase(op_name: str) -> str:
     """Which part of the train step an op belongs to, from its metadata ``op_name``."""
     backward = "transpose(" in op_name

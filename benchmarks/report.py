@@ -72,7 +72,8 @@ def make_rows(cfg: Config, results: dict[str, dict], infos: dict[str, dict], not
             pct_peak_jax=100 * gflops / peak_jax if peak_jax else None,
             pct_peak_torch=100 * gflops / peak_torch if peak_torch else None,
             memory_bytes=info.get("memory_bytes"), memory_kind=info.get("memory_kind", "n/a"),
-            xla_peak_bytes=info.get("xla_peak_bytes"),
+            xla_peak_bytes=info.get("xla_peak_bytes"), matmul_flops=info.get("matmul_flops"),
+            matmul_gflops=info["matmul_flops"] / r["median_s"] / 1e9 if info.get("matmul_flops") else None,
             ratio_vs={}, note=notes.get(name, ""), env=env,
         ))
     add_ratios(rows)

@@ -29,6 +29,13 @@ def test_quick_run_writes_consistent_json_lines(tmp_path, capsys):
         assert row["first_call_s"] > 0
         if row["impl"] != "torch":
             assert row["memory_kind"] == "xla-planned" and row["memory_bytes"] > 0 and row["compile_s"] > 0
+            # The products counted in each compiled program: a forward pass runs exactly the analytic
+            # count's; rnnjax's gradients with respect to the parameters only run 5 of its 6 per step.
+            assert row["matmul_gflops"] == pytest.approx(row["matmul_flops"] / row["median_s"] / 1e9, rel=1e-12)
+            if row["mode"] == "fwd":
+                assert row["matmul_flops"] == row["flops"]
+            if (row["impl"], row["mode"]) == ("rnnjax", "fwdbwd"):
+                assert row["matmul_flops"] == row["flops"] * 5 // 6
 
     # Every ratio is the quotient of the two reported medians (same config and mode), against every peer.
     by_key = {(r["config"], r["mode"], r["impl"]): r for r in rows}
@@ -165,3 +172,18 @@ def test_profile_counts_every_matmul_of_the_train_step(tmp_path):
     assert in_loop == [("backward scan", ((8, 128, 32),), 16.0),
                        ("forward scan", ((8, 32, 128),), 16.0), ("forward scan", ((8, 32, 128),), 16.0)]
     assert result["wall_ms"] > 0 and all(op["ms_per_step"] > 0 for op in result["ops"])
+
+
+def test_compiled_matmul_flops_counts_loop_trips_and_the_larger_branch():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.profile import compiled_matmul_flops
+
+    def f(a, x):
+        looped = jax.lax.fori_loop(0, 5, lambda i, c: jnp.tanh(c @ a), a)  # 5 x [4,4] @ [4,4]
+        branch = jax.lax.cond(x > 0, lambda: jnp.sum(a @ a), lambda: jnp.sum(a[:2] @ a))  # the larger: [4,4] @ [4,4]
+        return looped, branch
+
+    text = jax.jit(f).lower(jnp.ones((4, 4)), 1.0).compile().as_text()
+    assert compiled_matmul_flops(text) == 5 * 2 * 4 ** 3 + 2 * 4 ** 3
