@@ -112,7 +112,7 @@ def compiled_matmul_flops(text: str) -> int:
     own: dict[str, int] = collections.Counter()  # matmul FLOPs of each computation's own instructions
     for ins in instructions.values():
         own[ins["computation"]] += sum(d[3] for d in ins["dots"])
-    # Control flow (its tuple shapes are not parsed by parse_hlo): (computation, kind, callees, trips).
+    # Control flow, which parse_hlo skips (tuple shapes): computation -> [(combine, callees, trips)].
     flow: dict[str, list] = collections.defaultdict(list)
     current = entry = None
     for line in text.splitlines():

@@ -187,3 +187,18 @@ def test_compiled_matmul_flops_counts_loop_trips_and_the_larger_branch():
 
     text = jax.jit(f).lower(jnp.ones((4, 4)), 1.0).compile().as_text()
     assert compiled_matmul_flops(text) == 5 * 2 * 4 ** 3 + 2 * 4 ** 3
+
+
+def test_compiled_matmul_flops_refuses_a_loop_of_unknown_length():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.profile import compiled_matmul_flops
+
+    def f(a, n):
+        return jax.lax.while_loop(lambda c: c[1] < n, lambda c: (c[0] @ a, c[1] + 1), (a, 0))[0]
+
+    text = jax.jit(f).lower(jnp.ones((4, 4)), 3).compile().as_text()
+    with pytest.raises(ValueError, match=r"^rnnjax-bench profile: a loop has no known trip count; expected only "
+                                         r"loops of static length \(lax.scan, fori_loop\), got: "):
+        compiled_matmul_flops(text)
