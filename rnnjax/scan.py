@@ -28,6 +28,7 @@ from typing import Any, Literal, Union
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name, checkpoint_policies
 
 from rnnjax import _checks
 from rnnjax._tree import where_batch
@@ -140,8 +141,10 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
         ``"loop"`` does the same with a loop of the multiply-add alone (a
         ``lax.fori_loop`` writing each state over its ``b``), a long
         sequence in chunks of :func:`loop_chunk` steps whose backward pass
-        recomputes each chunk (memory for the chunk boundaries' states and
-        one chunk, not for every step's coefficients); ``False`` runs
+        recomputes each chunk from its input projection, stored or itself
+        recomputed as the cell's ``Linear.save_projection`` says (memory for
+        the chunk boundaries' states and, where stored, the projections, not
+        for every step's coefficients); ``False`` runs
         the cell's step in the sequential scan;
         ``"auto"`` as :func:`auto_parallel` decides (sequential when
         ``remat`` is set). ``unroll``, ``hoist`` and ``backward`` apply to
@@ -330,10 +333,13 @@ linear_scan.defvjp(_linear_scan_fwd, _linear_scan_bwd)
 
 
 # The loop form runs a long sequence in chunks of about this many bytes of projected input ([steps, *B, G]):
-# each chunk's projection, coefficients, loop and outputs stay in cache, and its backward pass recomputes
-# them (``jax.checkpoint``) instead of reading whole-sequence residuals. Measured with ``rnnjax-bench
+# each chunk's coefficients, loop and outputs stay in cache, and its backward pass recomputes them
+# (``jax.checkpoint``) instead of reading whole-sequence residuals. Measured with ``rnnjax-bench
 # parallel`` on a 2-core CPU (README, Performance).
 LOOP_CHUNK_BYTES = 2**21
+# The name of a chunk's input projection in the loop form, the residual its backward pass keeps where the
+# cell's ``Linear.save_projection`` says so.
+PROJECTION = "rnnjax.projection"
 
 
 def loop_chunk(T: int, step_bytes: int) -> int:
@@ -357,7 +363,7 @@ def _linear_chunk(cell: Cell, params, zero_state, state, xs, valid, resets, *, r
     the sequential driver resets before it holds).
     """
     lin = cell.linear
-    px = cell.project(params, xs)
+    px = checkpoint_name(cell.project(params, xs), PROJECTION)
     a, b = lin.coefficients(params, px)
     if valid is not None:
         v = valid[..., None]
@@ -383,7 +389,8 @@ def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, r
 
     ``"loop"`` does this :func:`loop_chunk` steps at a time in a ``lax.scan`` over the chunks that carries
     the state (any remainder after the last whole chunk is one more, shorter chunk); the backward pass
-    recomputes each chunk (``jax.checkpoint``) instead of storing whole-sequence residuals.
+    recomputes each chunk (``jax.checkpoint``) instead of storing whole-sequence residuals, from its stored
+    projection where the cell's ``Linear.save_projection`` is set (:data:`PROJECTION`).
     """
     lin = cell.linear
     state = lin.state(carry)
@@ -401,7 +408,9 @@ def _parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, r
     tail = tuple(None if u is None else u[whole:] for u in (xs, valid, resets))
 
     def whole_chunks(state):
-        state, ys = jax.lax.scan(lambda s, u: jax.checkpoint(chunk)(s, *u), state, head, reverse=reverse)
+        saves = checkpoint_policies.save_only_these_names(PROJECTION) if lin.save_projection else None
+        state, ys = jax.lax.scan(lambda s, u: jax.checkpoint(chunk, policy=saves)(s, *u), state, head,
+                                 reverse=reverse)
         return state, ys.reshape(whole, *ys.shape[2:])
 
     if whole == T:

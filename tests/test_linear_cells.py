@@ -104,8 +104,9 @@ def test_parallel_two_batch_dims_time_major_and_vmap(linear):
 @pytest.mark.parametrize("name,steps,chunk", [(name, T, 4) for name in sorted(OPTIONS)] + [
     ("resets-lengths-reverse", 12, 4), ("resets-mask", T, 1)])
 def test_chunked_loop_form_equals_sequential(linear, monkeypatch, name, steps, chunk):
-    """The loop form chunk by chunk (a remainder chunk at T = 13, none at T = 12, one step per chunk),
-    recomputed in the backward pass: values and gradients equal the sequential scan's."""
+    """The loop form chunk by chunk (a remainder chunk at T = 13, none at T = 12, one step per chunk), each
+    chunk's projection kept or recomputed in the backward pass as the cell's ``save_projection`` says:
+    values and gradients equal the sequential scan's."""
     cell, params = linear
     monkeypatch.setattr(rnnjax.scan, "loop_chunk", lambda T, step_bytes: chunk)
     carry = random_carry(cell, params, (B,))
@@ -129,6 +130,28 @@ def test_loop_chunk_sizes():
     assert rnnjax.scan.loop_chunk(1031, per_step) == 256  # prime: whole chunks and a remainder
     assert rnnjax.scan.loop_chunk(511, per_step) == 511
     assert rnnjax.scan.loop_chunk(5000, rnnjax.scan.LOOP_CHUNK_BYTES * 10) == 8
+
+
+@pytest.mark.parametrize("name,products", [("mingru", 3), ("minlstm", 4), ("rglru", 3)])
+def test_loop_form_backward_runs_the_projection_once_where_it_is_saved(monkeypatch, name, products):
+    """Counted in the compiled fwd+bwd of the chunked loop form: the projection ``x W`` forward, ``dx`` and
+    ``dW`` (3 products of ``2 T B F G`` FLOPs each), plus the forward's recomputation where the cell does not
+    keep the projection (minLSTM: ``save_projection=False``)."""
+    from benchmarks.profile import compiled_matmul_flops
+
+    monkeypatch.setattr(rnnjax.scan, "loop_chunk", lambda T, step_bytes: 8)
+    steps, batch, features, hidden = 64, 2, 8, 16
+    cell = getattr(cells, name)(hidden)
+    params = cell.init(jax.random.key(0), features)
+    xs = jax.random.normal(jax.random.key(1), (batch, steps, features))
+    assert cell.linear.save_projection == (products == 3)
+
+    def loss(p, x):
+        return jnp.sum(rnnjax.unroll(cell, p, x, parallel="loop")[1])
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile().as_text()
+    gates = params.w.shape[1]
+    assert compiled_matmul_flops(text) == products * 2 * steps * batch * features * gates
 
 
 @pytest.mark.parametrize("name", LINEAR)

@@ -70,12 +70,23 @@ class Linear(NamedTuple):
     state); both must be linear. With this form :func:`rnnjax.unroll` can
     run the whole sequence with ``jax.lax.associative_scan`` (depth
     ``O(log T)``): steps compose as ``(a1, b1) then (a2, b2) = (a2 a1, a2 b1 + b2)``.
+
+    ``save_projection``: whether the backward pass of ``parallel="loop"``
+    keeps each chunk's input projection ``px`` (one ``[C, *B, G]`` array
+    per chunk, so the projection is not computed twice) or recomputes it
+    with the rest of the chunk (``jax.checkpoint``: memory only for the
+    chunk boundaries' states). Keeping it was faster for the LRU, minGRU
+    and RG-LRU on a 2-core CPU; for minLSTM recomputing was, because XLA's
+    CPU backend fuses the slice of the stored projections into each of
+    the several kernels of its gates' backward pass, which then read main
+    memory instead of cache (``rnnjax-bench parallel``, README).
     """
 
     coefficients: Callable[[Any, Array], tuple[Array, Array]]
     state: Callable[[Any], Array]
     carry: Callable[[Array], Any]
     output: Callable[[Any, Array, Array], Array]
+    save_projection: bool = True
 
 
 def step_from_linear(lin: Linear) -> Callable[[Any, Any, Array], tuple[Any, Array]]:

@@ -78,12 +78,13 @@ def lru(hidden_size: int, *, state_size: int | None = None, r_min: float = 0.0, 
     def project(params: LRUParams, xs: Array) -> Array:
         """``[..., 2N + H]``: ``gamma * (x B)`` (real, imaginary) and ``x D``."""
         gamma = jnp.exp(params.gamma_log)
-        return jnp.concatenate([(xs @ params.b_re) * gamma, (xs @ params.b_im) * gamma, xs @ params.d], axis=-1)
+        return xs @ jnp.concatenate([params.b_re * gamma, params.b_im * gamma, params.d], axis=1)
 
     def coefficients(params: LRUParams, px: Array):
         real = state_dtype(px.dtype)
         px = px.astype(real)
-        b = jax.lax.complex(px[..., :N], px[..., N:2 * N])
+        b_re, b_im, _ = jnp.split(px, [N, 2 * N], axis=-1)
+        b = jax.lax.complex(b_re, b_im)
         nu, theta = jnp.exp(params.nu_log.astype(real)), jnp.exp(params.theta_log.astype(real))
         return jnp.exp(jax.lax.complex(-nu, theta)), b  # the same lambda [N] at every step
 
@@ -95,7 +96,8 @@ def lru(hidden_size: int, *, state_size: int | None = None, r_min: float = 0.0, 
 
     def output(params: LRUParams, h: Array, px: Array) -> Array:
         real = h.real.dtype
-        y = h.real @ params.c_re.astype(real) - h.imag @ params.c_im.astype(real) + px[..., 2 * N:].astype(real)
+        c = jnp.concatenate([params.c_re, -params.c_im]).astype(real)
+        y = to_carry(h) @ c + jnp.split(px, [2 * N], axis=-1)[1].astype(real)
         return y.astype(px.dtype)
 
     lin = Linear(coefficients, state, to_carry, output)

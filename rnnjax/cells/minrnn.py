@@ -30,8 +30,8 @@ class MinRNNParams(NamedTuple):
     b: Array | None  # [G*H]
 
 
-def _min_cell(fn: str, name: str, gates: int, gate_coefficients, hidden_size: int, bias: bool, input_init: InitSpec,
-              bias_init: InitSpec, param_dtype) -> Cell:
+def _min_cell(fn: str, name: str, gates: int, gate_coefficients, save_projection: bool, hidden_size: int, bias: bool,
+              input_init: InitSpec, bias_init: InitSpec, param_dtype) -> Cell:
     H = check_size(fn, "hidden_size", hidden_size)
     cfg = init_config(fn, H, input_init, "uniform", bias_init, param_dtype)
 
@@ -49,12 +49,12 @@ def _min_cell(fn: str, name: str, gates: int, gate_coefficients, hidden_size: in
 
     def coefficients(params, px: Array):
         k = px.astype(state_dtype(px.dtype))
-        return gate_coefficients(*(k[..., i * H:(i + 1) * H] for i in range(gates + 1)))
+        return gate_coefficients(*jnp.split(k, gates + 1, axis=-1))
 
     def output(params, h: Array, px: Array) -> Array:
         return h.astype(px.dtype)
 
-    lin = Linear(coefficients, lambda c: c, lambda h: h, output)
+    lin = Linear(coefficients, lambda c: c, lambda h: h, output, save_projection)
     return linear_cell(lin, init, initial_carry, project, lambda p: p.w.shape[0], H, name)
 
 
@@ -92,7 +92,7 @@ def mingru(hidden_size: int, *, bias: bool = True, input_init: InitSpec = "unifo
     cell has a :class:`~rnnjax.cells.base.Linear` form and
     :func:`rnnjax.unroll` can run it with ``jax.lax.associative_scan``.
     """
-    return _min_cell("rnnjax.cells.mingru", "mingru", 1, _mingru_coefficients, hidden_size, bias, input_init,
+    return _min_cell("rnnjax.cells.mingru", "mingru", 1, _mingru_coefficients, True, hidden_size, bias, input_init,
                      bias_init, param_dtype)
 
 
@@ -107,5 +107,5 @@ def minlstm(hidden_size: int, *, bias: bool = True, input_init: InitSpec = "unif
     normalised where both ``f`` and ``i`` underflow (the log-space form's guarantee).
     Params ``w [F, 3H]`` (f, i, candidate blocks) and ``b [3H]``; carry ``h [..., H]``.
     """
-    return _min_cell("rnnjax.cells.minlstm", "minlstm", 2, _minlstm_coefficients, hidden_size, bias, input_init,
-                     bias_init, param_dtype)
+    return _min_cell("rnnjax.cells.minlstm", "minlstm", 2, _minlstm_coefficients, False, hidden_size, bias,
+                     input_init, bias_init, param_dtype)
