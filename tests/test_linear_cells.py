@@ -108,7 +108,7 @@ def test_chunked_loop_form_equals_sequential(linear, monkeypatch, name, steps, c
     chunk's projection kept or recomputed in the backward pass as the cell's ``save_projection`` says:
     values and gradients equal the sequential scan's."""
     cell, params = linear
-    monkeypatch.setattr(rnnjax.scan, "loop_chunk", lambda T, step_bytes: chunk)
+    monkeypatch.setattr(rnnjax.linear_scan, "loop_chunk", lambda T, step_bytes: chunk)
     carry = random_carry(cell, params, (B,))
     xs = XS[:, :steps]
     cut = {"lengths": lambda v: jnp.minimum(v, steps), "mask": lambda v: v[:, :steps],
@@ -123,13 +123,13 @@ def test_chunked_loop_form_equals_sequential(linear, monkeypatch, name, steps, c
 
 def test_loop_chunk_sizes():
     """Powers of two near LOOP_CHUNK_BYTES per chunk, a divisor of T when one is near, one chunk when short."""
-    per_step = rnnjax.scan.LOOP_CHUNK_BYTES // 256
-    assert rnnjax.scan.loop_chunk(16384, per_step) == 256
-    assert rnnjax.scan.loop_chunk(16384, per_step * 3) == 64
-    assert rnnjax.scan.loop_chunk(1000, per_step) == 250
-    assert rnnjax.scan.loop_chunk(1031, per_step) == 256  # prime: whole chunks and a remainder
-    assert rnnjax.scan.loop_chunk(511, per_step) == 511
-    assert rnnjax.scan.loop_chunk(5000, rnnjax.scan.LOOP_CHUNK_BYTES * 10) == 8
+    per_step = rnnjax.linear_scan.LOOP_CHUNK_BYTES // 256
+    assert rnnjax.linear_scan.loop_chunk(16384, per_step) == 256
+    assert rnnjax.linear_scan.loop_chunk(16384, per_step * 3) == 64
+    assert rnnjax.linear_scan.loop_chunk(1000, per_step) == 250
+    assert rnnjax.linear_scan.loop_chunk(1031, per_step) == 256  # prime: whole chunks and a remainder
+    assert rnnjax.linear_scan.loop_chunk(511, per_step) == 511
+    assert rnnjax.linear_scan.loop_chunk(5000, rnnjax.linear_scan.LOOP_CHUNK_BYTES * 10) == 8
 
 
 @pytest.mark.parametrize("name,products", [("mingru", 3), ("minlstm", 4), ("rglru", 3)])
@@ -139,7 +139,7 @@ def test_loop_form_backward_runs_the_projection_once_where_it_is_saved(monkeypat
     keep the projection (minLSTM: ``save_projection=False``)."""
     from benchmarks.profile import compiled_matmul_flops
 
-    monkeypatch.setattr(rnnjax.scan, "loop_chunk", lambda T, step_bytes: 8)
+    monkeypatch.setattr(rnnjax.linear_scan, "loop_chunk", lambda T, step_bytes: 8)
     steps, batch, features, hidden = 64, 2, 8, 16
     cell = getattr(cells, name)(hidden)
     params = cell.init(jax.random.key(0), features)
@@ -190,9 +190,9 @@ def test_auto_picks_the_loop_form_for_long_sequences_on_cpu(monkeypatch):
     cell = cells.mingru(4)
     params = cell.init(jax.random.key(0), 3)
     methods = []
-    real = rnnjax.scan.linear_scan
-    monkeypatch.setattr(rnnjax.scan, "linear_scan", lambda a, b, r, m: methods.append(m) or real(a, b, r, m))
-    n = rnnjax.scan.CPU_PARALLEL_MIN_T
+    real = rnnjax.linear_scan.linear_scan
+    monkeypatch.setattr(rnnjax.linear_scan, "linear_scan", lambda a, b, r, m: methods.append(m) or real(a, b, r, m))
+    n = rnnjax.linear_scan.CPU_PARALLEL_MIN_T
     rnnjax.unroll(cell, params, jnp.ones((2, n - 1, 3)))
     rnnjax.unroll(cell, params, jnp.ones((2, n, 3)), remat=4)
     assert methods == []
@@ -225,11 +225,11 @@ def test_linear_scan_against_a_numpy_loop(method, reverse, kind):
             return x + 1j * rng.uniform(-0.4, 0.4, size=s) if kind.startswith("complex") else x
 
         a, b = draw(shape), draw((7, 3, 4))
-        np.testing.assert_allclose(rnnjax.scan.linear_scan(jnp.asarray(a), jnp.asarray(b), reverse, method),
+        np.testing.assert_allclose(rnnjax.linear_scan.linear_scan(jnp.asarray(a), jnp.asarray(b), reverse, method),
                                    _numpy_states(a, b, reverse), atol=1e-12)
 
         def f(a, b):
-            h = rnnjax.scan.linear_scan(a, b, reverse, method)
+            h = rnnjax.linear_scan.linear_scan(a, b, reverse, method)
             w = jnp.cos(jnp.arange(h.size)).reshape(h.shape)
             return jnp.sum(jnp.abs(h * w) ** 2)
 
