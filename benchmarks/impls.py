@@ -254,7 +254,8 @@ def _accepts(fn: Callable, name: str) -> bool:
     return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
 
 
-def rnnjax_impl(cfg: Config, *, hoist="auto", backward: str | None = None, name: str = "rnnjax") -> Runner | None:
+def rnnjax_impl(cfg: Config, *, hoist="auto", backward: str | None = None, backend: str = "auto",
+                name: str = "rnnjax") -> Runner | None:
     """rnnjax: ``rnnjax.unroll`` for one layer, ``layers.stack`` of ``layers.rnn``/``layers.bidirectional`` otherwise.
 
     ``hoist`` and ``backward`` are passed only when they differ from the
@@ -273,7 +274,7 @@ def rnnjax_impl(cfg: Config, *, hoist="auto", backward: str | None = None, name:
     target = (layers.bidirectional if cfg.bidirectional else layers.rnn) if deep else rnnjax.unroll
     where = f"rnnjax.{'layers.' if deep else ''}{target.__name__}"
     opts: dict[str, Any] = {}
-    for option, value, default in (("hoist", hoist, "auto"), ("backward", backward, None)):
+    for option, value, default in (("hoist", hoist, "auto"), ("backward", backward, None), ("backend", backend, "auto")):
         if value == default:
             continue  # the library's own default: nothing to pass
         if not _accepts(target, option):
@@ -553,10 +554,12 @@ def peak_runners(size: int) -> dict[str, tuple[Callable[[], Any], int]]:
 
 IMPLS: dict[str, Callable[[Config], Runner | None]] = {
     "rnnjax": rnnjax_impl,
-    "rnnjax-autodiff": functools.partial(rnnjax_impl, backward="autodiff", name="rnnjax-autodiff"),
-    "rnnjax-fused": functools.partial(rnnjax_impl, backward="fused", name="rnnjax-fused"),
-    "rnnjax-hoisted": functools.partial(rnnjax_impl, hoist=True, name="rnnjax-hoisted"),
-    "rnnjax-inloop": functools.partial(rnnjax_impl, hoist=False, name="rnnjax-inloop"),
+    "rnnjax-native": functools.partial(rnnjax_impl, backend="native", name="rnnjax-native"),
+    "rnnjax-xla": functools.partial(rnnjax_impl, backend="xla", name="rnnjax-xla"),
+    "rnnjax-autodiff": functools.partial(rnnjax_impl, backward="autodiff", backend="xla", name="rnnjax-autodiff"),
+    "rnnjax-fused": functools.partial(rnnjax_impl, backward="fused", backend="xla", name="rnnjax-fused"),
+    "rnnjax-hoisted": functools.partial(rnnjax_impl, hoist=True, backend="xla", name="rnnjax-hoisted"),
+    "rnnjax-inloop": functools.partial(rnnjax_impl, hoist=False, backend="xla", name="rnnjax-inloop"),
     "torch": torch_impl,
     "flax": flax_impl,
     "flax-lstmcell": functools.partial(flax_impl, lstm_cell="LSTMCell", name="flax-lstmcell"),

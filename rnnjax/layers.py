@@ -57,14 +57,15 @@ class Module(NamedTuple):
 
 
 def rnn(cell: Cell, *, reverse: bool = False, unroll: int = 1, remat: scan.Remat = None,
-        hoist: scan.Hoist = "auto", backward: scan.Backward = "auto", parallel: scan.Parallel = "auto") -> Layer:
+        hoist: scan.Hoist = "auto", backward: scan.Backward = "auto", parallel: scan.Parallel = "auto",
+        backend: str = "auto") -> Layer:
     """A cell as a sequence layer: ``apply`` is :func:`rnnjax.unroll` (with these options)."""
 
     def apply(params, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None, time_major=False):
         del key
         return scan.unroll(cell, params, xs, carry=carry, lengths=lengths, mask=mask, resets=resets,
                            reverse=reverse, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist,
-                           backward=backward, parallel=parallel)
+                           backward=backward, parallel=parallel, backend=backend)
 
     def step(params, carry, x, *, reset=None):
         if reverse:
@@ -86,10 +87,10 @@ MERGES = ("concat", "sum", "mean", "none")
 
 def bidirectional(forward: Cell, reverse: Cell | None = None, *, merge: str = "concat", unroll: int = 1,
                   remat: scan.Remat = None, hoist: scan.Hoist = "auto", backward: scan.Backward = "auto",
-                  parallel: scan.Parallel = "auto") -> Layer:
+                  parallel: scan.Parallel = "auto", backend: str = "auto") -> Layer:
     """Runs ``forward`` left to right and ``reverse`` (default: the same cell
     type, own parameters) right to left within each sequence's length.
-    ``unroll``, ``remat``, ``hoist``, ``backward`` and ``parallel`` are passed to
+    ``unroll``, ``remat``, ``hoist``, ``backward``, ``parallel`` and ``backend`` are passed to
     :func:`rnnjax.unroll` for both directions.
 
     ``merge``: ``"concat"`` (features ``O_f + O_b``), ``"sum"``, ``"mean"``,
@@ -120,7 +121,7 @@ def bidirectional(forward: Cell, reverse: Cell | None = None, *, merge: str = "c
                              "cross the boundary from the other side). Fix: split the sequences and pass lengths.")
         c_f, c_b = (None, None) if carry is None else carry
         opts = dict(lengths=lengths, mask=mask, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist,
-                    backward=backward, parallel=parallel)
+                    backward=backward, parallel=parallel, backend=backend)
         c_f, y_f = scan.unroll(forward, params.forward, xs, carry=c_f, **opts)
         c_b, y_b = scan.unroll(reverse_cell, params.backward, xs, carry=c_b, reverse=True, **opts)
         if merge == "concat":

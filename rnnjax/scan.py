@@ -28,7 +28,7 @@ from typing import Any, Literal, Union
 import jax
 import jax.numpy as jnp
 
-from rnnjax import _checks
+from rnnjax import _checks, backend as backends
 from rnnjax._tree import where_batch
 from rnnjax.cells.base import Cell
 from rnnjax.fused import fused_unroll
@@ -91,7 +91,8 @@ def should_fuse(cell: Cell, batch_size: int, time_steps: int) -> bool:
 def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None, lengths: Array | None = None,
            mask: Array | None = None, resets: Array | None = None, reverse: bool = False,
            time_major: bool = False, unroll: int = 1, remat: Remat = None,
-           hoist: Hoist = "auto", backward: Backward = "auto", parallel: Parallel = "auto") -> tuple[Carry, Array]:
+           hoist: Hoist = "auto", backward: Backward = "auto", parallel: Parallel = "auto",
+           backend: str = "auto") -> tuple[Carry, Array]:
     """Runs ``cell`` over the time axis of ``xs``; returns ``(final_carry, ys)``.
 
     Args:
@@ -132,6 +133,15 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
         ``"auto"`` as :func:`auto_parallel` decides (sequential when
         ``remat`` is set). ``unroll``, ``hoist`` and ``backward`` apply to
         the sequential scan only.
+      backend: ``"xla"`` runs the cell's step in ``lax.scan`` (the reference,
+        and the path on GPU/TPU); ``"native"`` runs the whole sequence, and
+        its backward pass, in one call of the native CPU kernels
+        (:mod:`rnnjax.native`: LSTM, both GRUs, Elman tanh/relu, with
+        lengths, masks, reverse, resets and an initial carry; ``unroll``,
+        ``hoist`` and ``backward`` tune the XLA path and are ignored there),
+        and raises a ``ValueError`` naming what it cannot run; ``"auto"``
+        runs natively where :mod:`rnnjax.backend`'s rule prefers it and
+        falls back to XLA otherwise, never raising.
 
     Returns:
       ``(carry, ys)`` with ``ys`` ``[*B, T, O]`` (time-major ``[T, *B, O]``),
@@ -168,6 +178,12 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
                              f"build it with cell.initial_carry(params, batch_shape={batch_shape}).")
 
     batch_size = math.prod(batch_shape)
+    chosen = backends.choose(fn, backend, backends.Request(cell, _compute_dtype(cell, params, xs), remat,
+                                                           jax.default_backend()))
+    if chosen is not None:
+        bf16 = _compute_dtype(cell, params, xs) == jnp.bfloat16
+        carry, ys = chosen.run(cell, params, xs_t, carry, valid, resets, reverse=reverse, bf16=bf16)
+        return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
     method = _parallel_method(fn, cell, parallel, remat, batch_size, T)
     if method is not None:
         carry, ys = parallel_unroll(cell, params, xs_t, carry, zero_carry, valid, resets, reverse, method)
@@ -193,6 +209,13 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
     carry, ys = _scan(body, carry, (inputs, valid, resets), T=T, reverse=reverse, unroll=unroll, remat=remat,
                       batch_shape=batch_shape)
     return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
+
+
+def _compute_dtype(cell: Cell, params, xs):
+    """The dtype products are computed in: the promotion of the inputs' and the recurrent weight's dtypes."""
+    if cell.native is None:
+        return xs.dtype
+    return jnp.result_type(xs.dtype, cell.native.weights(params)[1].dtype)
 
 
 def _parallel_method(fn: str, cell: Cell, parallel, remat: Remat, batch_size: int, T: int) -> str | None:

@@ -100,6 +100,28 @@ def step_from_linear(lin: Linear) -> Callable[[Any, Any, Array], tuple[Any, Arra
     return step
 
 
+class Native(NamedTuple):
+    """How the native CPU kernels (:mod:`rnnjax.native`) run a classic cell: one call per sequence.
+
+    ``kind`` names the kernel (``"lstm"``, ``"gru"``, ``"gru_cho"``,
+    ``"elman_tanh"``, ``"elman_relu"``); ``weights(params)`` returns
+    ``(w_ih [F, G], w_hh [H, G], b_ih [G] | None, b_hh [G] | None)`` in
+    PyTorch's gate order; ``split(carry) -> (h, c | None)`` and
+    ``join(h, c) -> carry`` convert the carry. A factory sets it only for the
+    settings the kernels cover (no peepholes, projections or layer norm).
+    """
+
+    kind: str
+    weights: Callable[[Any], tuple[Array, Array, Array | None, Array | None]]
+    split: Callable[[Any], tuple[Array, Array | None]]
+    join: Callable[[Array, Array | None], Any]
+
+
+def hidden_only(kind: str) -> Native:
+    """The :class:`Native` spec of a cell whose params are :class:`Weights` and whose carry is ``h`` alone."""
+    return Native(kind, lambda p: (p.w_ih, p.w_hh, p.b_ih, p.b_hh), lambda h: (h, None), lambda h, c: h)
+
+
 class Cell(NamedTuple):
     """A recurrent cell: pure functions over a params pytree.
 
@@ -118,6 +140,8 @@ class Cell(NamedTuple):
       linear: the :class:`Linear` form of a cell whose recurrence is linear in
         the carry (LRU, minGRU, minLSTM, RG-LRU), which lets the driver run
         ``jax.lax.associative_scan``; None for the classic cells.
+      native: the :class:`Native` spec that lets the driver run the whole
+        sequence in one call of a native CPU kernel, or None.
     """
 
     init: Callable[[PRNGKey, int], Any]
@@ -129,11 +153,14 @@ class Cell(NamedTuple):
     name: str
     recurrence: Recurrence | None = None
     linear: Linear | None = None
+    native: Native | None = None
 
 
-def cell_from(recurrence: Recurrence, init, initial_carry, project, input_size, output_size: int, name: str) -> Cell:
+def cell_from(recurrence: Recurrence, init, initial_carry, project, input_size, output_size: int, name: str,
+              native: Native | None = None) -> Cell:
     """A :class:`Cell` whose ``step`` is defined by ``recurrence``."""
-    return Cell(init, initial_carry, project, step_from(recurrence), input_size, output_size, name, recurrence)
+    return Cell(init, initial_carry, project, step_from(recurrence), input_size, output_size, name, recurrence,
+                None, native)
 
 
 def linear_cell(linear: Linear, init, initial_carry, project, input_size, output_size: int, name: str) -> Cell:

@@ -12,6 +12,7 @@ from rnnjax.cells.base import (
     Recurrence,
     Weights,
     cell_from,
+    hidden_only,
     get_activation,
     affine,
     check_size,
@@ -55,7 +56,8 @@ def elman(hidden_size: int, *, activation: str = "tanh", bias: bool = True,
         return h, h
 
     rec = Recurrence(lambda p: (p.w_hh, p.b_hh), lambda p: (), _identity, pointwise)
-    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "elman")
+    native = hidden_only(f"elman_{activation}") if activation in ("tanh", "relu") else None
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "elman", native)
 
 
 class JordanParams(NamedTuple):

@@ -12,6 +12,7 @@ from rnnjax.cells.base import (
     Recurrence,
     Weights,
     cell_from,
+    hidden_only,
     gain_shift,
     affine,
     check_size,
@@ -73,7 +74,8 @@ def gru(hidden_size: int, *, reset_after: bool = True, bias: bool = True, input_
         rz, n = slice(0, 2 * H), slice(2 * H, 3 * H)
         rec = Recurrence(lambda p: (p.w_hh[:, rz], bias_part(p.b_hh, rz)),
                          lambda p: (p.w_hh[:, n], bias_part(p.b_hh, n)), _identity, pointwise)
-    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "gru")
+    native = hidden_only("gru" if reset_after else "gru_cho")
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "gru", native)
 
 
 class LayerNormGRUParams(NamedTuple):

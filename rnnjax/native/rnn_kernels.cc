@@ -1,0 +1,697 @@
+// Native CPU kernels for the classic recurrent cells (LSTM, GRU in both forms, Elman), called from JAX through
+// jax.ffi: one call runs a whole sequence forward, one call runs its backward pass.
+//
+// Matrix products go through oneDNN's matmul primitive: the recurrent weight is reordered ("packed") once per
+// call into oneDNN's blocked layout and reused at every step; the input projection, the input gradient and the
+// weight gradients are single products over all T*N rows. The gate math is plain C++ loops over rows, compiled
+// with -O3 -ffast-math so glibc's vector expf/tanhf apply, and spread over the cores with OpenMP (the same GNU
+// OpenMP runtime oneDNN uses, so there is one thread pool). With bf16 set, every product takes bfloat16 operands
+// and accumulates in float32; gates, cell state and carries stay float32 (the mixed-precision policy).
+//
+// Layout: everything is time-major and batch-flattened: x [T, N, F], ys [T, N, H], masks [T, N] (uint8).
+// Semantics equal rnnjax.unroll's: at a reset step the carry is first replaced by zeros; at an invalid step the
+// carry is held and the output is zero; reverse runs from the last step to the first.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+
+namespace {
+
+enum Kind : int64_t { kLstm = 0, kGru = 1, kGruCho = 2, kElmanTanh = 3, kElmanRelu = 4 };
+
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+// One call at a time: each uses all the cores, and two at once (e.g. the two directions of a bidirectional layer
+// run side by side by XLA) would oversubscribe them.
+std::mutex& call_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+using bf16 = uint16_t;
+
+inline bf16 to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<bf16>(u >> 16);
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+memory::desc matrix_desc(int64_t rows, int64_t cols, memory::data_type dt, int64_t ld, bool transposed) {
+  return transposed ? memory::desc({rows, cols}, dt, {1, ld}) : memory::desc({rows, cols}, dt, {ld, 1});
+}
+
+memory::data_type op_type(bool use_bf16) { return use_bf16 ? memory::data_type::bf16 : memory::data_type::f32; }
+
+// A batch of products sharing B: A and C hold `count` matrices, `a_stride` and `c_stride` elements apart.
+struct Batch {
+  int64_t count = 0, a_stride = 0, c_stride = 0;
+};
+
+// C[M, N] (+)= A[M, K] B[K, N] (+ bias[N]), C float32 with leading dim ldc (or a Batch of them). With `packed`, B
+// is reordered once into oneDNN's preferred layout (for products run at every step); otherwise it is read in
+// place. Each Matmul has its own stream, so threads running their own Matmuls need no lock; called inside an
+// OpenMP parallel region, oneDNN runs it on the calling thread alone.
+class Matmul {
+ public:
+  Matmul(int64_t M, int64_t K, int64_t N, int64_t lda, bool a_transposed, const float* b, int64_t ldb,
+         bool b_transposed, int64_t ldc, bool use_bf16, bool accumulate, bool packed, const float* bias = nullptr,
+         Batch batch = {})
+      : bias_(bias) {
+    auto& eng = cpu_engine();
+    auto dt = op_type(use_bf16);
+    auto a_md = matrix_desc(M, K, dt, lda, a_transposed);
+    auto b_plain = matrix_desc(K, N, memory::data_type::f32, ldb, b_transposed);
+    auto b_md = packed ? memory::desc({K, N}, dt, memory::format_tag::any) : matrix_desc(K, N, dt, ldb, b_transposed);
+    auto c_md = memory::desc({M, N}, memory::data_type::f32, {ldc, 1});
+    auto bias_md = memory::desc({1, N}, memory::data_type::f32, {N, 1});
+    if (batch.count > 0) {  // plain A and C with batch strides; B and the bias broadcast over the batch
+      a_md = memory::desc({batch.count, M, K}, dt, {batch.a_stride, lda, 1});
+      b_plain = memory::desc({1, K, N}, memory::data_type::f32, {K * ldb, ldb, 1});
+      b_md = memory::desc({1, K, N}, dt, memory::format_tag::any);
+      c_md = memory::desc({batch.count, M, N}, memory::data_type::f32, {batch.c_stride, ldc, 1});
+      bias_md = memory::desc({1, 1, N}, memory::data_type::f32, {N, N, 1});
+    }
+    dnnl::primitive_attr attr;
+    if (accumulate) {
+      dnnl::post_ops ops;
+      ops.append_sum(1.0f);
+      attr.set_post_ops(ops);
+    }
+    dnnl::matmul::primitive_desc pd;
+    if (bias != nullptr) {
+      pd = dnnl::matmul::primitive_desc(eng, a_md, b_md, bias_md, c_md, attr);
+      bias_mem_ = memory(bias_md, eng, const_cast<float*>(bias));
+    } else {
+      pd = dnnl::matmul::primitive_desc(eng, a_md, b_md, c_md, attr);
+    }
+    prim_ = dnnl::matmul(pd);
+    a_mem_ = memory(pd.src_desc(), eng, DNNL_MEMORY_NONE);
+    c_mem_ = memory(pd.dst_desc(), eng, DNNL_MEMORY_NONE);
+    memory src(b_plain, eng, const_cast<float*>(b));
+    if (packed || use_bf16) {
+      b_mem_ = memory(pd.weights_desc(), eng);
+      dnnl::reorder(src, b_mem_).execute(strm_, src, b_mem_);
+    } else {
+      b_mem_ = src;
+    }
+  }
+
+  void run(const void* a, float* c) {
+    a_mem_.set_data_handle(const_cast<void*>(a));
+    c_mem_.set_data_handle(c);
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, a_mem_}, {DNNL_ARG_WEIGHTS, b_mem_}, {DNNL_ARG_DST, c_mem_}};
+    if (bias_ != nullptr) args.insert({DNNL_ARG_BIAS, bias_mem_});
+    prim_.execute(strm_, args);
+  }
+
+ private:
+  const float* bias_;
+  dnnl::stream strm_{cpu_engine()};
+  dnnl::matmul prim_;
+  memory a_mem_, b_mem_, c_mem_, bias_mem_;
+};
+
+// A float32 array converted to bf16 (a copy) or left as it is.
+class Operand {
+ public:
+  Operand(const float* data, int64_t n, bool use_bf16) : f32_(data) {
+    if (!use_bf16) return;
+    copy_.resize(n);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) copy_[i] = to_bf16(data[i]);
+  }
+  const void* get() const { return copy_.empty() ? static_cast<const void*>(f32_) : copy_.data(); }
+
+ private:
+  const float* f32_;
+  std::vector<bf16> copy_;
+};
+
+// The threads that run the time loop, each on its own rows of the batch: rows are independent in a recurrence, so
+// each thread runs every step on its shard (its own recurrent product, then its rows' gates) with no barrier
+// between steps. Fewer than kMinRows rows per thread would make the per-thread products too thin.
+constexpr int64_t kMinRows = 4;
+
+int loop_threads(int64_t N) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), N / kMinRows)));
+}
+
+struct Shard {
+  int64_t n0, n1;
+};
+
+Shard shard_of(int64_t N, int nt, int id) { return Shard{N * id / nt, N * (id + 1) / nt}; }
+
+struct Sizes {
+  int64_t T, N, F, H, G;  // G: the gate width, gates * H
+  int64_t kind;
+  bool reverse, use_bf16;
+};
+
+Sizes sizes_of(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w_hh, int64_t kind, bool reverse, bool use_bf16) {
+  auto xd = x.dimensions();
+  auto wd = w_hh.dimensions();
+  return Sizes{xd[0], xd[1], xd[2], wd[0], wd[1], kind, reverse, use_bf16};
+}
+
+inline int64_t time_at(const Sizes& s, int64_t step) { return s.reverse ? s.T - 1 - step : step; }
+
+inline bool is_valid(const uint8_t* valid, int64_t t, int64_t N, int64_t n) {
+  return valid == nullptr || valid[t * N + n] != 0;
+}
+
+using F = float* __restrict;
+using CF = const float* __restrict;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward. Each thread runs the whole sequence on its own rows, a chunk of steps at a time: first the input
+// projection of the chunk's steps for its rows (one batched product, with b_ih), written straight into the gate
+// rows, then step by step its recurrent product and its rows' gates, which overwrite the projection in place with
+// the activations. Training keeps every step's gates and extras (the residuals of the backward pass) in XLA's
+// buffers; inference (save=false) keeps only a chunk of them, in a workspace of the thread's own.
+
+// Where a step's gate row [G] and extra row [H] live: row(t, n) = base + (t - t0) * t_stride + (n - n0) * width.
+struct Rows {
+  float* base;
+  int64_t t0, n0, t_stride, width;
+  float* at(int64_t t, int64_t n) const { return base + (t - t0) * t_stride + (n - n0) * width; }
+};
+
+struct Fwd {
+  const Sizes& s;
+  const float* x;        // [T, N, F]
+  const float* w_ih;     // [F, G]
+  const float* w_hh;     // [H, G]
+  const float* b_ih;     // [G]
+  const float* b_hh;     // [G]
+  const uint8_t* valid;  // [T, N] or null
+  const uint8_t* resets;  // [T, N] or null
+  float* ys;             // [T, N, H]
+  float* hs_prev;        // [T, N, H]: h read by each step (training only)
+  float* gates;          // [T, N, G] (training only)
+  float* extra;          // [T, N, H]: LSTM c_prev, GRU h_n, Cho GRU r*h (training only)
+  float* h;              // [N, H] carry
+  float* c;              // [N, H] LSTM cell state
+  bf16* hb;              // [N, H] bf16 copy of h (bf16 only)
+};
+
+// The gate loops take restrict-qualified parameters (GCC honours restrict on parameters and then vectorizes them
+// with glibc's vector expf/tanhf); x holds a row's projection on entry and its activations on return.
+void sigmoid_add(F x, CF z, CF b, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) x[j] = sigmoid(x[j] + z[j] + b[j]);
+}
+
+void tanh_add(F x, CF z, CF b, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) x[j] = tanhf(x[j] + z[j] + b[j]);
+}
+
+void relu_add(F x, CF z, CF b, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) x[j] = std::max(x[j] + z[j] + b[j], 0.0f);
+}
+
+void lstm_state_loop(CF g, F c, F c_prev, F hn, int64_t H, bool v) {  // g: i, f, g, o
+  for (int64_t j = 0; j < H; ++j) {
+    const float cp = c[j], cn = g[H + j] * cp + g[j] * g[2 * H + j];
+    c_prev[j] = cp;
+    hn[j] = g[3 * H + j] * tanhf(cn);
+    c[j] = v ? cn : cp;
+  }
+}
+
+void gru_n_loop(F g, CF z, CF b, CF h, F hh, F hn, int64_t H) {  // g: r, z, n (the projection on entry)
+  for (int64_t j = 0; j < H; ++j) {
+    hh[j] = z[2 * H + j] + b[2 * H + j];
+    const float ng = tanhf(g[2 * H + j] + g[j] * hh[j]);
+    g[2 * H + j] = ng;
+    hn[j] = ng + g[H + j] * (h[j] - ng);
+  }
+}
+
+void times(CF a, CF b, F out, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) out[j] = a[j] * b[j];
+}
+
+void mix_loop(CF ng, CF zg, CF h, F hn, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) hn[j] = ng[j] + zg[j] * (h[j] - ng[j]);
+}
+
+// One row's step up to its new h (written to ys); the Cho GRU's first half only (r, z and r*h).
+void gates_row(const Fwd& f, float* g, float* e, const float* z, int64_t t, int64_t n) {
+  const int64_t H = f.s.H;
+  const float* b = f.b_hh;
+  float* y = f.ys + (t * f.s.N + n) * H;
+  switch (f.s.kind) {
+    case kLstm:
+      for (int k : {0, 1, 3}) sigmoid_add(g + k * H, z + k * H, b + k * H, H);
+      tanh_add(g + 2 * H, z + 2 * H, b + 2 * H, H);
+      return lstm_state_loop(g, f.c + n * H, e, y, H, is_valid(f.valid, t, f.s.N, n));
+    case kGru:
+      sigmoid_add(g, z, b, 2 * H);
+      return gru_n_loop(g, z, b, f.h + n * H, e, y, H);
+    case kGruCho:
+      sigmoid_add(g, z, b, 2 * H);
+      return times(g, f.h + n * H, e, H);
+    case kElmanRelu:
+      relu_add(g, z, b, H);
+      return (void)std::memcpy(y, g, sizeof(float) * H);
+    default:
+      tanh_add(g, z, b, H);
+      return (void)std::memcpy(y, g, sizeof(float) * H);
+  }
+}
+
+// The new h was written to the output row: at a valid step it becomes the carry (and its bf16 copy); at an
+// invalid step the carry is held and the output is zero.
+void store_h(const Fwd& f, int64_t t, int64_t n) {
+  const int64_t H = f.s.H, row = t * f.s.N + n;
+  float* y = f.ys + row * H;
+  float* h = f.h + n * H;
+  if (is_valid(f.valid, t, f.s.N, n)) {
+    std::memcpy(h, y, sizeof(float) * H);
+    if (f.hb != nullptr)
+      for (int64_t j = 0; j < H; ++j) f.hb[n * H + j] = to_bf16(h[j]);
+  } else {
+    std::fill(y, y + H, 0.0f);
+  }
+}
+
+// Zeroes the carry of the shard's rows that reset at step t, and records the h each row reads.
+void begin_step(const Fwd& f, Shard sh, int64_t t) {
+  const int64_t N = f.s.N, H = f.s.H;
+  for (int64_t n = sh.n0; n < sh.n1 && f.resets != nullptr; ++n) {
+    if (!f.resets[t * N + n]) continue;
+    std::fill(f.h + n * H, f.h + (n + 1) * H, 0.0f);
+    if (f.c != nullptr) std::fill(f.c + n * H, f.c + (n + 1) * H, 0.0f);
+    if (f.hb != nullptr) std::fill(f.hb + n * H, f.hb + (n + 1) * H, bf16(0));
+  }
+  if (f.hs_prev != nullptr)
+    std::memcpy(f.hs_prev + (t * N + sh.n0) * H, f.h + sh.n0 * H, sizeof(float) * (sh.n1 - sh.n0) * H);
+}
+
+// Steps per chunk: about 1 MiB of one thread's gate rows.
+int64_t chunk_steps(int64_t M, int64_t G) { return std::max<int64_t>(1, (1 << 20) / (4 * M * G)); }
+
+// The thread's input projection of steps [t_lo, t_lo + k) for its rows, into their gate rows.
+class Projection {
+ public:
+  Projection(const Fwd& f, Shard sh, const Rows& gates) : f_(f), sh_(sh), gates_(gates) {}
+
+  void run(int64_t t_lo, int64_t k) {
+    const Sizes& s = f_.s;
+    const int64_t M = sh_.n1 - sh_.n0, F = s.F, N = s.N;
+    const float* x = f_.x + (t_lo * N + sh_.n0) * F;
+    const void* a = x;
+    int64_t a_stride = N * F;
+    if (s.use_bf16) {  // the chunk's rows as a dense bf16 [k, M, F] copy
+      xb_.resize(k * M * F);
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < M * F; ++j) xb_[i * M * F + j] = to_bf16(x[i * N * F + j]);
+      a = xb_.data();
+      a_stride = M * F;
+    }
+    if (k_full_ == 0) k_full_ = k;
+    auto& slot = k == k_full_ ? full_ : rest_;  // every chunk but the last has the same length
+    if (slot == nullptr)
+      slot = std::make_unique<Matmul>(M, F, s.G, F, false, f_.w_ih, s.G, false, s.G, s.use_bf16, false, true,
+                                      f_.b_ih, Batch{k, a_stride, gates_.t_stride});
+    slot->run(a, gates_.at(t_lo, sh_.n0));
+  }
+
+ private:
+  const Fwd& f_;
+  Shard sh_;
+  const Rows& gates_;
+  int64_t k_full_ = 0;
+  std::unique_ptr<Matmul> full_, rest_;
+  std::vector<bf16> xb_;
+};
+
+// One thread's time loop over its shard of rows.
+void forward_shard(const Fwd& f, Shard sh) {
+  const Sizes& s = f.s;
+  const int64_t H = s.H, G = s.G, N = s.N, M = sh.n1 - sh.n0;
+  if (M == 0) return;
+  const bool cho = s.kind == kGruCho, b16 = s.use_bf16, save = f.gates != nullptr;
+  const int64_t rz = cho ? 2 * H : G, K = save ? s.T : chunk_steps(M, G);
+  std::vector<float> work(save ? 0 : K * M * G), extra(save ? 0 : M * H), z(M * rz), z2(cho ? M * H : 0);
+  std::vector<bf16> rhb(b16 && cho ? M * H : 0);
+  // Training: rows of the whole [T, N, *] outputs; inference: this thread's chunk workspace, extras of one step.
+  Rows gates = save ? Rows{f.gates, 0, 0, N * G, G} : Rows{work.data(), 0, sh.n0, M * G, G};
+  Rows extras = save ? Rows{f.extra, 0, 0, N * H, H} : Rows{extra.data(), 0, sh.n0, 0, H};
+  Projection proj(f, sh, gates);
+  Matmul rec(M, H, rz, H, false, f.w_hh, G, false, rz, b16, false, true);
+  std::unique_ptr<Matmul> cand;  // the Cho GRU's candidate product reads r*h from the extras (or its bf16 copy)
+  if (cho) cand = std::make_unique<Matmul>(M, H, H, H, false, f.w_hh + 2 * H, G, false, H, b16, false, true);
+  for (int64_t s0 = 0; s0 < s.T; s0 += K) {
+    const int64_t k = std::min(K, s.T - s0), t_lo = s.reverse ? s.T - s0 - k : s0;
+    if (!save) gates.t0 = t_lo;
+    proj.run(t_lo, k);
+    for (int64_t step = s0; step < s0 + k; ++step) {
+      const int64_t t = time_at(s, step);
+      begin_step(f, sh, t);
+      rec.run(b16 ? static_cast<const void*>(f.hb + sh.n0 * H) : f.h + sh.n0 * H, z.data());
+      for (int64_t n = sh.n0; n < sh.n1; ++n) gates_row(f, gates.at(t, n), extras.at(t, n), &z[(n - sh.n0) * rz], t, n);
+      if (cho) {
+        if (b16)
+          for (int64_t n = sh.n0; n < sh.n1; ++n)
+            for (int64_t j = 0; j < H; ++j) rhb[(n - sh.n0) * H + j] = to_bf16(extras.at(t, n)[j]);
+        cand->run(b16 ? static_cast<const void*>(rhb.data()) : extras.at(t, sh.n0), z2.data());
+        for (int64_t n = sh.n0; n < sh.n1; ++n) {
+          float* g = gates.at(t, n);
+          tanh_add(g + 2 * H, &z2[(n - sh.n0) * H], f.b_hh + 2 * H, H);
+          mix_loop(g + 2 * H, g + H, f.h + n * H, f.ys + (t * N + n) * H, H);
+        }
+      }
+      for (int64_t n = sh.n0; n < sh.n1; ++n) store_h(f, t, n);
+    }
+  }
+}
+
+ffi::Error rnn_fwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, ffi::AnyBuffer b_ih,
+                   ffi::AnyBuffer b_hh, ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi::AnyBuffer valid,
+                   ffi::AnyBuffer resets, ffi::Result<ffi::AnyBuffer> ys, ffi::Result<ffi::AnyBuffer> h_out,
+                   ffi::Result<ffi::AnyBuffer> c_out, ffi::Result<ffi::AnyBuffer> hs_prev,
+                   ffi::Result<ffi::AnyBuffer> gates, ffi::Result<ffi::AnyBuffer> extra, int64_t kind, bool reverse,
+                   bool use_bf16, bool save) {
+  std::lock_guard<std::mutex> lock(call_mutex());
+  const Sizes s = sizes_of(x, w_hh, kind, reverse, use_bf16);
+  const int64_t N = s.N, H = s.H;
+  float* h = h_out->typed_data<float>();
+  std::memcpy(h, h0.typed_data<float>(), sizeof(float) * N * H);
+  float* c = c_out->typed_data<float>();
+  if (kind == kLstm) {
+    std::memcpy(c, c0.typed_data<float>(), sizeof(float) * N * H);
+  } else {
+    std::memset(c, 0, sizeof(float) * N * H);
+  }
+  std::vector<bf16> hb(use_bf16 ? N * H : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(hb.size()); ++i) hb[i] = to_bf16(h[i]);
+  Fwd f{s, x.typed_data<float>(), w_ih.typed_data<float>(), w_hh.typed_data<float>(), b_ih.typed_data<float>(),
+        b_hh.typed_data<float>(), valid.element_count() ? valid.typed_data<uint8_t>() : nullptr,
+        resets.element_count() ? resets.typed_data<uint8_t>() : nullptr, ys->typed_data<float>(),
+        save ? hs_prev->typed_data<float>() : nullptr, save ? gates->typed_data<float>() : nullptr,
+        save ? extra->typed_data<float>() : nullptr, h, kind == kLstm ? c : nullptr, use_bf16 ? hb.data() : nullptr};
+#pragma omp parallel num_threads(loop_threads(N))
+  forward_shard(f, shard_of(N, omp_get_num_threads(), omp_get_thread_num()));
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward
+
+struct Bwd {
+  const Sizes& s;
+  const uint8_t* valid;
+  const uint8_t* resets;
+  const float* dys;      // [T, N, H]
+  const float* hs_prev;  // [T, N, H]
+  const float* gates;    // [T, N, G]: the activations
+  const float* extra;    // [T, N, H]: LSTM c_prev, GRU h_n, Cho GRU r*h
+  float* dzx;            // [T, N, G]: d(pre-activations) of the input part
+  float* dzh_n;          // [T, N, H]: GRU only, d(h_n) of the recurrent part's n block
+  float* dh;             // [N, H] carry cotangent
+  float* dc;             // [N, H] LSTM cell-state cotangent
+  float* gs;             // [N, G] GRU: this step's source of the product with W_hh^T ([dz_r, dz_z, dzh_n])
+  float* tmp;            // [N, H] scratch (Cho GRU: dh of this step)
+  float* drh;            // [N, H] Cho GRU: d(r*h)
+  bf16* srcb;            // [N, G] bf16 copy of the products' source (bf16 only)
+};
+
+// An invalid row outputs zero and passes its carry cotangents through: its pre-activation cotangents are zero.
+void invalid_row(const Bwd& b, int64_t t, int64_t n) {
+  const int64_t H = b.s.H, G = b.s.G, row = t * b.s.N + n;
+  std::fill(b.dzx + row * G, b.dzx + (row + 1) * G, 0.0f);
+  if (b.dzh_n != nullptr) {
+    std::fill(b.dzh_n + row * H, b.dzh_n + (row + 1) * H, 0.0f);
+    std::fill(b.gs + n * G, b.gs + (n + 1) * G, 0.0f);
+  }
+}
+
+void lstm_bwd_loop(CF g, CF cprev, CF dy, F dh, F dc, F dz, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const float i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j], cp = cprev[j];
+    const float tc = tanhf(f * cp + i * gg);
+    const float dhj = dh[j] + dy[j];
+    const float dcj = dc[j] + dhj * o * (1.0f - tc * tc);
+    dz[j] = dcj * gg * i * (1.0f - i);
+    dz[H + j] = dcj * cp * f * (1.0f - f);
+    dz[2 * H + j] = dcj * i * (1.0f - gg * gg);
+    dz[3 * H + j] = dhj * tc * o * (1.0f - o);
+    dc[j] = dcj * f;
+    dh[j] = 0.0f;
+  }
+}
+
+void gru_bwd_loop(CF g, CF hh, CF hp, CF dy, F dh, F dz, F dzn, F gs, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const float rg = g[j], zg = g[H + j], ng = g[2 * H + j];
+    const float dhj = dh[j] + dy[j];
+    const float dn = dhj * (1.0f - zg) * (1.0f - ng * ng);
+    const float dr = dn * hh[j] * rg * (1.0f - rg), dzz = dhj * (hp[j] - ng) * zg * (1.0f - zg);
+    dz[j] = dr, dz[H + j] = dzz, dz[2 * H + j] = dn;
+    dzn[j] = dn * rg;
+    gs[j] = dr, gs[H + j] = dzz, gs[2 * H + j] = dn * rg;
+    dh[j] = dhj * zg;
+  }
+}
+
+// Cho GRU, first half of the backward step: the candidate's cotangent, the source of d(r*h) = dn W_hn^T.
+void gru_cho_bwd_n_loop(CF g, CF dy, CF dh, F tmp, F dz, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const float zg = g[H + j], ng = g[2 * H + j];
+    const float dhj = dh[j] + dy[j];
+    tmp[j] = dhj;
+    dz[2 * H + j] = dhj * (1.0f - zg) * (1.0f - ng * ng);
+  }
+}
+
+// Second half: with d(r*h) in drh, the r and z cotangents and the direct part of dh.
+void gru_cho_bwd_rz_loop(CF g, CF hp, CF drh, CF tmp, F dh, F dz, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const float rg = g[j], zg = g[H + j], ng = g[2 * H + j], d = drh[j], dhj = tmp[j];
+    dz[j] = d * hp[j] * rg * (1.0f - rg);
+    dz[H + j] = dhj * (hp[j] - ng) * zg * (1.0f - zg);
+    dh[j] = dhj * zg + d * rg;
+  }
+}
+
+void elman_bwd_loop(CF hn, CF dy, F dh, F dz, int64_t H, bool relu) {
+  if (relu) {
+    for (int64_t j = 0; j < H; ++j) dz[j] = hn[j] > 0.0f ? dh[j] + dy[j] : 0.0f;
+  } else {
+    for (int64_t j = 0; j < H; ++j) dz[j] = (dh[j] + dy[j]) * (1.0f - hn[j] * hn[j]);
+  }
+  for (int64_t j = 0; j < H; ++j) dh[j] = 0.0f;
+}
+
+// The first (or only) half of a backward step for row n: everything up to the product with W_hh^T.
+void bwd_row(const Bwd& b, int64_t t, int64_t n) {
+  const int64_t H = b.s.H, G = b.s.G, row = t * b.s.N + n;
+  if (!is_valid(b.valid, t, b.s.N, n)) return invalid_row(b, t, n);
+  const float* g = b.gates + row * G;
+  const float* e = b.extra + row * H;
+  const float* dy = b.dys + row * H;
+  float* dz = b.dzx + row * G;
+  switch (b.s.kind) {
+    case kLstm: return lstm_bwd_loop(g, e, dy, b.dh + n * H, b.dc + n * H, dz, H);
+    case kGru:
+      return gru_bwd_loop(g, e, b.hs_prev + row * H, dy, b.dh + n * H, dz, b.dzh_n + row * H, b.gs + n * G, H);
+    case kGruCho: return gru_cho_bwd_n_loop(g, dy, b.dh + n * H, b.tmp + n * H, dz, H);
+    default: return elman_bwd_loop(g, dy, b.dh + n * H, dz, H, b.s.kind == kElmanRelu);
+  }
+}
+
+void gru_cho_bwd_rz(const Bwd& b, int64_t t, int64_t n) {
+  const int64_t H = b.s.H, row = t * b.s.N + n;
+  if (!is_valid(b.valid, t, b.s.N, n)) return;
+  gru_cho_bwd_rz_loop(b.gates + row * b.s.G, b.hs_prev + row * H, b.drh + n * H, b.tmp + n * H, b.dh + n * H,
+                      b.dzx + row * b.s.G, H);
+}
+
+void end_bwd_step(const Bwd& b, Shard sh, int64_t t) {
+  if (b.resets == nullptr) return;
+  const int64_t N = b.s.N, H = b.s.H;
+  for (int64_t n = sh.n0; n < sh.n1; ++n) {
+    if (!b.resets[t * N + n]) continue;
+    std::fill(b.dh + n * H, b.dh + (n + 1) * H, 0.0f);
+    if (b.dc != nullptr) std::fill(b.dc + n * H, b.dc + (n + 1) * H, 0.0f);
+  }
+}
+
+// This step's source rows [n0, n1) of a product with W_hh^T, columns [col, col + width) (leading dim G): the rows
+// of dzx (the GRU's own gs), or their bf16 copy.
+const void* step_source(const Bwd& b, Shard sh, int64_t t, int64_t col, int64_t width) {
+  const int64_t G = b.s.G;
+  const float* rows = (b.s.kind == kGru ? b.gs : b.dzx + t * b.s.N * G) + sh.n0 * G;
+  if (b.srcb == nullptr) return rows + col;
+  bf16* out = b.srcb + sh.n0 * G;
+  for (int64_t n = 0; n < sh.n1 - sh.n0; ++n)
+    for (int64_t j = col; j < col + width; ++j) out[n * G + j] = to_bf16(rows[n * G + j]);
+  return out + col;
+}
+
+void backward_shard(const Bwd& b, const float* w_hh, Shard sh) {
+  const Sizes& s = b.s;
+  const int64_t H = s.H, G = s.G, M = sh.n1 - sh.n0;
+  if (M == 0) return;
+  const bool cho = s.kind == kGruCho, b16 = s.use_bf16;
+  const int64_t rz = cho ? 2 * H : G;
+  // dh += src[:, :rz] W_hh[:, :rz]^T (accumulated into dh); Cho: d(r*h) = src[:, 2H:] W_hn^T first.
+  Matmul rec(M, rz, H, G, false, w_hh, G, true, H, b16, true, true);
+  std::unique_ptr<Matmul> cand;
+  if (cho) cand = std::make_unique<Matmul>(M, H, H, G, false, w_hh + 2 * H, G, true, H, b16, false, true);
+  for (int64_t step = s.T - 1; step >= 0; --step) {
+    const int64_t t = time_at(s, step);
+    for (int64_t n = sh.n0; n < sh.n1; ++n) bwd_row(b, t, n);
+    if (cho) {
+      cand->run(step_source(b, sh, t, 2 * H, H), b.drh + sh.n0 * H);
+      for (int64_t n = sh.n0; n < sh.n1; ++n) gru_cho_bwd_rz(b, t, n);
+    }
+    rec.run(step_source(b, sh, t, 0, rz), b.dh + sh.n0 * H);
+    end_bwd_step(b, sh, t);
+  }
+}
+
+// Column sums of a [rows, cols] array (leading dim ld) into out[cols].
+void column_sums(const float* a, int64_t rows, int64_t cols, int64_t ld, float* out) {
+  std::fill(out, out + cols, 0.0f);
+#pragma omp parallel
+  {
+    std::vector<float> part(cols, 0.0f);
+#pragma omp for schedule(static) nowait
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) part[c] += a[r * ld + c];
+#pragma omp critical
+    for (int64_t c = 0; c < cols; ++c) out[c] += part[c];
+  }
+}
+
+// The products after the loop: dW_ih = X^T dZx, dx = dZx W_ih^T, dW_hh = H_prev^T dZh, and the bias sums.
+void weight_grads(const Sizes& s, const float* x, const float* w_ih, const float* dzx, const float* dzh_n,
+                  const float* hs_prev, const float* extra, float* dx, float* dw_ih, float* dw_hh, float* db_ih,
+                  float* db_hh) {
+  const int64_t R = s.T * s.N, F = s.F, H = s.H, G = s.G;
+  const bool b = s.use_bf16;
+  Operand xo(x, R * F, b), dzo(dzx, R * G, b), hpo(hs_prev, R * H, b);
+  Matmul(F, R, G, F, true, dzx, G, false, G, b, false, false).run(xo.get(), dw_ih);
+  Matmul(R, G, F, G, false, w_ih, G, true, F, b, false, false).run(dzo.get(), dx);
+  column_sums(dzx, R, G, G, db_ih);
+  std::memcpy(db_hh, db_ih, sizeof(float) * G);
+  if (s.kind == kGruCho) {  // W_hr, W_hz see h_prev; W_hn sees r*h (the extras)
+    Matmul(H, R, 2 * H, H, true, dzx, G, false, G, b, false, false).run(hpo.get(), dw_hh);
+    Operand rho(extra, R * H, b);
+    Matmul(H, R, H, H, true, dzx + 2 * H, G, false, G, b, false, false).run(rho.get(), dw_hh + 2 * H);
+    return;
+  }
+  const int64_t cols = s.kind == kGru ? 2 * H : G;  // the GRU's n block is computed from dzh_n below
+  Matmul(H, R, cols, H, true, dzx, G, false, G, b, false, false).run(hpo.get(), dw_hh);
+  if (s.kind == kGru) {  // the n block of the recurrent part saw r * d(n)
+    Matmul(H, R, H, H, true, dzh_n, H, false, G, b, false, false).run(hpo.get(), dw_hh + 2 * H);
+    column_sums(dzh_n, R, H, H, db_hh + 2 * H);
+  }
+}
+
+ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, ffi::AnyBuffer valid,
+                   ffi::AnyBuffer resets, ffi::AnyBuffer hs_prev, ffi::AnyBuffer gates, ffi::AnyBuffer extra,
+                   ffi::AnyBuffer dys,
+                   ffi::AnyBuffer dh_t, ffi::AnyBuffer dc_t, ffi::Result<ffi::AnyBuffer> dx,
+                   ffi::Result<ffi::AnyBuffer> dw_ih, ffi::Result<ffi::AnyBuffer> dw_hh,
+                   ffi::Result<ffi::AnyBuffer> db_ih, ffi::Result<ffi::AnyBuffer> db_hh,
+                   ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::AnyBuffer> dc0,
+                   ffi::Result<ffi::AnyBuffer> dzx, ffi::Result<ffi::AnyBuffer> dzh_n, int64_t kind, bool reverse,
+                   bool use_bf16) {
+  std::lock_guard<std::mutex> lock(call_mutex());
+  const Sizes s = sizes_of(x, w_hh, kind, reverse, use_bf16);
+  const int64_t N = s.N, H = s.H, G = s.G;
+  float* dh = dh0->typed_data<float>();
+  std::memcpy(dh, dh_t.typed_data<float>(), sizeof(float) * N * H);
+  float* dc = dc0->typed_data<float>();
+  std::memcpy(dc, dc_t.typed_data<float>(), sizeof(float) * N * H);
+  std::vector<float> gs(kind == kGru ? N * G : 0), tmp(N * H), drh(kind == kGruCho ? N * H : 0);
+  std::vector<bf16> srcb(use_bf16 ? N * G : 0);
+  Bwd b{s, valid.element_count() ? valid.typed_data<uint8_t>() : nullptr,
+        resets.element_count() ? resets.typed_data<uint8_t>() : nullptr, dys.typed_data<float>(),
+        hs_prev.typed_data<float>(), gates.typed_data<float>(), extra.typed_data<float>(), dzx->typed_data<float>(),
+        kind == kGru ? dzh_n->typed_data<float>() : nullptr, dh, kind == kLstm ? dc : nullptr, gs.data(), tmp.data(),
+        drh.data(), use_bf16 ? srcb.data() : nullptr};
+  const int nt = loop_threads(N);
+#pragma omp parallel num_threads(nt)
+  backward_shard(b, w_hh.typed_data<float>(), shard_of(N, omp_get_num_threads(), omp_get_thread_num()));
+  weight_grads(s, x.typed_data<float>(), w_ih.typed_data<float>(), dzx->typed_data<float>(),
+               kind == kGru ? dzh_n->typed_data<float>() : nullptr, hs_prev.typed_data<float>(),
+               extra.typed_data<float>(), dx->typed_data<float>(), dw_ih->typed_data<float>(),
+               dw_hh->typed_data<float>(), db_ih->typed_data<float>(), db_hh->typed_data<float>());
+  if (kind != kLstm) std::memset(dc, 0, sizeof(float) * N * H);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnForward, rnn_fwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x [T, N, F]
+                                  .Arg<ffi::AnyBuffer>()  // w_ih [F, G]
+                                  .Arg<ffi::AnyBuffer>()  // w_hh [H, G]
+                                  .Arg<ffi::AnyBuffer>()  // b_ih [G]
+                                  .Arg<ffi::AnyBuffer>()  // b_hh [G]
+                                  .Arg<ffi::AnyBuffer>()  // h0 [N, H]
+                                  .Arg<ffi::AnyBuffer>()  // c0 [N, H]
+                                  .Arg<ffi::AnyBuffer>()  // valid [T, N] or [0]
+                                  .Arg<ffi::AnyBuffer>()  // resets [T, N] or [0]
+                                  .Ret<ffi::AnyBuffer>()  // ys [T, N, H]
+                                  .Ret<ffi::AnyBuffer>()  // h [N, H]
+                                  .Ret<ffi::AnyBuffer>()  // c [N, H]
+                                  .Ret<ffi::AnyBuffer>()  // hs_prev [T, N, H] (or [0] without save)
+                                  .Ret<ffi::AnyBuffer>()  // gates [T, N, G] (or [0])
+                                  .Ret<ffi::AnyBuffer>()  // extra [T, N, H] (or [0]; [0] for Elman)
+                                  .Attr<int64_t>("kind")
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("bf16")
+                                  .Attr<bool>("save"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnBackward, rnn_bwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // w_ih
+                                  .Arg<ffi::AnyBuffer>()  // w_hh
+                                  .Arg<ffi::AnyBuffer>()  // valid
+                                  .Arg<ffi::AnyBuffer>()  // resets
+                                  .Arg<ffi::AnyBuffer>()  // hs_prev
+                                  .Arg<ffi::AnyBuffer>()  // gates
+                                  .Arg<ffi::AnyBuffer>()  // extra
+                                  .Arg<ffi::AnyBuffer>()  // dys
+                                  .Arg<ffi::AnyBuffer>()  // dh (final carry's cotangent)
+                                  .Arg<ffi::AnyBuffer>()  // dc
+                                  .Ret<ffi::AnyBuffer>()  // dx
+                                  .Ret<ffi::AnyBuffer>()  // dw_ih
+                                  .Ret<ffi::AnyBuffer>()  // dw_hh
+                                  .Ret<ffi::AnyBuffer>()  // db_ih
+                                  .Ret<ffi::AnyBuffer>()  // db_hh
+                                  .Ret<ffi::AnyBuffer>()  // dh0
+                                  .Ret<ffi::AnyBuffer>()  // dc0
+                                  .Ret<ffi::AnyBuffer>()  // dzx [T, N, G] (workspace)
+                                  .Ret<ffi::AnyBuffer>()  // dzh_n [T, N, H] (GRU) or [0] (workspace)
+                                  .Attr<int64_t>("kind")
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("bf16"));

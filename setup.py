@@ -1,0 +1,51 @@
+"""Builds the optional native kernels (rnnjax/native/rnn_kernels.cc); the rest of the package is in pyproject.toml.
+
+The kernels need a C++17 compiler, x86-64 Linux, the XLA FFI headers shipped in jaxlib and oneDNN's headers
+(onednn-devel-cpu-gomp); both come from the build requirements. Where the build fails, installation goes on
+without them and rnnjax runs on XLA (``python -m rnnjax info`` says why).
+"""
+
+import importlib.metadata
+import importlib.util
+import pathlib
+import platform
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _package_file(distribution: str, name: str) -> pathlib.Path:
+    for file in importlib.metadata.files(distribution) or []:
+        if file.name == name:
+            return pathlib.Path(file.locate()).resolve()
+    raise FileNotFoundError(f"{name} is not in the installed {distribution}")
+
+
+class OptionalBuildExt(build_ext):
+    """Builds the kernels where it can, and otherwise says why and goes on."""
+
+    def build_extension(self, ext):
+        try:
+            if sys.platform != "linux" or platform.machine() != "x86_64":
+                raise RuntimeError(f"the kernels are built for x86-64 Linux only, not {sys.platform}/{platform.machine()}")
+            jaxlib = pathlib.Path(importlib.util.find_spec("jaxlib").submodule_search_locations[0])
+            dnnl_header = _package_file("onednn-devel-cpu-gomp", "dnnl.hpp")
+            dnnl_library = _package_file("onednn-cpu-gomp", "libdnnl.so.3")
+            ext.include_dirs += [str(jaxlib / "include"), str(dnnl_header.parents[2])]
+            ext.library_dirs += [str(dnnl_library.parent)]
+            super().build_extension(ext)
+        except Exception as error:  # noqa: BLE001 - any failure leaves rnnjax on XLA
+            print(f"rnnjax: the native kernels were not built ({type(error).__name__}: {error}); "
+                  "rnnjax will run on XLA", file=sys.stderr)
+
+
+kernels = Extension(
+    "rnnjax.native._rnn_kernels",
+    sources=["rnnjax/native/rnn_kernels.cc"],
+    language="c++",
+    extra_compile_args=["-std=c++17", "-O3", "-ffast-math", "-march=x86-64-v3", "-fopenmp", "-Wno-return-type"],
+    extra_link_args=["-fopenmp", "-l:libdnnl.so.3", "-lstdc++"],
+)
+
+setup(ext_modules=[kernels], cmdclass={"build_ext": OptionalBuildExt})
