@@ -1,0 +1,172 @@
+"""The native CPU kernels (rnnjax.native) against the XLA path: values, final carries and every gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rnnjax
+from rnnjax import backend, cells, layers, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status().reason}")
+
+CELLS = {
+    "lstm": lambda: cells.lstm(12),
+    "gru": lambda: cells.gru(12),
+    "gru_cho": lambda: cells.gru(12, reset_after=False),
+    "elman_tanh": lambda: cells.elman(12),
+    "elman_relu": lambda: cells.elman(12, activation="relu"),
+}
+F, T = 5, 9
+
+
+def _close(a, b, tol=1e-5):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+def _loss_and_grads(cell, params, xs, carry, name, **kw):
+    """Outputs, final carry, and gradients w.r.t. params, inputs and initial carry of a loss that weighs every
+    output and the final carry differently (so a wrong cotangent anywhere shows)."""
+
+    def loss(p, x, c):
+        c_out, ys = rnnjax.unroll(cell, p, x, carry=c, backend=name, **kw)
+        w = jnp.sin(jnp.arange(ys.size, dtype=ys.dtype).reshape(ys.shape))
+        return jnp.sum(ys * w) + sum(jnp.sum(leaf ** 2) for leaf in jax.tree_util.tree_leaves(c_out)), (c_out, ys)
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, xs, carry)
+    return out, grads
+
+
+def _setup(kind, batch_shape, seed=0):
+    cell = CELLS[kind]()
+    params = cell.init(jax.random.key(seed), F)
+    xs = jax.random.normal(jax.random.key(seed + 1), (*batch_shape, T, F))
+    carry = jax.tree_util.tree_map(lambda z: jax.random.normal(jax.random.key(seed + 2), z.shape) * 0.5,
+                                   cell.initial_carry(params, batch_shape))
+    return cell, params, xs, carry
+
+
+OPTIONS = {
+    "plain": lambda bs: {},
+    "lengths": lambda bs: dict(lengths=jnp.arange(int(np.prod(bs))).reshape(bs) % (T + 1)),
+    "reverse_lengths": lambda bs: dict(lengths=(jnp.arange(int(np.prod(bs))).reshape(bs) * 3) % (T + 1), reverse=True),
+    "resets": lambda bs: dict(resets=jax.random.bernoulli(jax.random.key(7), 0.25, (*bs, T))),
+    "mask_holes": lambda bs: dict(mask=jax.random.bernoulli(jax.random.key(8), 0.7, (*bs, T))),
+    "reverse_resets_lengths": lambda bs: dict(resets=jax.random.bernoulli(jax.random.key(9), 0.25, (*bs, T)),
+                                              lengths=jnp.full(bs, 6), reverse=True),
+}
+
+
+@pytest.mark.parametrize("kind", CELLS)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_native_equals_xla_values_carries_and_gradients(kind, option):
+    cell, params, xs, carry = _setup(kind, (9,))  # 9 rows: two threads' shards of unequal size
+    kw = OPTIONS[option]((9,))
+    want = _loss_and_grads(cell, params, xs, carry, "xla", **kw)
+    got = _loss_and_grads(cell, params, xs, carry, "native", **kw)
+    _close(got, want)
+
+
+@pytest.mark.parametrize("batch_shape", [(), (1,), (2, 3)])
+@pytest.mark.parametrize("kind", ["lstm", "gru_cho"])
+def test_native_any_batch_shape_and_time_major(kind, batch_shape):
+    cell, params, xs, carry = _setup(kind, batch_shape, seed=3)
+    want = _loss_and_grads(cell, params, xs, carry, "xla")
+    _close(_loss_and_grads(cell, params, xs, carry, "native"), want)
+    xs_t = jnp.moveaxis(xs, -2, 0)
+    c_t, ys_t = rnnjax.unroll(cell, params, xs_t, carry=carry, time_major=True, backend="native")
+    _close((c_t, jnp.moveaxis(ys_t, 0, -2)), want[0])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "elman_tanh"])
+def test_native_inference_path_crosses_chunks(kind, monkeypatch):
+    """Without gradients the kernel keeps only a chunk of steps' gates; a long sequence crosses many chunks."""
+    cell, params, _, carry = _setup(kind, (6,), seed=4)
+    xs = jax.random.normal(jax.random.key(5), (6, 700, F))
+    lengths = jnp.array([700, 1, 0, 350, 699, 64])
+    for kw in ({}, dict(lengths=lengths, reverse=True)):
+        want = rnnjax.unroll(cell, params, xs, carry=carry, backend="xla", **kw)
+        _close(jax.jit(lambda p, x, c: rnnjax.unroll(cell, p, x, carry=c, backend="native", **kw))(params, xs, carry),
+               want)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_native_under_vmap(kind):
+    """vmap over inputs folds into the kernel's batch; per-example gradients and vmapped params (a population)
+    run one call per slice; both equal the XLA path."""
+    cell, params, xs, _ = _setup(kind, (3, 4), seed=6)
+
+    def run(name):
+        ys = jax.vmap(lambda x: rnnjax.unroll(cell, params, x, backend=name)[1])(xs)
+        per_example = jax.vmap(jax.grad(lambda p, x: rnnjax.unroll(cell, p, x, backend=name)[1].sum()),
+                               (None, 0))(params, xs)
+        stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a, -a]), params)
+        population = jax.vmap(lambda p, x: rnnjax.unroll(cell, p, x, backend=name)[1])(stacked, xs)
+        return ys, per_example, population
+
+    _close(run("native"), run("xla"))
+
+
+def test_native_layers_stack_and_bidirectional():
+    model = layers.stack([layers.bidirectional(cells.lstm(8), backend="native"),
+                          layers.rnn(cells.gru(8), backend="native")])
+    reference = layers.stack([layers.bidirectional(cells.lstm(8), backend="xla"),
+                              layers.rnn(cells.gru(8), backend="xla")])
+    params = model.init(jax.random.key(0), F)
+    xs = jax.random.normal(jax.random.key(1), (4, T, F))
+    lengths = jnp.array([9, 4, 1, 7])
+
+    def grads(m):
+        return jax.grad(lambda p: jnp.sum(m.apply(p, xs, lengths=lengths)[1] ** 2))(params)
+
+    _close(model.apply(params, xs, lengths=lengths), reference.apply(params, xs, lengths=lengths))
+    _close(grads(model), grads(reference))
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: cells.lstm(8, peepholes=True), "the cell 'lstm' has no native kernel with these settings"),
+    (lambda: cells.lstm(8, proj_size=4), "the cell 'lstm' has no native kernel with these settings"),
+    (lambda: cells.layer_norm_gru(8), "the cell 'layer_norm_gru' has no native kernel with these settings"),
+    (lambda: cells.mingru(8), "the cell 'mingru' has no native kernel with these settings"),
+    (lambda: cells.elman(8, activation="sigmoid"), "the cell 'elman' has no native kernel with these settings"),
+])
+def test_native_refuses_what_it_cannot_run_and_auto_falls_back(make, why):
+    cell = make()
+    params = cell.init(jax.random.key(0), F)
+    xs = jax.random.normal(jax.random.key(1), (2, T, F))
+    with pytest.raises(ValueError, match=r"^rnnjax\.unroll: backend='native' cannot run this call: " + why):
+        rnnjax.unroll(cell, params, xs, backend="native")
+    _close(rnnjax.unroll(cell, params, xs), rnnjax.unroll(cell, params, xs, backend="xla"))
+
+
+def test_native_refuses_remat_with_the_reason():
+    cell = cells.lstm(8)
+    params = cell.init(jax.random.key(0), F)
+    xs = jnp.ones((2, T, F))
+    with pytest.raises(ValueError, match="remat recomputes steps in the backward pass, which the native kernels do "
+                                         "not. Fix: pass backend='auto'"):
+        rnnjax.unroll(cell, params, xs, remat=4, backend="native")
+    _close(rnnjax.unroll(cell, params, xs, remat=4), rnnjax.unroll(cell, params, xs, backend="xla"))
+
+
+def test_unknown_backend_is_named():
+    cell = cells.gru(4)
+    params = cell.init(jax.random.key(0), F)
+    with pytest.raises(ValueError, match=r"rnnjax\.unroll: backend must be one of 'auto', 'xla', 'native', got "
+                                         r"'cudnn'\. Fix: pass one of those\."):
+        rnnjax.unroll(cell, params, jnp.ones((T, F)), backend="cudnn")
+
+
+def test_kernel_unavailable_falls_back_to_xla(monkeypatch):
+    """Where the kernels cannot load, "auto" runs XLA (same numbers), "native" says why, and so does describe()."""
+    monkeypatch.setattr(native, "status", lambda: native.Status(False, "this CPU lacks avx2 (the kernels need "
+                                                                       "x86-64-v3)"))
+    cell = cells.lstm(8)
+    params = cell.init(jax.random.key(0), F)
+    xs = jax.random.normal(jax.random.key(1), (3, T, F))
+    assert backend.choose("f", "auto", backend.Request(cell, jnp.float32, None, "cpu")) is None
+    _close(rnnjax.unroll(cell, params, xs), rnnjax.unroll(cell, params, xs, backend="xla"))
+    with pytest.raises(ValueError, match="cannot run this call: this CPU lacks avx2"):
+        rnnjax.unroll(cell, params, xs, backend="native")
+    assert backend.describe(cell) == "xla (native cannot run it: this CPU lacks avx2 (the kernels need x86-64-v3))"
