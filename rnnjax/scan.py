@@ -56,7 +56,7 @@ def valid_steps(fn: str, batch_shape: tuple[int, ...], T: int, *, lengths=None, 
 
 
 # Strategy choices for ``"auto"``, measured with ``rnnjax-bench`` and
-# benchmarks/ on a 2-core CPU (README, Performance). XLA's CPU backend runs
+# benchmarks/ on a 2-core CPU (docs/performance.md). XLA's CPU backend runs
 # the two independent matmuls of a step (input and recurrent) side by side
 # on the two cores, and autodiff's per-step weight-gradient matmul beside the
 # carry's, so at larger batches the per-step forms win there; at small
@@ -89,7 +89,7 @@ def should_fuse(cell: Cell, batch_size: int, time_steps: int) -> bool:
     return jax.default_backend() != "cpu" or batch_size <= CPU_FUSE_MAX_BATCH
 
 
-# Measured with ``rnnjax-bench parallel`` on a 2-core CPU (README, Performance).
+# Measured with ``rnnjax-bench parallel`` on a 2-core CPU (docs/performance.md).
 CPU_PARALLEL_MIN_T = 32
 
 
@@ -335,7 +335,7 @@ linear_scan.defvjp(_linear_scan_fwd, _linear_scan_bwd)
 # The loop form runs a long sequence in chunks of about this many bytes of projected input ([steps, *B, G]):
 # each chunk's coefficients, loop and outputs stay in cache, and its backward pass recomputes them
 # (``jax.checkpoint``) instead of reading whole-sequence residuals. Measured with ``rnnjax-bench
-# parallel`` on a 2-core CPU (README, Performance).
+# parallel`` on a 2-core CPU (docs/performance.md).
 LOOP_CHUNK_BYTES = 2**21
 # The name of a chunk's input projection in the loop form, the residual its backward pass keeps where the
 # cell's ``Linear.save_projection`` says so.
