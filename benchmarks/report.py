@@ -1,7 +1,7 @@
 """Turns timings into result rows (one per implementation x config x mode) and
 writes them as a terminal table, JSON lines, Markdown and a bar chart.
 
-Definitions (also in the README's Performance section):
+Definitions (also in docs/performance.md, "The benchmark suite"):
 
 - ``tokens_per_s`` = ``B * T`` / seconds per call; the median over the
   rounds, with the min and max (from the slowest and fastest round).

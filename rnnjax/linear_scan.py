@@ -21,7 +21,7 @@ from rnnjax.cells.base import Cell
 from rnnjax.types import Array
 
 
-# Measured with ``rnnjax-bench parallel`` on a 2-core CPU (README, Performance).
+# Measured with ``rnnjax-bench parallel`` on a 2-core CPU (docs/performance.md).
 CPU_PARALLEL_MIN_T = 32
 
 
@@ -141,7 +141,7 @@ linear_scan.defvjp(_linear_scan_fwd, _linear_scan_bwd)
 # The loop form runs a long sequence in chunks of about this many bytes of projected input ([steps, *B, G]):
 # each chunk's coefficients, loop and outputs stay in cache, and its backward pass recomputes them
 # (``jax.checkpoint``) instead of reading whole-sequence residuals. Measured with ``rnnjax-bench
-# parallel`` on a 2-core CPU (README, Performance).
+# parallel`` on a 2-core CPU (docs/performance.md).
 LOOP_CHUNK_BYTES = 2**21
 # The name of a chunk's input projection in the loop form, the residual its backward pass keeps where the
 # cell's ``Linear.save_projection`` says so.

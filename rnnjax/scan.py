@@ -55,7 +55,7 @@ def valid_steps(fn: str, batch_shape: tuple[int, ...], T: int, *, lengths=None, 
 
 
 # Strategy choices for ``"auto"``, measured with ``rnnjax-bench`` and
-# benchmarks/ on a 2-core CPU (README, Performance). XLA's CPU backend runs
+# benchmarks/ on a 2-core CPU (docs/performance.md). XLA's CPU backend runs
 # the two independent matmuls of a step (input and recurrent) side by side
 # on the two cores, and autodiff's per-step weight-gradient matmul beside the
 # carry's, so at larger batches the per-step forms win there; at small

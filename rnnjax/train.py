@@ -319,7 +319,7 @@ def make_population_step(loss_fn: LossFn, optimizer: optax.GradientTransformatio
     step (``lax.map``); ``"auto"``: ``"map"`` on CPU, where XLA's batched
     matmuls run slower than the members' own (8 LSTMs: the vmapped step
     0.63-0.72x of 8 separate steps at H >= 64, ``"map"`` 1.06-1.07x;
-    README, Populations), else ``"vmap"``.
+    docs/performance.md, Populations), else ``"vmap"``.
     """
     fn = "rnnjax.train.make_population_step"
     if strategy not in ("auto", "vmap", "map"):

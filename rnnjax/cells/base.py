@@ -79,7 +79,7 @@ class Linear(NamedTuple):
     and RG-LRU on a 2-core CPU; for minLSTM recomputing was, because XLA's
     CPU backend fuses the slice of the stored projections into each of
     the several kernels of its gates' backward pass, which then read main
-    memory instead of cache (``rnnjax-bench parallel``, README).
+    memory instead of cache (``rnnjax-bench parallel``, docs/performance.md).
     """
 
     coefficients: Callable[[Any, Array], tuple[Array, Array]]
