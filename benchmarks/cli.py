@@ -171,6 +171,7 @@ def environment(torch_threads: int) -> dict:
     import jax
 
     import rnnjax
+    from rnnjax import native
 
     def version(dist):
         try:
@@ -184,6 +185,7 @@ def environment(torch_threads: int) -> dict:
         cpu_count=os.cpu_count(), machine=platform.machine(), python=platform.python_version(),
         jax=jax.__version__, rnnjax=rnnjax.__version__,
         rnnjax_unroll_backward="backward" in inspect.signature(rnnjax.unroll).parameters,
+        cpu=native.cpu_model(), native=native.status().reason,
         torch=version("torch"), torch_threads=torch_threads, flax=version("flax"), haiku=version("dm-haiku"),
         equinox=version("equinox"), optax=version("optax"),
         load_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -197,7 +199,9 @@ def list_all() -> str:
              "presets: " + ", ".join(f"{k} (B{v['batch']} T{v['time']} F{v['features']} H{v['hidden']})"
                                      for k, v in PRESETS.items()),
              "modes: " + ", ".join(MODES)]
-    return "\n".join(lines)
+    from rnnjax import info
+
+    return "\n".join(lines + ["", info.report()])
 
 
 def run(plan: dict, args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ the next, as ``torch.nn.LSTM(num_layers=...)`` does, without dropout.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -472,11 +473,12 @@ def _torch_blocking(run: Callable[[], Any], device) -> Callable[[], Any]:
     return blocking
 
 
-def torch_impl(cfg: Config) -> Runner | None:
+def torch_impl(cfg: Config, *, amp: bool = False) -> Runner | None:
     """``torch.nn.LSTM``/``GRU``/``RNN`` with ``num_layers`` and ``bidirectional``, batch-first,
     ``torch.set_num_threads(TORCH_THREADS)`` (2 by default: the shared 2-core machine); on CUDA
-    when JAX runs on a GPU (:func:`torch_device`)."""
-    name = "torch"
+    when JAX runs on a GPU (:func:`torch_device`). ``amp`` (``torch-amp``): float32 module and inputs run
+    under ``torch.autocast(dtype=torch.bfloat16)``, PyTorch's mixed precision, whatever ``--dtype`` says."""
+    name = "torch-amp" if amp else "torch"
     if _missing(name, "torch"):
         return None
     import torch
@@ -486,20 +488,23 @@ def torch_impl(cfg: Config) -> Runner | None:
         return _skip(name, f"no {cfg.cell} module (has lstm, gru, elman)")
     set_torch_threads(TORCH_THREADS)
     torch.manual_seed(0)
-    dt = getattr(torch, cfg.dtype)
+    dt = torch.float32 if amp else getattr(torch, cfg.dtype)
     device = torch_device()
     module = classes[cfg.cell](cfg.features, cfg.hidden, num_layers=cfg.layers, bidirectional=cfg.bidirectional,
                                batch_first=True).to(device, dt)
     xs = torch.from_numpy(inputs(cfg)).to(device, dt)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
 
     if cfg.mode == "fwd":
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 return module(xs)[0]
     elif cfg.mode == "fwdbwd":
         def run():
             module.zero_grad(set_to_none=True)
-            module(xs)[0].float().sum().backward()
+            with autocast():
+                out = module(xs)[0]
+            out.float().sum().backward()
             return module.weight_hh_l0.grad
     elif cfg.mode == "train":
         w, b = readout_init(cfg)
@@ -513,7 +518,8 @@ def torch_impl(cfg: Config) -> Runner | None:
 
         def run():
             optimizer.zero_grad(set_to_none=True)
-            logits = readout(module(xs)[0]).float()
+            with autocast():
+                logits = readout(module(xs)[0]).float()
             loss = loss_fn(logits.reshape(-1, READOUT_CLASSES), labels)
             loss.backward()
             optimizer.step()
@@ -561,6 +567,7 @@ IMPLS: dict[str, Callable[[Config], Runner | None]] = {
     "rnnjax-hoisted": functools.partial(rnnjax_impl, hoist=True, backend="xla", name="rnnjax-hoisted"),
     "rnnjax-inloop": functools.partial(rnnjax_impl, hoist=False, backend="xla", name="rnnjax-inloop"),
     "torch": torch_impl,
+    "torch-amp": functools.partial(torch_impl, amp=True),
     "flax": flax_impl,
     "flax-lstmcell": functools.partial(flax_impl, lstm_cell="LSTMCell", name="flax-lstmcell"),
     "haiku": haiku_impl,
@@ -568,7 +575,7 @@ IMPLS: dict[str, Callable[[Config], Runner | None]] = {
 }
 
 PEERS = ("torch", "flax", "haiku", "equinox")  # the default comparison
-PACKAGES = {"torch": "torch", "flax": "flax", "flax-lstmcell": "flax", "haiku": "haiku", "equinox": "equinox"}
+PACKAGES = {"torch": "torch", "torch-amp": "torch", "flax": "flax", "flax-lstmcell": "flax", "haiku": "haiku", "equinox": "equinox"}
 
 
 def is_rnnjax(name: str) -> bool:
