@@ -170,3 +170,18 @@ def test_kernel_unavailable_falls_back_to_xla(monkeypatch):
     with pytest.raises(ValueError, match="cannot run this call: this CPU lacks avx2"):
         rnnjax.unroll(cell, params, xs, backend="native")
     assert backend.describe(cell) == "xla (native cannot run it: this CPU lacks avx2 (the kernels need x86-64-v3))"
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru_cho", "elman_tanh"])
+def test_second_order_gradients_go_through_the_xla_reference(kind):
+    """The kernels' derivatives are differentiated through the XLA path: grad of grad equals XLA's."""
+    cell, params, xs, _ = _setup(kind, (3,), seed=11)
+    lengths = jnp.array([9, 4, 0])
+
+    def gradient_norm(p, x, name):
+        inner = jax.grad(lambda q, y: jnp.sum(jnp.sin(rnnjax.unroll(cell, q, y, lengths=lengths, backend=name)[1])),
+                         argnums=(0, 1))(p, x)
+        return sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(inner))
+
+    want = jax.grad(gradient_norm, argnums=(0, 1))(params, xs, "xla")
+    _close(jax.grad(gradient_norm, argnums=(0, 1))(params, xs, "native"), want, tol=2e-5)

@@ -107,22 +107,86 @@ def _backward_call(kind: str, reverse: bool, bf16: bool):
     return call
 
 
+def _reference(kind: str, reverse: bool, x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets):
+    """The same sequence on the XLA path (:func:`rnnjax.unroll`, float32): what the kernels' own derivatives are
+    differentiated through, so second-order gradients work (at XLA's speed)."""
+    from rnnjax import cells, scan
+    from rnnjax.cells.base import Weights
+    from rnnjax.cells.lstm import LSTMCarry, LSTMParams
+
+    H = w_hh.shape[0]
+    if kind == "lstm":
+        cell, params, carry = cells.lstm(H), LSTMParams(w_ih, w_hh, b_ih, b_hh, None, None), LSTMCarry(h0, c0)
+    else:
+        cell = {"gru": lambda: cells.gru(H), "gru_cho": lambda: cells.gru(H, reset_after=False),
+                "elman_tanh": lambda: cells.elman(H), "elman_relu": lambda: cells.elman(H, activation="relu")}[kind]()
+        params, carry = Weights(w_ih, w_hh, b_ih, b_hh), h0
+    carry, ys = scan.unroll(cell, params, x, carry=carry, mask=valid.astype(bool) if valid.size else None,
+                            resets=resets.astype(bool) if resets.size else None, reverse=reverse, time_major=True,
+                            backend="xla")
+    return (ys, carry.h, carry.c) if kind == "lstm" else (ys, carry, jnp.zeros_like(carry))
+
+
+DIFFERENTIABLE = 7  # x, w_ih, w_hh, b_ih, b_hh, h0, c0; then the masks valid, resets
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(kind: str, reverse: bool, bf16: bool, save: bool):
+    """The forward call as a ``custom_jvp`` whose tangents come from :func:`_reference` (the residuals' tangents
+    are zero: the backward call's own tangents are computed from the inputs, not from them)."""
+    call = _forward_call(kind, reverse, bf16, save)
+    fn = jax.custom_jvp(call)
+
+    @fn.defjvp
+    def jvp(primals, tangents):
+        out = fn(*primals)
+        masks = primals[DIFFERENTIABLE:]
+        _, t = jax.jvp(lambda *a: _reference(kind, reverse, *a, *masks), primals[:DIFFERENTIABLE],
+                       tangents[:DIFFERENTIABLE])
+        return out, (*t, *(jnp.zeros_like(o) for o in out[3:]))
+
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _backward(kind: str, reverse: bool, bf16: bool):
+    """``(x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets, hs_prev, gates, extra, dys, dh, dc) -> gradients``,
+    a ``custom_jvp`` whose tangents are those of :func:`_reference`'s VJP (second-order gradients)."""
+    call = _backward_call(kind, reverse, bf16)
+
+    def run(x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets, hs_prev, gates, extra, dys, dh, dc):
+        return call(x, w_ih, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc)
+
+    fn = jax.custom_jvp(run)
+
+    @fn.defjvp
+    def jvp(primals, tangents):
+        inputs, (valid, resets), cotangents = primals[:DIFFERENTIABLE], primals[7:9], primals[12:]
+
+        def pullback(*args):
+            f = functools.partial(_reference, kind, reverse, valid=valid, resets=resets)
+            return jax.vjp(f, *args[:DIFFERENTIABLE])[1](args[DIFFERENTIABLE:])
+
+        _, t = jax.jvp(pullback, (*inputs, *cotangents), (*tangents[:DIFFERENTIABLE], *tangents[12:]))
+        return fn(*primals), t
+
+    return fn
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def sequence(kind: str, reverse: bool, bf16: bool, x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets):
     """Time-major ``x [T, N, F]`` (float32) -> ``(ys [T, N, H], h [N, H], c [N, H])``."""
-    ys, h, c, *_ = _forward_call(kind, reverse, bf16, False)(x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets)
+    ys, h, c, *_ = _forward(kind, reverse, bf16, False)(x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets)
     return ys, h, c
 
 
-def _sequence_fwd(kind, reverse, bf16, x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets):
-    ys, h, c, *kept = _forward_call(kind, reverse, bf16, True)(x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets)
-    return (ys, h, c), (x, w_ih, w_hh, valid, resets, *kept)
+def _sequence_fwd(kind, reverse, bf16, *inputs):
+    ys, h, c, *kept = _forward(kind, reverse, bf16, True)(*inputs)
+    return (ys, h, c), (*inputs, *kept)
 
 
 def _sequence_bwd(kind, reverse, bf16, saved, cotangents):
-    dys, dh, dc = cotangents
-    dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0 = _backward_call(kind, reverse, bf16)(*saved, dys, dh, dc)
-    return dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0, None, None
+    return (*_backward(kind, reverse, bf16)(*saved, *cotangents), None, None)
 
 
 sequence.defvjp(_sequence_fwd, _sequence_bwd)
