@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from rnnjax import cells, unroll
+from rnnjax import layers as L
 from rnnjax.cells.base import matmul
 
 BF16 = jnp.bfloat16
@@ -251,6 +252,58 @@ def test_fused_backward_of_policy_with_lengths_and_reverse():
             assert _relative(a, b) < 1e-2 and _relative(a, ref) < 2e-2, name
 
 
+def test_bidirectional_stack_passes_the_policy_through():
+    def model(dtype):
+        layer = L.bidirectional(cells.lstm(H, dtype=dtype), cells.gru(H, dtype=dtype))
+        return L.stack([layer, L.bidirectional(cells.lstm(H, dtype=dtype))], residual=True, layer_norm=True,
+                       dtype=dtype)
+
+    f32, policy = model(None), model(BF16)
+    params = f32.init(jax.random.PRNGKey(0), F)
+    xs, lengths = _data(), jnp.array([T, 4, 2])
+    c_ref, y_ref = f32.apply(params, xs, lengths=lengths)
+    c, y = policy.apply(params, xs, lengths=lengths)
+    assert y.dtype == BF16 and _leaf_dtypes(c) == {"float32"}
+    np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, atol=5e-2, rtol=0)
+    np.testing.assert_array_equal(np.asarray(y[2, 2:]), 0)  # padded steps stay zero
+    jax.tree_util.tree_map(partial(np.testing.assert_allclose, atol=3e-2, rtol=0), c, c_ref)
+
+
+def test_dense_embedding_and_layer_norm_follow_the_policy():
+    dense = L.dense(4, dtype=BF16)
+    p = dense.init(jax.random.PRNGKey(0), F)
+    x = _data(shape=(B, F))
+    y = dense.apply(p, x)
+    expected = bf16_round(bf16_round(x) @ bf16_round(p.w) + np.asarray(p.b, np.float64))
+    assert y.dtype == BF16 and p.w.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=2**-8, atol=1e-6)
+    np.testing.assert_array_equal(L.dense(4, dtype=None).apply(p, x), L.dense(4).apply(p, x))
+
+    table = L.embedding(10, 4).init(jax.random.PRNGKey(1))
+    vectors = L.embedding(10, 4, dtype=BF16).apply(table, jnp.array([3, 7]))
+    assert vectors.dtype == BF16
+    np.testing.assert_array_equal(np.asarray(vectors, np.float64), bf16_round(table[jnp.array([3, 7])]))
+
+    norm = L.layer_norm(dtype=BF16)
+    x = 3.0 + _data(shape=(B, 8))
+    y = norm.apply(norm.init(None, 8), x)
+    xn = np.asarray(x, np.float64)
+    expected = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-5)
+    assert y.dtype == BF16
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, atol=2e-2)
+
+
+def test_residual_block_follows_the_policy():
+    f32 = L.residual_block(cells.mingru(H))
+    policy = L.residual_block(cells.mingru(H, dtype=BF16), dtype=BF16)
+    params = f32.init(jax.random.PRNGKey(0), H)
+    xs = _data(shape=(B, T, H))
+    _, y_ref = f32.apply(params, xs)
+    c, y = policy.apply(params, xs)
+    assert y.dtype == BF16 and c.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, atol=5e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("bad", ["int32", jnp.int8, "not-a-dtype"])
 def test_bad_dtype_is_refused(bad):
     with pytest.raises(ValueError) as err:
@@ -258,3 +311,5 @@ def test_bad_dtype_is_refused(bad):
     assert str(err.value) == (
         f"rnnjax.cells.lstm: expected dtype to be None or a floating dtype such as jnp.bfloat16, got {bad!r}. "
         "Fix: pass dtype=jnp.bfloat16 for bfloat16 matmuls with float32 state, or None.")
+    with pytest.raises(ValueError, match=r"^rnnjax\.layers\.dense: expected dtype"):
+        L.dense(3, dtype=bad)
