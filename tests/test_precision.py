@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from rnnjax import cells, unroll
+from rnnjax import cells, models, unroll
 from rnnjax import layers as L
 from rnnjax.cells.base import matmul
 
@@ -302,6 +302,55 @@ def test_residual_block_follows_the_policy():
     c, y = policy.apply(params, xs)
     assert y.dtype == BF16 and c.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_language_model_dtype(block):
+    kw = {"cell": "mingru" if block else "lstm", "layers": 2, "hidden": 16, "block": block}
+    f32 = models.language_model(11, **kw)
+    policy = models.language_model(11, dtype=BF16, **kw)
+    params = f32.init(jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 11)
+    _, logits_ref = jax.jit(f32.apply)(params, ids)
+    carry, logits = jax.jit(policy.apply)(params, ids)
+    assert logits.dtype == jnp.float32 and _leaf_dtypes(carry) == {"float32"}
+    np.testing.assert_allclose(logits, logits_ref, atol=5e-2, rtol=0)
+    _, logits_t = jax.jit(policy.step)(params, policy.initial_carry(params, (2,)), ids[:, 0])
+    np.testing.assert_allclose(logits_t, logits[:, 0], atol=1e-5, rtol=1e-5)  # streaming == whole sequence
+
+
+def test_classifier_and_forecaster_dtype():
+    xs, lengths = _data(shape=(B, T, 2)), jnp.array([T, 5, 3])
+    f32 = models.classifier(4, input_size=2, hidden=8, bidirectional=True)
+    policy = models.classifier(4, input_size=2, hidden=8, bidirectional=True, dtype=BF16)
+    params = f32.init(jax.random.PRNGKey(0))
+    logits = policy.apply(params, xs, lengths=lengths)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, f32.apply(params, xs, lengths=lengths), atol=3e-2, rtol=0)
+
+    f32 = models.forecaster(3, input_size=1, mode="autoregressive", hidden=8)
+    policy = models.forecaster(3, input_size=1, mode="autoregressive", hidden=8, dtype=BF16)
+    params = f32.init(jax.random.PRNGKey(0))
+    window = _data(shape=(B, T, 1))
+    out = policy.forecast(params, window)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, f32.forecast(params, window), atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_seq2seq_dtype(cell):
+    kw = {"cell": cell, "hidden": 8, "embed": 6}
+    f32, policy = models.seq2seq(7, 9, **kw), models.seq2seq(7, 9, dtype=BF16, **kw)
+    params = f32.init(jax.random.PRNGKey(0))
+    src, src_lengths = jax.random.randint(jax.random.PRNGKey(1), (2, 5), 3, 7), jnp.array([5, 3])
+    tgt_in, tgt_lengths = jax.random.randint(jax.random.PRNGKey(2), (2, 4), 3, 9).at[:, 0].set(1), jnp.array([4, 2])
+    logits = jax.jit(policy.apply)(params, src, src_lengths, tgt_in, tgt_lengths)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, f32.apply(params, src, src_lengths, tgt_in, tgt_lengths), atol=5e-2, rtol=0)
+    carry, context = policy.start(params, src, src_lengths)
+    assert _leaf_dtypes(carry.cell) == {"float32"}
+    _, first = policy.step(params, carry, tgt_in[:, 0], context)
+    np.testing.assert_allclose(first, logits[:, 0], atol=1e-5, rtol=1e-5)  # stepping == teacher forcing
 
 
 @pytest.mark.parametrize("bad", ["int32", jnp.int8, "not-a-dtype"])
