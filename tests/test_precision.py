@@ -161,12 +161,14 @@ def _reference_lstm64(params, xs):
     return np.stack(ys, -2)
 
 
-def _hidden_states(cell, params, xs):
-    """Every step's carried ``h`` (float32 under the policy, bfloat16 for bfloat16 parameters)."""
+def _states_and_outputs(cell, params, xs):
+    """Every step's carried ``h`` (float32 under the policy, bfloat16 for bfloat16 parameters) and output ``y``,
+    from the cell's own step in ``lax.scan`` (the XLA path, whichever backend ``unroll`` would pick)."""
     def body(carry, x):
-        carry, _ = cell.step(params, carry, cell.project(params, x))
-        return carry, carry.h
-    return jnp.moveaxis(jax.lax.scan(body, cell.initial_carry(params, xs.shape[:1]), jnp.moveaxis(xs, 1, 0))[1], 0, 1)
+        carry, y = cell.step(params, carry, cell.project(params, x))
+        return carry, (carry.h, y)
+    _, (hs, ys) = jax.lax.scan(body, cell.initial_carry(params, xs.shape[:1]), jnp.moveaxis(xs, 1, 0))
+    return jnp.moveaxis(hs, 0, 1), jnp.moveaxis(ys, 0, 1)
 
 
 def test_long_sequence_error_policy_against_all_bfloat16():
@@ -193,15 +195,14 @@ def test_long_sequence_error_policy_against_all_bfloat16():
 
     own_policy = params._replace(w_ih=rounded(params.w_ih), w_hh=rounded(params.w_hh))
     own_bf16 = jax.tree_util.tree_map(rounded, params)
-    h_policy = np.asarray(jax.jit(partial(_hidden_states, policy))(params, xs), np.float64)
-    h_bf16 = np.asarray(jax.jit(partial(_hidden_states, all_bf16))(params_bf16, xs.astype(BF16)), np.float64)
+    h_policy, y_policy = (np.asarray(a, np.float64) for a in jax.jit(partial(_states_and_outputs, policy))(params, xs))
+    h_bf16, y_bf16 = (np.asarray(a, np.float64)
+                      for a in jax.jit(partial(_states_and_outputs, all_bf16))(params_bf16, xs.astype(BF16)))
     drift_policy = np.sqrt(np.mean((h_policy - _reference_lstm64(own_policy, rounded(xs))) ** 2))
     drift_bf16 = np.sqrt(np.mean((h_bf16 - _reference_lstm64(own_bf16, rounded(xs))) ** 2))
     assert drift_bf16 > 10 * drift_policy, (drift_bf16, drift_policy)
 
     reference = _reference_lstm64(params, xs)
-    y_policy = np.asarray(jax.jit(partial(unroll, policy))(params, xs)[1], np.float64)
-    y_bf16 = np.asarray(jax.jit(partial(unroll, all_bf16))(params_bf16, xs.astype(BF16))[1], np.float64)
     err_policy = np.sqrt(np.mean((y_policy - reference) ** 2))
     err_bf16 = np.sqrt(np.mean((y_bf16 - reference) ** 2))
     assert err_bf16 > 1.5 * err_policy, (err_bf16, err_policy)
