@@ -16,6 +16,12 @@ The pointwise part's own parameters (peepholes, layer-norm gains, the
 Jordan readout, the Cho-GRU candidate weights) are small or rare and
 accumulate in the loop. Numbers equal autodiff's to float32 round-off
 (tests/test_fused.py).
+
+Under the mixed-precision policy (``recurrence.dtype`` set, e.g. bfloat16;
+:mod:`rnnjax.cells.base`) the backward pass keeps it: ``dZ @ W^T`` and
+``H_prev^T @ dZ`` take ``dtype`` operands and accumulate in float32, the
+carry's cotangent stays float32, and ``dW`` comes back in the parameters'
+dtype without passing through ``dtype``.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax._tree import tree_add, where_batch
-from rnnjax.cells.base import Cell, affine
+from rnnjax.cells.base import Cell, affine, matmul
 
 
-def _rows_matmul(a, b):
-    """``a[..., K]^T @ b[..., N]`` summed over all leading dims, accumulated in float32."""
+def _rows_matmul(a, b, dtype=None):
+    """``a[..., K]^T @ b[..., N]`` summed over all leading dims, accumulated in float32
+    (on ``dtype`` operands when the cell computes in ``dtype``)."""
     a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    if dtype is not None:
+        a2, b2 = a2.astype(dtype), b2.astype(dtype)
     return jnp.dot(a2.T, b2, preferred_element_type=jnp.float32)
 
 
@@ -60,7 +69,7 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
                 c = where_batch(r_t, zero, c)
             px = x_t if hoist else cell.project(params, x_t)
             h = rec.read(c)
-            hz = affine(h, w, b)
+            hz = affine(h, w, b, rec.dtype)
             if save_pointwise:
                 (new_c, y), lin = jax.vjp(rec.pointwise, pw, c, px, hz)
                 saved = (h, lin)
@@ -108,7 +117,7 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
             else:
                 _, pointwise_vjp = jax.vjp(rec.pointwise, pw, *step_saved)
             dpw_t, dc_prev, dpx, dhz = pointwise_vjp((dc_step, dy))
-            dc_prev = tree_add(dc_prev, read_vjp((dhz @ w_t).astype(dhz.dtype))[0])
+            dc_prev = tree_add(dc_prev, read_vjp(matmul(dhz, w_t, rec.dtype).astype(dhz.dtype))[0])
             if v_t is not None:
                 dc_prev = where_batch(v_t, dc_prev, dc)
             if r_t is not None:  # the carry before a reset does not reach the output
@@ -119,7 +128,7 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
         (d_carry0, dpw), (dpxs, dhzs) = jax.lax.scan(
             body, (d_carry, dpw0), (saved, d_ys, valid, resets), reverse=not reverse, unroll=unroll)
 
-        d_w = _rows_matmul(hs, dhzs).astype(w.dtype)
+        d_w = _rows_matmul(hs, dhzs, rec.dtype).astype(w.dtype)
         d_b = None if b is None else dhzs.reshape(-1, dhzs.shape[-1]).sum(0, dtype=jnp.float32).astype(b.dtype)
         d_params = jax.vjp(rec.weights, params)[1]((d_w, d_b))[0]
         d_params = tree_add(d_params, jax.vjp(rec.pointwise_params, params)[1](dpw)[0])

@@ -12,6 +12,13 @@ batch::
     carry, ys = model.apply(params, xs, lengths=lengths)                   # evaluation
 
 Dropout is on exactly when a PRNG ``key`` is passed.
+
+Mixed precision follows the cells' policy (:mod:`rnnjax.cells.base`):
+``rnn`` and ``bidirectional`` compute as their cells do (build the cells
+with ``dtype=jnp.bfloat16``); the layers that own parameters take
+``param_dtype`` (storage) and ``dtype`` (compute: matmuls on ``dtype``
+operands accumulated in float32, normalisation statistics in float32,
+outputs in ``dtype``; None computes in the parameters' dtype).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks, scan
-from rnnjax.cells.base import Cell, check_size, initializer, layer_norm as _layer_norm
+from rnnjax.cells.base import Cell, affine, cast_output, check_size, compute_dtype, initializer, matmul
+from rnnjax.cells.base import layer_norm as _layer_norm
 from rnnjax.types import Array, InitSpec
 
 
@@ -147,7 +155,7 @@ class StackParams(NamedTuple):
 
 
 def stack(layers: Sequence[Union[Cell, Layer]], *, dropout: float = 0.0, variational: bool = False,
-          residual: bool = False, layer_norm: bool = False, eps: float = 1e-5) -> Layer:
+          residual: bool = False, layer_norm: bool = False, eps: float = 1e-5, dtype=None) -> Layer:
     """A deep RNN: each layer reads the previous layer's outputs.
 
     Args:
@@ -159,11 +167,16 @@ def stack(layers: Sequence[Union[Cell, Layer]], *, dropout: float = 0.0, variati
       residual: add each layer's input to its output (all layers but the
         first); needs equal input and output sizes.
       layer_norm: layer-normalise each layer's output (learned gain and shift).
+      dtype: the dtype of the outputs between layers (after the residual sum
+        and the layer norm, whose statistics are float32), for stacks of
+        cells built with the same ``dtype``; None keeps what the sum or norm
+        gives.
 
     The carry is a tuple with one carry per layer. Outputs are zero past
     each sequence's length.
     """
     fn = "rnnjax.layers.stack"
+    dtype = compute_dtype(fn, dtype)
     layers = tuple(rnn(layer) if isinstance(layer, Cell) else layer for layer in layers)
     if not layers:
         raise ValueError(f"{fn}: expected at least one layer, got none. Fix: pass a list of cells or layers.")
@@ -196,7 +209,7 @@ def stack(layers: Sequence[Union[Cell, Layer]], *, dropout: float = 0.0, variati
             h = h + inp
         if params.norms is not None:
             h = _layer_norm(h, *params.norms[i], eps)
-        return h
+        return cast_output(h, dtype)
 
     def apply(params, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None, time_major=False):
         xs = jnp.asarray(xs)
@@ -248,7 +261,8 @@ def rms_norm(x: Array, gain: Array, eps: float = 1e-6) -> Array:
 
 
 def residual_block(cell: Cell, *, mlp_expansion: int = 3, reverse: bool = False, remat: scan.Remat = None,
-                   parallel: scan.Parallel = "auto", eps: float = 1e-6, param_dtype=jnp.float32) -> Layer:
+                   parallel: scan.Parallel = "auto", eps: float = 1e-6, param_dtype=jnp.float32,
+                   dtype=None) -> Layer:
     """The residual block of LRU, Griffin and minGRU stacks (pre-norm)::
 
         h = x + cell(rms_norm(x))                        # the recurrence, via rnnjax.unroll
@@ -258,8 +272,11 @@ def residual_block(cell: Cell, *, mlp_expansion: int = 3, reverse: bool = False,
     Same semantics as :func:`rnn` (lengths, mask, resets, ``time_major``;
     outputs zero at invalid steps); ``step`` streams one step. Matrices start
     as ``torch.nn.Linear``'s U(±1/√fan_in), the RMS-norm gains at one.
+    ``dtype``: the compute dtype of the MLP and of the block's output (the
+    module docstring); build ``cell`` with the same ``dtype``.
     """
     fn = "rnnjax.layers.residual_block"
+    dtype = compute_dtype(fn, dtype)
     D = cell.output_size
     M = check_size(fn, "mlp_expansion", mlp_expansion) * D
 
@@ -276,7 +293,8 @@ def residual_block(cell: Cell, *, mlp_expansion: int = 3, reverse: bool = False,
 
     def mlp(params: BlockParams, h: Array) -> Array:
         u = rms_norm(h, params.norm_mlp, eps)
-        return h + (jax.nn.gelu(u @ params.w_gate) * (u @ params.w_up)) @ params.w_down
+        gated = jax.nn.gelu(matmul(u, params.w_gate, dtype)) * matmul(u, params.w_up, dtype)
+        return cast_output(h + matmul(gated, params.w_down, dtype), dtype)
 
     def apply(params: BlockParams, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None,
               time_major=False):
@@ -332,9 +350,16 @@ class DenseParams(NamedTuple):
     b: Array | None  # [O]
 
 
-def dense(features: int, *, bias: bool = True, init: InitSpec = "uniform", param_dtype=jnp.float32) -> Module:
-    """``y = x W + b`` on the last axis. ``init="uniform"`` is ``torch.nn.Linear``'s U(±1/√F)."""
+def dense(features: int, *, bias: bool = True, init: InitSpec = "uniform", param_dtype=jnp.float32,
+          dtype=None) -> Module:
+    """``y = x W + b`` on the last axis. ``init="uniform"`` is ``torch.nn.Linear``'s U(±1/√F).
+
+    ``dtype``: the compute dtype: ``x`` and ``W`` are cast to it, the product
+    accumulates in float32, ``b`` is added in float32, and ``y`` comes back
+    in ``dtype`` (None: the parameters' dtype, JAX's promotion).
+    """
     fn = "rnnjax.layers.dense"
+    dtype = compute_dtype(fn, dtype)
     O = check_size(fn, "features", features)
 
     def init_fn(key, input_size: int) -> DenseParams:
@@ -346,18 +371,19 @@ def dense(features: int, *, bias: bool = True, init: InitSpec = "uniform", param
     def apply(params: DenseParams, x: Array) -> Array:
         x = jnp.asarray(x)
         _checks.require_features(fn, "x", x, params.w.shape[0])
-        y = x @ params.w
-        return y if params.b is None else y + params.b
+        return cast_output(affine(x, params.w, params.b, dtype), dtype)
 
     return Module(init_fn, apply, O)
 
 
-def embedding(vocab_size: int, features: int, *, param_dtype=jnp.float32) -> Module:
+def embedding(vocab_size: int, features: int, *, param_dtype=jnp.float32, dtype=None) -> Module:
     """Token ids ``[...]`` to vectors ``[..., features]`` (N(0, 1) init, as ``torch.nn.Embedding``).
 
     ``init`` ignores ``input_size`` (pass the vocabulary size, or anything).
+    ``dtype``: the dtype of the vectors returned (None: the table's).
     """
     fn = "rnnjax.layers.embedding"
+    dtype = compute_dtype(fn, dtype)
     V = check_size(fn, "vocab_size", vocab_size)
     E = check_size(fn, "features", features)
 
@@ -372,19 +398,23 @@ def embedding(vocab_size: int, features: int, *, param_dtype=jnp.float32) -> Mod
         if _checks.is_concrete(ids) and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
             raise ValueError(f"{fn}: token ids must be in [0, {V}), got values in [{int(ids.min())}, "
                              f"{int(ids.max())}]. Fix: map tokens through the model's vocabulary.")
-        return table[ids]
+        return cast_output(table[ids], dtype)
 
     return Module(init_fn, apply, E)
 
 
-def layer_norm(*, eps: float = 1e-5, param_dtype=jnp.float32) -> Module:
-    """Layer norm over the last axis with a learned gain (1) and shift (0)."""
+def layer_norm(*, eps: float = 1e-5, param_dtype=jnp.float32, dtype=None) -> Module:
+    """Layer norm over the last axis with a learned gain (1) and shift (0).
+
+    Statistics are float32 (or wider); ``dtype`` is the output's dtype (None: what JAX's promotion gives).
+    """
+    dtype = compute_dtype("rnnjax.layers.layer_norm", dtype)
 
     def init_fn(key, input_size: int):
         del key
         return jnp.ones(input_size, param_dtype), jnp.zeros(input_size, param_dtype)
 
     def apply(params, x: Array) -> Array:
-        return _layer_norm(jnp.asarray(x), params[0], params[1], eps)
+        return cast_output(_layer_norm(jnp.asarray(x), params[0], params[1], eps), dtype)
 
     return Module(init_fn, apply, -1)

@@ -212,7 +212,10 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
 
 
 def _compute_dtype(cell: Cell, params, xs):
-    """The dtype products are computed in: the promotion of the inputs' and the recurrent weight's dtypes."""
+    """The dtype products are computed in: the cell's ``dtype`` (its mixed-precision policy) where set, else the
+    promotion of the inputs' and the recurrent weight's dtypes."""
+    if cell.recurrence is not None and cell.recurrence.dtype is not None:
+        return cell.recurrence.dtype
     if cell.native is None:
         return xs.dtype
     return jnp.result_type(xs.dtype, cell.native.weights(params)[1].dtype)

@@ -11,7 +11,9 @@ from rnnjax.cells.base import (
     Cell,
     Recurrence,
     Weights,
+    carry_dtype,
     cell_from,
+    compute_dtype,
     hidden_only,
     get_activation,
     affine,
@@ -29,15 +31,19 @@ def _identity(h: Array) -> Array:
 
 def elman(hidden_size: int, *, activation: str = "tanh", bias: bool = True,
           input_init: InitSpec = "uniform", recurrent_init: InitSpec = "uniform",
-          bias_init: InitSpec = "uniform", param_dtype=jnp.float32) -> Cell:
+          bias_init: InitSpec = "uniform", param_dtype=jnp.float32, dtype=None) -> Cell:
     """Elman network, ``h' = act(x W_ih + b_ih + h W_hh + b_hh)``; equals ``torch.nn.RNN``.
 
     Params are :class:`~rnnjax.cells.base.Weights` (``w_ih [F, H]``,
     ``w_hh [H, H]``, ``b_ih``, ``b_hh``); the carry is ``h [..., H]``.
     ``activation`` is ``"tanh"`` or ``"relu"`` (any name in
-    ``rnnjax.cells.ACTIVATIONS``).
+    ``rnnjax.cells.ACTIVATIONS``). ``dtype``: the compute dtype (None: the
+    parameters'); with ``jnp.bfloat16`` the matmuls take bfloat16 operands
+    and accumulate in float32, the carry stays float32 and ``y`` is bfloat16
+    (:mod:`rnnjax.cells.base`, "Mixed precision").
     """
     fn = "rnnjax.cells.elman"
+    dtype = compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     act = get_activation(fn, activation)
     cfg = init_config(fn, H, input_init, recurrent_init, bias_init, param_dtype)
@@ -46,10 +52,10 @@ def elman(hidden_size: int, *, activation: str = "tanh", bias: bool = True,
         return init_weights(cfg, key, check_size(fn, "input_size", input_size), H, H, 1, bias)
 
     def initial_carry(params: Weights, batch_shape=()) -> Array:
-        return zeros_carry(batch_shape, H, params.w_hh.dtype)
+        return zeros_carry(batch_shape, H, carry_dtype(params.w_hh.dtype, dtype))
 
     def project(params: Weights, xs: Array) -> Array:
-        return affine(xs, params.w_ih, params.b_ih)
+        return affine(xs, params.w_ih, params.b_ih, dtype)
 
     def pointwise(_, h: Array, px: Array, hz: Array):
         h = act(px + hz)
@@ -57,7 +63,7 @@ def elman(hidden_size: int, *, activation: str = "tanh", bias: bool = True,
 
     rec = Recurrence(lambda p: (p.w_hh, p.b_hh), lambda p: (), _identity, pointwise)
     native = hidden_only(f"elman_{activation}") if activation in ("tanh", "relu") else None
-    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "elman", native)
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "elman", native, dtype=dtype)
 
 
 class JordanParams(NamedTuple):
@@ -71,15 +77,18 @@ class JordanParams(NamedTuple):
 def jordan(hidden_size: int, output_size: int, *, activation: str = "tanh",
            output_activation: str = "tanh", bias: bool = True, input_init: InitSpec = "uniform",
            recurrent_init: InitSpec = "uniform", bias_init: InitSpec = "uniform",
-           param_dtype=jnp.float32) -> Cell:
+           param_dtype=jnp.float32, dtype=None) -> Cell:
     """Jordan network: the context fed back is the previous *output*, not the hidden state::
 
         h_t = act(x_t W_ih + y_{t-1} W_yh + b_h)
         y_t = output_act(h_t W_hy + b_y)
 
-    The carry is ``y_{t-1} [..., O]`` and the step returns ``y_t``.
+    The carry is ``y_{t-1} [..., O]`` and the step returns ``y_t``. ``dtype``:
+    the compute dtype, as for :func:`elman` (the fed-back ``y_{t-1}`` is the
+    float32 carry; the returned ``y_t`` is in ``dtype``).
     """
     fn = "rnnjax.cells.jordan"
+    dtype = compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     O = check_size(fn, "output_size", output_size)
     act = get_activation(fn, activation)
@@ -94,14 +103,14 @@ def jordan(hidden_size: int, output_size: int, *, activation: str = "tanh",
         return JordanParams(hidden.w_ih, hidden.w_hh, hidden.b_ih, w_hy, b_y)
 
     def initial_carry(params: JordanParams, batch_shape=()) -> Array:
-        return zeros_carry(batch_shape, O, params.w_hy.dtype)
+        return zeros_carry(batch_shape, O, carry_dtype(params.w_hy.dtype, dtype))
 
     def project(params: JordanParams, xs: Array) -> Array:
-        return affine(xs, params.w_ih, params.b_h)
+        return affine(xs, params.w_ih, params.b_h, dtype)
 
     def pointwise(readout, y_prev: Array, px: Array, hz: Array):
-        y = out_act(affine(act(px + hz), *readout))
+        y = out_act(affine(act(px + hz), *readout, dtype))
         return y, y
 
     rec = Recurrence(lambda p: (p.w_yh, None), lambda p: (p.w_hy, p.b_y), _identity, pointwise)
-    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], O, "jordan")
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], O, "jordan", dtype=dtype)

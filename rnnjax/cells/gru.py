@@ -11,7 +11,9 @@ from rnnjax.cells.base import (
     Cell,
     Recurrence,
     Weights,
+    carry_dtype,
     cell_from,
+    compute_dtype,
     hidden_only,
     gain_shift,
     affine,
@@ -19,6 +21,7 @@ from rnnjax.cells.base import (
     gate_layer_norm,
     init_config,
     init_weights,
+    matmul,
     zeros_carry,
 )
 from rnnjax.types import Array, InitSpec
@@ -29,7 +32,8 @@ def _identity(h: Array) -> Array:
 
 
 def gru(hidden_size: int, *, reset_after: bool = True, bias: bool = True, input_init: InitSpec = "uniform",
-        recurrent_init: InitSpec = "uniform", bias_init: InitSpec = "uniform", param_dtype=jnp.float32) -> Cell:
+        recurrent_init: InitSpec = "uniform", bias_init: InitSpec = "uniform", param_dtype=jnp.float32,
+        dtype=None) -> Cell:
     """GRU, gate order r, z, n (PyTorch's); params are ``Weights`` with ``3H`` columns.
 
     ``reset_after=True`` (default) is the cuDNN/PyTorch formulation and
@@ -38,8 +42,14 @@ def gru(hidden_size: int, *, reset_after: bool = True, bias: bool = True, input_
     the recurrent matmul, ``n = tanh(x W_in + b_in + (r * h) W_hn + b_hn)``,
     which costs a second, dependent matmul per step.
     In both, ``h' = (1 - z) * n + z * h``.
+
+    ``dtype``: the compute dtype (None: the parameters'); with
+    ``jnp.bfloat16`` the matmuls (both of Cho's) take bfloat16 operands and
+    accumulate in float32, the gates and the carry stay float32, and ``y``
+    is bfloat16 (:mod:`rnnjax.cells.base`, "Mixed precision").
     """
     fn = "rnnjax.cells.gru"
+    dtype = compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     cfg = init_config(fn, H, input_init, recurrent_init, bias_init, param_dtype)
 
@@ -47,10 +57,10 @@ def gru(hidden_size: int, *, reset_after: bool = True, bias: bool = True, input_
         return init_weights(cfg, key, check_size(fn, "input_size", input_size), H, H, 3, bias)
 
     def initial_carry(params: Weights, batch_shape=()) -> Array:
-        return zeros_carry(batch_shape, H, params.w_hh.dtype)
+        return zeros_carry(batch_shape, H, carry_dtype(params.w_hh.dtype, dtype))
 
     def project(params: Weights, xs: Array) -> Array:
-        return affine(xs, params.w_ih, params.b_ih)
+        return affine(xs, params.w_ih, params.b_ih, dtype)
 
     def pointwise(candidate, h: Array, px: Array, hz: Array):
         x_r, x_z, x_n = jnp.split(px, 3, axis=-1)
@@ -61,7 +71,7 @@ def gru(hidden_size: int, *, reset_after: bool = True, bias: bool = True, input_
         else:  # the candidate's recurrent matmul needs r first, so it stays in the pointwise part
             h_r, h_z = jnp.split(hz, 2, axis=-1)
             r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
-            n = jnp.tanh(x_n + affine(r * h, *candidate))
+            n = jnp.tanh(x_n + affine(r * h, *candidate, dtype))
         h = n + z * (h - n)
         return h, h
 
@@ -75,7 +85,7 @@ def gru(hidden_size: int, *, reset_after: bool = True, bias: bool = True, input_
         rec = Recurrence(lambda p: (p.w_hh[:, rz], bias_part(p.b_hh, rz)),
                          lambda p: (p.w_hh[:, n], bias_part(p.b_hh, n)), _identity, pointwise)
     native = hidden_only("gru" if reset_after else "gru_cho")
-    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "gru", native)
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "gru", native, dtype=dtype)
 
 
 class LayerNormGRUParams(NamedTuple):
@@ -86,14 +96,17 @@ class LayerNormGRUParams(NamedTuple):
 
 
 def layer_norm_gru(hidden_size: int, *, eps: float = 1e-5, input_init: InitSpec = "uniform",
-                   recurrent_init: InitSpec = "uniform", param_dtype=jnp.float32) -> Cell:
+                   recurrent_init: InitSpec = "uniform", param_dtype=jnp.float32, dtype=None) -> Cell:
     """Layer-normalised GRU (Ba et al. 2016), in the reset-after form::
 
         a = LN(x W_ih);  b = LN(h W_hh)      (each gate's block normalised on its own)
         r = σ(a_r + b_r);  z = σ(a_z + b_z);  n = tanh(a_n + r * b_n)
         h' = (1 - z) * n + z * h
+
+    ``dtype``: the compute dtype, as for :func:`gru`.
     """
     fn = "rnnjax.cells.layer_norm_gru"
+    dtype = compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     cfg = init_config(fn, H, input_init, recurrent_init, "zeros", param_dtype)
 
@@ -103,10 +116,10 @@ def layer_norm_gru(hidden_size: int, *, eps: float = 1e-5, input_init: InitSpec 
         return LayerNormGRUParams(w.w_ih, w.w_hh, gate_ln, gate_ln)
 
     def initial_carry(params: LayerNormGRUParams, batch_shape=()) -> Array:
-        return zeros_carry(batch_shape, H, params.w_hh.dtype)
+        return zeros_carry(batch_shape, H, carry_dtype(params.w_hh.dtype, dtype))
 
     def project(params: LayerNormGRUParams, xs: Array) -> Array:
-        return gate_layer_norm(xs @ params.w_ih, params.ln_x[0], params.ln_x[1], 3, eps)
+        return gate_layer_norm(matmul(xs, params.w_ih, dtype), params.ln_x[0], params.ln_x[1], 3, eps)
 
     def pointwise(ln_h, h: Array, px: Array, hz: Array):
         x_r, x_z, x_n = jnp.split(px, 3, axis=-1)
@@ -117,4 +130,4 @@ def layer_norm_gru(hidden_size: int, *, eps: float = 1e-5, input_init: InitSpec 
         return h, h
 
     rec = Recurrence(lambda p: (p.w_hh, None), lambda p: p.ln_h, _identity, pointwise)
-    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "layer_norm_gru")
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "layer_norm_gru", dtype=dtype)

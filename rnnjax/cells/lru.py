@@ -9,7 +9,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells.base import Cell, Linear, check_size, linear_cell, state_dtype
+from rnnjax.cells.base import Cell, Linear, carry_dtype, check_size, compute_dtype, linear_cell, matmul, state_dtype
 from rnnjax.types import Array
 
 
@@ -25,7 +25,7 @@ class LRUParams(NamedTuple):
 
 
 def lru(hidden_size: int, *, state_size: int | None = None, r_min: float = 0.0, r_max: float = 1.0,
-        max_phase: float = 2 * math.pi, param_dtype=jnp.float32) -> Cell:
+        max_phase: float = 2 * math.pi, param_dtype=jnp.float32, dtype=None) -> Cell:
     """LRU: a complex diagonal linear recurrence with a real readout::
 
         lambda = exp(-exp(nu_log) + i exp(theta_log))          # exponential parametrisation, |lambda| < 1
@@ -44,8 +44,14 @@ def lru(hidden_size: int, *, state_size: int | None = None, r_min: float = 0.0, 
     float64 parameters), also for bfloat16 inputs. The cell has a
     :class:`~rnnjax.cells.base.Linear` form, so :func:`rnnjax.unroll` can
     run it with ``jax.lax.associative_scan``.
+
+    ``dtype``: the compute dtype (None: the parameters'). With
+    ``jnp.bfloat16`` the input and readout products take bfloat16 operands
+    and accumulate in float32, the recurrence stays complex64 and ``y`` is
+    bfloat16 (:mod:`rnnjax.cells.base`, "Mixed precision").
     """
     fn = "rnnjax.cells.lru"
+    compute = compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     N = check_size(fn, "state_size", H if state_size is None else state_size)
     if not 0.0 <= r_min < r_max <= 1.0:
@@ -73,12 +79,12 @@ def lru(hidden_size: int, *, state_size: int | None = None, r_min: float = 0.0, 
                          normal(k_d, (F, H), 1 / math.sqrt(F)))
 
     def initial_carry(params: LRUParams, batch_shape=()) -> Array:
-        return jnp.zeros((*tuple(batch_shape), 2 * N), state_dtype(params.b_re.dtype))
+        return jnp.zeros((*tuple(batch_shape), 2 * N), state_dtype(carry_dtype(params.b_re.dtype, compute)))
 
     def project(params: LRUParams, xs: Array) -> Array:
         """``[..., 2N + H]``: ``gamma * (x B)`` (real, imaginary) and ``x D``."""
         gamma = jnp.exp(params.gamma_log)
-        return xs @ jnp.concatenate([params.b_re * gamma, params.b_im * gamma, params.d], axis=1)
+        return matmul(xs, jnp.concatenate([params.b_re * gamma, params.b_im * gamma, params.d], axis=1), compute)
 
     def coefficients(params: LRUParams, px: Array):
         real = state_dtype(px.dtype)
@@ -97,8 +103,8 @@ def lru(hidden_size: int, *, state_size: int | None = None, r_min: float = 0.0, 
     def output(params: LRUParams, h: Array, px: Array) -> Array:
         real = h.real.dtype
         c = jnp.concatenate([params.c_re, -params.c_im]).astype(real)
-        y = to_carry(h) @ c + jnp.split(px, [2 * N], axis=-1)[1].astype(real)
+        y = matmul(to_carry(h), c, compute) + jnp.split(px, [2 * N], axis=-1)[1].astype(real)
         return y.astype(px.dtype)
 
     lin = Linear(coefficients, state, to_carry, output)
-    return linear_cell(lin, init, initial_carry, project, lambda p: p.b_re.shape[0], H, "lru")
+    return linear_cell(lin, init, initial_carry, project, lambda p: p.b_re.shape[0], H, "lru", dtype=compute)

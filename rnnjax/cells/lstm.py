@@ -12,13 +12,16 @@ from rnnjax.cells.base import (
     Native,
     Recurrence,
     affine,
+    carry_dtype,
     cell_from,
+    compute_dtype,
     gain_shift,
     check_size,
     gate_layer_norm,
     init_config,
     init_weights,
     layer_norm,
+    matmul,
     zeros_carry,
 )
 from rnnjax.types import Array, InitSpec
@@ -53,7 +56,7 @@ def _forget_bias(fn: str, forget_bias: float, bias: bool) -> float:
 
 def lstm(hidden_size: int, *, proj_size: int = 0, peepholes: bool = False, forget_bias: float = 0.0,
          bias: bool = True, input_init: InitSpec = "uniform", recurrent_init: InitSpec = "uniform",
-         bias_init: InitSpec = "uniform", param_dtype=jnp.float32) -> Cell:
+         bias_init: InitSpec = "uniform", param_dtype=jnp.float32, dtype=None) -> Cell:
     """LSTM with fused gates; equals ``torch.nn.LSTM`` (including ``proj_size``).
 
     One ``[.., P or H] x [P or H, 4H]`` matmul per step computes all four
@@ -63,8 +66,15 @@ def lstm(hidden_size: int, *, proj_size: int = 0, peepholes: bool = False, forge
     connections from the cell state to the input, forget and output gates.
     With ``proj_size=P > 0`` the hidden state is projected, ``h = (o *
     tanh(c)) W_hr``, and ``y``/``h`` have ``P`` features.
+
+    ``param_dtype`` stores the parameters; ``dtype`` is the compute dtype
+    (None: the parameters'). ``dtype=jnp.bfloat16`` runs every matmul on
+    bfloat16 operands with float32 accumulation and keeps the gates, the cell
+    state and the carry in float32; ``y`` comes back in bfloat16
+    (:mod:`rnnjax.cells.base`, "Mixed precision").
     """
     fn = "rnnjax.cells.lstm"
+    dtype = compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     P = check_size(fn, "proj_size", proj_size, minimum=0)
     if P >= H and P:
@@ -83,11 +93,11 @@ def lstm(hidden_size: int, *, proj_size: int = 0, peepholes: bool = False, forge
         return LSTMParams(w.w_ih, w.w_hh, b_ih, w.b_hh, w_hr, w_peep)
 
     def initial_carry(params: LSTMParams, batch_shape=()) -> LSTMCarry:
-        dtype = params.w_hh.dtype
-        return LSTMCarry(zeros_carry(batch_shape, out, dtype), zeros_carry(batch_shape, H, dtype))
+        state = carry_dtype(params.w_hh.dtype, dtype)
+        return LSTMCarry(zeros_carry(batch_shape, out, state), zeros_carry(batch_shape, H, state))
 
     def project(params: LSTMParams, xs: Array) -> Array:
-        return affine(xs, params.w_ih, params.b_ih)
+        return affine(xs, params.w_ih, params.b_ih, dtype)
 
     def pointwise(extras, carry: LSTMCarry, px: Array, hz: Array):
         w_hr, w_peep = extras
@@ -100,13 +110,13 @@ def lstm(hidden_size: int, *, proj_size: int = 0, peepholes: bool = False, forge
             zo = zo + c * w_peep[2]
         h = jax.nn.sigmoid(zo) * jnp.tanh(c)
         if w_hr is not None:
-            h = h @ w_hr
+            h = matmul(h, w_hr, dtype)
         return LSTMCarry(h, c), h
 
     rec = Recurrence(lambda p: (p.w_hh, p.b_hh), lambda p: (p.w_hr, p.w_peep), _read_h, pointwise)
     native = None if P or peepholes else Native(
         "lstm", lambda p: (p.w_ih, p.w_hh, p.b_ih, p.b_hh), lambda c: (c.h, c.c), LSTMCarry)
-    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], out, "lstm", native)
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], out, "lstm", native, dtype=dtype)
 
 
 class LayerNormLSTMParams(NamedTuple):
@@ -119,7 +129,7 @@ class LayerNormLSTMParams(NamedTuple):
 
 def layer_norm_lstm(hidden_size: int, *, forget_bias: float = 0.0, eps: float = 1e-5,
                     input_init: InitSpec = "uniform", recurrent_init: InitSpec = "uniform",
-                    param_dtype=jnp.float32) -> Cell:
+                    param_dtype=jnp.float32, dtype=None) -> Cell:
     """Layer-normalised LSTM (Ba, Kiros & Hinton 2016)::
 
         z = LN(x W_ih) + LN(h W_hh)          (each gate's block normalised on its own)
@@ -128,9 +138,11 @@ def layer_norm_lstm(hidden_size: int, *, forget_bias: float = 0.0, eps: float = 
     Each layer norm has a gain (init 1) and a shift (init 0); the shifts
     play the part of the biases. ``forget_bias`` initialises the forget
     gate's input shift. The input part is normalised in ``project``, so it
-    is hoisted with the input matmul.
+    is hoisted with the input matmul. ``dtype``: the compute dtype, as for
+    :func:`lstm` (the layer norms' statistics are float32 in any case).
     """
     fn = "rnnjax.cells.layer_norm_lstm"
+    dtype = compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     cfg = init_config(fn, H, input_init, recurrent_init, "zeros", param_dtype)
 
@@ -141,11 +153,11 @@ def layer_norm_lstm(hidden_size: int, *, forget_bias: float = 0.0, eps: float = 
                                    gain_shift((H,), cfg.dtype))
 
     def initial_carry(params: LayerNormLSTMParams, batch_shape=()) -> LSTMCarry:
-        dtype = params.w_hh.dtype
-        return LSTMCarry(zeros_carry(batch_shape, H, dtype), zeros_carry(batch_shape, H, dtype))
+        state = carry_dtype(params.w_hh.dtype, dtype)
+        return LSTMCarry(zeros_carry(batch_shape, H, state), zeros_carry(batch_shape, H, state))
 
     def project(params: LayerNormLSTMParams, xs: Array) -> Array:
-        return gate_layer_norm(xs @ params.w_ih, params.ln_x[0], params.ln_x[1], 4, eps)
+        return gate_layer_norm(matmul(xs, params.w_ih, dtype), params.ln_x[0], params.ln_x[1], 4, eps)
 
     def pointwise(norms, carry: LSTMCarry, px: Array, hz: Array):
         ln_h, ln_c = norms
@@ -155,4 +167,4 @@ def layer_norm_lstm(hidden_size: int, *, forget_bias: float = 0.0, eps: float = 
         return LSTMCarry(h, c), h
 
     rec = Recurrence(lambda p: (p.w_hh, None), lambda p: (p.ln_h, p.ln_c), _read_h, pointwise)
-    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "layer_norm_lstm")
+    return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "layer_norm_lstm", dtype=dtype)

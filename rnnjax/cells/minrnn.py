@@ -11,10 +11,13 @@ import jax.numpy as jnp
 from rnnjax.cells.base import (
     Cell,
     Linear,
+    carry_dtype,
     check_size,
+    compute_dtype,
     gate_blocks,
     init_config,
     linear_cell,
+    matmul,
     state_dtype,
 )
 from rnnjax.types import Array, InitSpec
@@ -31,7 +34,8 @@ class MinRNNParams(NamedTuple):
 
 
 def _min_cell(fn: str, name: str, gates: int, gate_coefficients, save_projection: bool, hidden_size: int, bias: bool,
-              input_init: InitSpec, bias_init: InitSpec, param_dtype) -> Cell:
+              input_init: InitSpec, bias_init: InitSpec, param_dtype, dtype) -> Cell:
+    dtype = compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     cfg = init_config(fn, H, input_init, "uniform", bias_init, param_dtype)
 
@@ -41,10 +45,10 @@ def _min_cell(fn: str, name: str, gates: int, gate_coefficients, save_projection
         return MinRNNParams(w, cfg.bias(k_b, ((gates + 1) * H,), cfg.dtype) if bias else None)
 
     def initial_carry(params: MinRNNParams, batch_shape=()) -> Array:
-        return jnp.zeros((*tuple(batch_shape), H), state_dtype(params.w.dtype))
+        return jnp.zeros((*tuple(batch_shape), H), state_dtype(carry_dtype(params.w.dtype, dtype)))
 
     def project(params: MinRNNParams, xs: Array) -> Array:
-        z = xs @ params.w
+        z = matmul(xs, params.w, dtype)
         return z if params.b is None else z + params.b
 
     def coefficients(params, px: Array):
@@ -55,7 +59,7 @@ def _min_cell(fn: str, name: str, gates: int, gate_coefficients, save_projection
         return h.astype(px.dtype)
 
     lin = Linear(coefficients, lambda c: c, lambda h: h, output, save_projection)
-    return linear_cell(lin, init, initial_carry, project, lambda p: p.w.shape[0], H, name)
+    return linear_cell(lin, init, initial_carry, project, lambda p: p.w.shape[0], H, name, dtype=dtype)
 
 
 def _mingru_coefficients(k_z, k_h):
@@ -74,7 +78,7 @@ def _minlstm_coefficients(k_f, k_i, k_h):
 
 
 def mingru(hidden_size: int, *, bias: bool = True, input_init: InitSpec = "uniform", bias_init: InitSpec = "uniform",
-           param_dtype=jnp.float32) -> Cell:
+           param_dtype=jnp.float32, dtype=None) -> Cell:
     """minGRU: ``z = sigmoid(x W_z + b_z)``, ``h~ = g(x W_h + b_h)``, ``h' = (1 - z) h + z h~``.
 
     ``g`` is the paper's positive activation (``x + 1/2`` for ``x >= 0``,
@@ -91,13 +95,17 @@ def mingru(hidden_size: int, *, bias: bool = True, input_init: InitSpec = "unifo
     also for bfloat16 parameters. The step reads no matmul of ``h``, so the
     cell has a :class:`~rnnjax.cells.base.Linear` form and
     :func:`rnnjax.unroll` can run it with ``jax.lax.associative_scan``.
+    ``dtype``: the compute dtype (None: the parameters'); with ``jnp.bfloat16``
+    the projection takes bfloat16 operands and accumulates in float32, the
+    gates and the state stay float32, and ``y`` is bfloat16
+    (:mod:`rnnjax.cells.base`, "Mixed precision").
     """
     return _min_cell("rnnjax.cells.mingru", "mingru", 1, _mingru_coefficients, True, hidden_size, bias, input_init,
-                     bias_init, param_dtype)
+                     bias_init, param_dtype, dtype)
 
 
 def minlstm(hidden_size: int, *, bias: bool = True, input_init: InitSpec = "uniform", bias_init: InitSpec = "uniform",
-            param_dtype=jnp.float32) -> Cell:
+            param_dtype=jnp.float32, dtype=None) -> Cell:
     """minLSTM: ``f = sigmoid(x W_f + b_f)``, ``i = sigmoid(x W_i + b_i)``, ``h~ = g(x W_h + b_h)``,
     normalised gates ``f' = f / (f + i)``, ``i' = i / (f + i)``, ``h' = f' h + i' h~``.
 
@@ -106,6 +114,7 @@ def minlstm(hidden_size: int, *, bias: bool = True, input_init: InitSpec = "unif
     scaled by ``exp(-max(0, -k_f, -k_i))`` so that nothing overflows and the gates stay finite and
     normalised where both ``f`` and ``i`` underflow (the log-space form's guarantee).
     Params ``w [F, 3H]`` (f, i, candidate blocks) and ``b [3H]``; carry ``h [..., H]``.
+    ``dtype``: the compute dtype, as for :func:`mingru`.
     """
     return _min_cell("rnnjax.cells.minlstm", "minlstm", 2, _minlstm_coefficients, False, hidden_size, bias,
-                     input_init, bias_init, param_dtype)
+                     input_init, bias_init, param_dtype, dtype)

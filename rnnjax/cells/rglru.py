@@ -7,7 +7,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells.base import Cell, Linear, check_size, gate_blocks, init_config, linear_cell, state_dtype
+from rnnjax.cells.base import (
+    Cell,
+    Linear,
+    carry_dtype,
+    check_size,
+    compute_dtype,
+    gate_blocks,
+    init_config,
+    linear_cell,
+    matmul,
+    state_dtype,
+)
 from rnnjax.types import Array, InitSpec
 
 
@@ -18,7 +29,7 @@ class RGLRUParams(NamedTuple):
 
 
 def rglru(hidden_size: int, *, c: float = 8.0, min_rad: float = 0.9, max_rad: float = 0.999,
-          input_init: InitSpec = "xavier", param_dtype=jnp.float32) -> Cell:
+          input_init: InitSpec = "xavier", param_dtype=jnp.float32, dtype=None) -> Cell:
     """RG-LRU: a real diagonal recurrence whose decay is gated by the input::
 
         r_t = sigmoid(x W_r + b_r),  i_t = sigmoid(x W_i + b_i),  v_t = x W_v + b_v
@@ -35,8 +46,13 @@ def rglru(hidden_size: int, *, c: float = 8.0, min_rad: float = 0.9, max_rad: fl
     (RecurrentGemma instead drops the normalisation at a segment's first
     step). The carry ``h [..., H]`` is float32 or wider; the cell has a
     :class:`~rnnjax.cells.base.Linear` form for ``jax.lax.associative_scan``.
+    ``dtype``: the compute dtype (None: the parameters'); with ``jnp.bfloat16``
+    the projection takes bfloat16 operands and accumulates in float32, the
+    gates and the state stay float32, and ``y`` is bfloat16
+    (:mod:`rnnjax.cells.base`, "Mixed precision").
     """
     fn = "rnnjax.cells.rglru"
+    dtype = compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     if not 0.0 < min_rad < max_rad < 1.0:
         raise ValueError(f"{fn}: expected 0 < min_rad < max_rad < 1, got min_rad={min_rad}, max_rad={max_rad}. "
@@ -54,10 +70,10 @@ def rglru(hidden_size: int, *, c: float = 8.0, min_rad: float = 0.9, max_rad: fl
         return RGLRUParams(w, jnp.zeros((3 * H,), cfg.dtype), a_param.astype(cfg.dtype))
 
     def initial_carry(params: RGLRUParams, batch_shape=()) -> Array:
-        return jnp.zeros((*tuple(batch_shape), H), state_dtype(params.w.dtype))
+        return jnp.zeros((*tuple(batch_shape), H), state_dtype(carry_dtype(params.w.dtype, dtype)))
 
     def project(params: RGLRUParams, xs: Array) -> Array:
-        return xs @ params.w + params.b
+        return matmul(xs, params.w, dtype) + params.b
 
     def coefficients(params: RGLRUParams, px: Array):
         k = px.astype(state_dtype(px.dtype))
@@ -69,4 +85,4 @@ def rglru(hidden_size: int, *, c: float = 8.0, min_rad: float = 0.9, max_rad: fl
         return h.astype(px.dtype)
 
     lin = Linear(coefficients, lambda h: h, lambda h: h, output)
-    return linear_cell(lin, init, initial_carry, project, lambda p: p.w.shape[0], H, "rglru")
+    return linear_cell(lin, init, initial_carry, project, lambda p: p.w.shape[0], H, "rglru", dtype=dtype)

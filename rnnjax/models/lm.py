@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import cells, layers as L
-from rnnjax.cells.base import Cell, check_size
+from rnnjax.cells.base import Cell, affine, check_size, compute_dtype
 from rnnjax.decode import check_sampling, sample_logits
 from rnnjax.types import Array, PRNGKey
 
@@ -76,7 +76,7 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
                    residual: bool = False, layer_norm: bool = False,
                    cell_options: Mapping[str, Any] | None = None, unroll: int = 1, remat=None,
                    hoist="auto", backward="auto", block: bool = False, mlp_expansion: int = 3,
-                   parallel="auto") -> LanguageModel:
+                   parallel="auto", dtype=None) -> LanguageModel:
     """A character/token language model.
 
     Args:
@@ -102,8 +102,16 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
         with a final RMS norm before the readout, as LRU/Griffin/minGRU
         models are; ``embed`` then defaults to (and must equal) ``hidden``.
         ``residual`` and ``layer_norm`` apply to plain stacks only.
+      dtype: the compute dtype (None: float32, the parameters'). With
+        ``jnp.bfloat16`` every cell and layer follows the mixed-precision
+        policy (:mod:`rnnjax.cells.base`): bfloat16 matmul operands, float32
+        accumulation, carries and parameters; a factory passed as ``cell``
+        then gets ``dtype=`` too. The logits stay float32 (the readout's
+        product accumulates in float32), so the softmax and the loss see no
+        bfloat16 rounding.
     """
     fn = "rnnjax.models.language_model"
+    dtype = compute_dtype(fn, dtype)
     V = check_size(fn, "vocab_size", vocab_size)
     n_layers = check_size(fn, "layers", layers)
     H = check_size(fn, "hidden", hidden)
@@ -126,14 +134,17 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
         raise TypeError(f"{fn}: cell must be a name ({', '.join(CELLS)}) or a factory hidden_size -> Cell, "
                         f"got {type(cell).__name__}.")
 
-    embedding = L.embedding(V, E)
+    if dtype is not None:
+        make_cell = partial(make_cell, dtype=dtype)
+    embedding = L.embedding(V, E, dtype=dtype)
     if block:
-        rnn_layers = [L.residual_block(make_cell(H), mlp_expansion=mlp_expansion, remat=remat, parallel=parallel)
-                      for _ in range(n_layers)]
+        rnn_layers = [L.residual_block(make_cell(H), mlp_expansion=mlp_expansion, remat=remat, parallel=parallel,
+                                       dtype=dtype) for _ in range(n_layers)]
     else:
         rnn_layers = [L.rnn(make_cell(H), unroll=unroll, remat=remat, hoist=hoist, backward=backward,
                             parallel=parallel) for _ in range(n_layers)]
-    stack = L.stack(rnn_layers, dropout=dropout, variational=variational, residual=residual, layer_norm=layer_norm)
+    stack = L.stack(rnn_layers, dropout=dropout, variational=variational, residual=residual, layer_norm=layer_norm,
+                    dtype=dtype)
     readout = L.dense(V)
 
     def init(key: PRNGKey) -> LMParams:
@@ -142,7 +153,8 @@ def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] =
         return LMParams(embedding.init(k_e), stack.init(k_r, E), readout.init(k_o, stack.output_size), norm)
 
     def head(params: LMParams, h):
-        return readout.apply(params.readout, h if params.norm is None else L.rms_norm(h, params.norm))
+        h = h if params.norm is None else L.rms_norm(h, params.norm)
+        return affine(h, params.readout.w, params.readout.b, dtype)  # float32 logits under the policy
 
     def initial_carry(params: LMParams, batch_shape=()):
         return stack.initial_carry(params.rnn, batch_shape)

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from rnnjax import layers as L, scan
 from rnnjax.attention import DecoderCarry, attention as make_attention, attention_decoder, bind_memory
-from rnnjax.cells.base import Cell, check_size
+from rnnjax.cells.base import Cell, affine, check_size, compute_dtype
 from rnnjax.models.lm import CELLS
 from rnnjax.types import Array, PRNGKey
 
@@ -93,15 +93,16 @@ class Seq2Seq(NamedTuple):
     name: str
 
 
-def _cell_factory(fn: str, cell, cell_options):
+def _cell_factory(fn: str, cell, cell_options, dtype=None):
+    policy = {} if dtype is None else {"dtype": dtype}
     if isinstance(cell, str):
         if cell not in CELLS:
             raise ValueError(f"{fn}: unknown cell {cell!r}; expected one of {', '.join(CELLS)}. "
                              "Fix: pass one of those names or a factory hidden_size -> Cell.")
         factory, defaults = CELLS[cell]
-        return partial(factory, **{**defaults, **(cell_options or {})}), cell
+        return partial(factory, **{**defaults, **(cell_options or {}), **policy}), cell
     if callable(cell):
-        return partial(cell, **(cell_options or {})), getattr(cell, "__name__", "cell")
+        return partial(cell, **(cell_options or {}), **policy), getattr(cell, "__name__", "cell")
     raise TypeError(f"{fn}: cell must be a name ({', '.join(CELLS)}) or a factory hidden_size -> Cell, "
                     f"got {type(cell).__name__}.")
 
@@ -110,7 +111,7 @@ def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: Union[str, Callable[[int], 
             hidden: int = 256, layers: int = 1, decoder_hidden: int | None = None, embed: int = 64,
             attention: str = "general", style: str = "luong", input_feeding: bool = True,
             bridge: str = "dense", dropout: float = 0.0, cell_options: Mapping[str, Any] | None = None,
-            decoder_cell: Union[str, Callable[[int], Cell], None] = None) -> Seq2Seq:
+            decoder_cell: Union[str, Callable[[int], Cell], None] = None, dtype=None) -> Seq2Seq:
     """An attention encoder-decoder (see the module docstring).
 
     Args:
@@ -126,8 +127,15 @@ def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: Union[str, Callable[[int], 
       bridge: ``"dense"`` or ``"zeros"``.
       dropout: on both embeddings, between encoder layers and before the readout,
         only when a ``key`` is given.
+      dtype: the compute dtype of the embeddings, the encoder and the decoder's
+        cell (None: float32; with ``jnp.bfloat16`` the mixed-precision policy of
+        :mod:`rnnjax.cells.base`, and a factory passed as ``cell`` gets
+        ``dtype=`` too). The encoder's memory is kept in float32 for the
+        attention, which (with the attentional output layer) computes in
+        float32; the readout accumulates in float32 and the logits are float32.
     """
     fn = "rnnjax.models.seq2seq"
+    dtype = compute_dtype(fn, dtype)
     Vs = check_size(fn, "src_vocab", src_vocab)
     Vt = check_size(fn, "tgt_vocab", tgt_vocab, minimum=EOS + 2)
     H = check_size(fn, "hidden", hidden)
@@ -138,17 +146,20 @@ def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: Union[str, Callable[[int], 
         raise ValueError(f"{fn}: unknown bridge {bridge!r}; expected 'dense' or 'zeros'. Fix: pass one of those.")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout}. Fix: pass a rate such as 0.2.")
-    make_enc, cell_name = _cell_factory(fn, cell, cell_options)
-    make_dec, _ = (make_enc, None) if decoder_cell is None else _cell_factory(fn, decoder_cell, cell_options)
+    make_enc, cell_name = _cell_factory(fn, cell, cell_options, dtype)
+    make_dec, _ = (make_enc, None) if decoder_cell is None else _cell_factory(fn, decoder_cell, cell_options, dtype)
 
-    src_embedding = L.embedding(Vs, E)
-    tgt_embedding = L.embedding(Vt, E)
-    encoder = L.stack([L.bidirectional(make_enc(H)) for _ in range(n_layers)], dropout=dropout)
+    src_embedding = L.embedding(Vs, E, dtype=dtype)
+    tgt_embedding = L.embedding(Vt, E, dtype=dtype)
+    encoder = L.stack([L.bidirectional(make_enc(H)) for _ in range(n_layers)], dropout=dropout, dtype=dtype)
     M = encoder.output_size
     attn = make_attention(attention)
     dec_inner = make_dec(Hd)
     decoder = attention_decoder(dec_inner, attn, memory_size=M, style=style, input_feeding=input_feeding)
     readout = L.dense(Vt)
+
+    def logits(params: Seq2SeqParams, y):
+        return affine(y, params.readout.w, params.readout.b, dtype)  # float32 under the policy
 
     carry_leaves = jax.tree_util.tree_leaves(
         jax.eval_shape(lambda: dec_inner.initial_carry(dec_inner.init(jax.random.key(0), E + M + Hd), ())))
@@ -184,6 +195,8 @@ def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: Union[str, Callable[[int], 
             k_e, k_s = jax.random.split(key)
         x = L.dropout(src_embedding.apply(params.src_embed, src), dropout, k_e)
         _, memory = encoder.apply(params.encoder, x, lengths=src_lengths, key=k_s)
+        if dtype is not None:
+            memory = memory.astype(jnp.promote_types(memory.dtype, jnp.float32))
         half = M // 2
         last = jnp.take_along_axis(memory, jnp.maximum(src_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
         summary = jnp.concatenate([last[:, :half], memory[:, 0, half:]], axis=-1)
@@ -207,7 +220,7 @@ def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: Union[str, Callable[[int], 
     def step(params: Seq2SeqParams, carry: DecoderCarry, tokens, context: Context):
         x = tgt_embedding.apply(params.tgt_embed, jnp.asarray(tokens))
         carry, y = decoder.step(bound_decoder(params, context), carry, x)
-        return carry, readout.apply(params.readout, y)
+        return carry, logits(params, y)
 
     def apply(params: Seq2SeqParams, src, src_lengths, tgt_in, tgt_lengths, *, key: PRNGKey | None = None):
         k_enc = k_t = k_o = None
@@ -216,7 +229,7 @@ def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: Union[str, Callable[[int], 
         carry, context = start(params, src, src_lengths, key=k_enc)
         x = L.dropout(tgt_embedding.apply(params.tgt_embed, jnp.asarray(tgt_in)), dropout, k_t)
         _, ys = scan.unroll(decoder, bound_decoder(params, context), x, carry=carry, lengths=tgt_lengths)
-        return readout.apply(params.readout, L.dropout(ys, dropout, k_o))
+        return logits(params, L.dropout(ys, dropout, k_o))
 
     name = f"{cell_name}-{n_layers}x{H}-{attention}"
     return Seq2Seq(init, encode, start, step, apply, decoder, Vs, Vt, name)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import layers as L
-from rnnjax.cells.base import check_size
+from rnnjax.cells.base import affine, check_size, compute_dtype
 from rnnjax.models.lm import CELLS
 from rnnjax.types import Array, PRNGKey
 
@@ -160,21 +160,23 @@ def chrono_init(params: SequenceParams, key: PRNGKey, t_max: float, cell: str) -
     return params._replace(rnn=params.rnn._replace(layers=fix(params.rnn.layers)))
 
 
-def _make_cell(fn: str, cell, cell_options):
+def _make_cell(fn: str, cell, cell_options, dtype=None):
+    policy = {} if dtype is None else {"dtype": dtype}
     if isinstance(cell, str):
         if cell not in CELLS:
             raise ValueError(f"{fn}: unknown cell {cell!r}; expected one of {', '.join(CELLS)}.")
         factory, defaults = CELLS[cell]
-        return partial(factory, **{**defaults, **(cell_options or {})}), cell
+        return partial(factory, **{**defaults, **(cell_options or {}), **policy}), cell
     if callable(cell):
-        return partial(cell, **(cell_options or {})), getattr(cell, "__name__", "cell")
+        return partial(cell, **(cell_options or {}), **policy), getattr(cell, "__name__", "cell")
     raise TypeError(f"{fn}: cell must be a name ({', '.join(CELLS)}) or a factory hidden_size -> Cell, "
                     f"got {type(cell).__name__}.")
 
 
 def _build(fn: str, outputs: int, *, input_size: int | None, vocab_size: int | None, embed: int | None,
            cell, layers: int, hidden: int, bidirectional: bool, dropout: float, pooling: str | None,
-           cell_options, unroll, remat, hoist, backward, suffix: str = ""):
+           cell_options, unroll, remat, hoist, backward, dtype=None, suffix: str = ""):
+    dtype = compute_dtype(fn, dtype)
     O = check_size(fn, "outputs", outputs)
     n_layers = check_size(fn, "layers", layers)
     H = check_size(fn, "hidden", hidden)
@@ -185,20 +187,22 @@ def _build(fn: str, outputs: int, *, input_size: int | None, vocab_size: int | N
         raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout}.")
     if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"{fn}: unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}.")
-    make_cell, cell_name = _make_cell(fn, cell, cell_options)
+    make_cell, cell_name = _make_cell(fn, cell, cell_options, dtype)
     opts = dict(unroll=unroll, remat=remat, hoist=hoist, backward=backward)
     if bidirectional:
         rnn_layers = [L.bidirectional(make_cell(H), **opts) for _ in range(n_layers)]
     else:
         rnn_layers = [L.rnn(make_cell(H), **opts) for _ in range(n_layers)]
-    stack = L.stack(rnn_layers, dropout=dropout)
+    stack = L.stack(rnn_layers, dropout=dropout, dtype=dtype)
     embedding = None
     if vocab_size is not None:
-        embedding = L.embedding(check_size(fn, "vocab_size", vocab_size), check_size(fn, "embed", embed or min(H, 64)))
+        embedding = L.embedding(check_size(fn, "vocab_size", vocab_size), check_size(fn, "embed", embed or min(H, 64)),
+                                dtype=dtype)
         F = embedding.output_size
     else:
         F = check_size(fn, "input_size", input_size)
-    readout = L.dense(O)
+    dense = L.dense(O)
+    readout = L.Module(dense.init, lambda p, h: affine(h, p.w, p.b, dtype), O)  # float32 outputs under the policy
     Hs = stack.output_size
     backward_features = Hs // 2 if bidirectional else 0
 
@@ -233,7 +237,7 @@ def _build(fn: str, outputs: int, *, input_size: int | None, vocab_size: int | N
 def classifier(num_classes: int, *, input_size: int | None = None, vocab_size: int | None = None,
                embed: int | None = None, cell="lstm", layers: int = 1, hidden: int = 128,
                bidirectional: bool = False, pooling: str = "last", dropout: float = 0.0, cell_options=None,
-               unroll: int = 1, remat=None, hoist="auto", backward="auto") -> SequenceModel:
+               unroll: int = 1, remat=None, hoist="auto", backward="auto", dtype=None) -> SequenceModel:
     """Many-to-one: ``apply(params, xs, lengths=...) -> logits [*B, num_classes]``.
 
     Inputs are real-valued ``[*B, T, input_size]`` or token ids ``[*B, T]``
@@ -242,12 +246,16 @@ def classifier(num_classes: int, *, input_size: int | None = None, vocab_size: i
     pooled over each sequence's valid steps (``pooling``: last, mean,
     attention; see :func:`pool`), then a dense readout. ``dropout`` applies to
     the embedded input, between layers and before the readout (with a ``key``).
+    ``dtype``: the compute dtype of the cells and layers (None: float32; with
+    ``jnp.bfloat16`` the mixed-precision policy of :mod:`rnnjax.cells.base`,
+    a factory passed as ``cell`` then gets ``dtype=`` too); the outputs stay
+    float32 (the readout accumulates in float32).
     """
     init, apply, *_, name = _build("rnnjax.models.classifier", num_classes, input_size=input_size,
                                    vocab_size=vocab_size, embed=embed, cell=cell, layers=layers, hidden=hidden,
                                    bidirectional=bidirectional, dropout=dropout, pooling=pooling,
                                    cell_options=cell_options, unroll=unroll, remat=remat, hoist=hoist,
-                                   backward=backward, suffix=f"-{pooling}")
+                                   backward=backward, dtype=dtype, suffix=f"-{pooling}")
     return SequenceModel(init, apply, num_classes, name, True)
 
 
@@ -259,20 +267,21 @@ def regressor(outputs: int = 1, **kwargs) -> SequenceModel:
 def tagger(outputs: int, *, input_size: int | None = None, vocab_size: int | None = None,
            embed: int | None = None, cell="lstm", layers: int = 1, hidden: int = 128, bidirectional: bool = False,
            dropout: float = 0.0, cell_options=None, unroll: int = 1, remat=None, hoist="auto",
-           backward="auto") -> SequenceModel:
+           backward="auto", dtype=None) -> SequenceModel:
     """Many-to-many: one output per step, ``apply(params, xs, lengths=...) -> [*B, T, outputs]``
-    (logits for per-step classes, e.g. the copy task; zeros past each sequence's end)."""
+    (logits for per-step classes, e.g. the copy task; zeros past each sequence's end).
+    ``dtype`` as for :func:`classifier`."""
     init, apply, *_, name = _build("rnnjax.models.tagger", outputs, input_size=input_size, vocab_size=vocab_size,
                                    embed=embed, cell=cell, layers=layers, hidden=hidden,
                                    bidirectional=bidirectional, dropout=dropout, pooling=None,
                                    cell_options=cell_options, unroll=unroll, remat=remat, hoist=hoist,
-                                   backward=backward)
+                                   backward=backward, dtype=dtype)
     return SequenceModel(init, apply, outputs, name, False)
 
 
 def forecaster(horizon: int, *, input_size: int = 1, mode: str = "direct", cell="lstm", layers: int = 1,
                hidden: int = 64, dropout: float = 0.0, cell_options=None, unroll: int = 1, remat=None,
-               hoist="auto", backward="auto") -> SequenceModel:
+               hoist="auto", backward="auto", dtype=None) -> SequenceModel:
     """Multi-step forecasting from a window of past values ``[*B, T, input_size]`` (feature 0 is
     the series forecast; others are covariates).
 
@@ -282,6 +291,8 @@ def forecaster(horizon: int, *, input_size: int = 1, mode: str = "direct", cell=
       value at every step ``[*B, T, 1]`` and is trained with teacher forcing (the inputs are the
       true values); ``forecast`` reads the window, then feeds each prediction back in as the next
       input for ``horizon`` steps (one recurrent step each).
+
+    ``dtype`` as for :func:`classifier` (forecasts stay float32).
     """
     fn = "rnnjax.models.forecaster"
     if mode not in FORECAST_MODES:
@@ -295,7 +306,7 @@ def forecaster(horizon: int, *, input_size: int = 1, mode: str = "direct", cell=
     init, apply, stack, readout, _, name = _build(
         fn, hz if direct else 1, input_size=input_size, vocab_size=None, embed=None, cell=cell, layers=layers,
         hidden=hidden, bidirectional=False, dropout=dropout, pooling="last" if direct else None,
-        cell_options=cell_options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
+        cell_options=cell_options, unroll=unroll, remat=remat, hoist=hoist, backward=backward, dtype=dtype,
         suffix=f"-{mode}")
 
     if direct:

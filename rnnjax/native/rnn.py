@@ -202,7 +202,8 @@ def native_unroll(cell, params, xs, carry, valid, resets, *, reverse: bool, bf16
     in bfloat16 operands with float32 accumulation; everything else in float32."""
     spec = cell.native
     w_ih, w_hh, b_ih, b_hh = spec.weights(params)
-    out_dtype = jnp.result_type(xs.dtype, w_hh.dtype)
+    policy = cell.recurrence.dtype if cell.recurrence is not None else None  # outputs in the cell's compute dtype
+    out_dtype = jnp.result_type(xs.dtype, w_hh.dtype) if policy is None else policy
     T, batch_shape, F = xs.shape[0], tuple(xs.shape[1:-1]), xs.shape[-1]
     N = math.prod(batch_shape)
     H, G = w_hh.shape
