@@ -229,19 +229,22 @@ def jax_runner(cfg: Config, params, apply: Callable, *, note: str = "") -> Runne
 
 
 def rnnjax_cell(cfg: Config):
-    """The rnnjax cell named by ``cfg.cell`` (``gru_cho`` is ``gru(reset_after=False)``; Jordan's O = H)."""
+    """The rnnjax cell named by ``cfg.cell`` (``gru_cho`` is ``gru(reset_after=False)``; Jordan's O = H).
+
+    ``--dtype bfloat16`` is rnnjax's mixed-precision policy, as PyTorch's autocast and Flax's ``dtype``:
+    float32 parameters, bfloat16 products with float32 accumulation and state, bfloat16 outputs."""
     from rnnjax import cells
 
-    dt = _jnp_dtype(cfg)
+    dt = None if cfg.dtype == "float32" else _jnp_dtype(cfg)
     H = cfg.hidden
     return {
-        "lstm": lambda: cells.lstm(H, param_dtype=dt),
-        "gru": lambda: cells.gru(H, param_dtype=dt),
-        "gru_cho": lambda: cells.gru(H, reset_after=False, param_dtype=dt),
-        "elman": lambda: cells.elman(H, param_dtype=dt),
-        "layer_norm_lstm": lambda: cells.layer_norm_lstm(H, param_dtype=dt),
-        "layer_norm_gru": lambda: cells.layer_norm_gru(H, param_dtype=dt),
-        "jordan": lambda: cells.jordan(H, H, param_dtype=dt),
+        "lstm": lambda: cells.lstm(H, dtype=dt),
+        "gru": lambda: cells.gru(H, dtype=dt),
+        "gru_cho": lambda: cells.gru(H, reset_after=False, dtype=dt),
+        "elman": lambda: cells.elman(H, dtype=dt),
+        "layer_norm_lstm": lambda: cells.layer_norm_lstm(H, dtype=dt),
+        "layer_norm_gru": lambda: cells.layer_norm_gru(H, dtype=dt),
+        "jordan": lambda: cells.jordan(H, H, dtype=dt),
     }[cfg.cell]()
 
 

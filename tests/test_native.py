@@ -185,3 +185,32 @@ def test_second_order_gradients_go_through_the_xla_reference(kind):
 
     want = jax.grad(gradient_norm, argnums=(0, 1))(params, xs, "xla")
     _close(jax.grad(gradient_norm, argnums=(0, 1))(params, xs, "native"), want, tol=2e-5)
+
+
+@pytest.mark.parametrize("kind", CELLS)
+def test_native_bfloat16_policy_equals_the_xla_policy(kind):
+    """dtype=bfloat16 (float32 params): bf16 products with float32 accumulation and state in both backends, so
+    they agree to bfloat16 tolerance; outputs come back in bfloat16, carries in float32."""
+    make = {"lstm": lambda: cells.lstm(12, dtype=jnp.bfloat16), "gru": lambda: cells.gru(12, dtype=jnp.bfloat16),
+            "gru_cho": lambda: cells.gru(12, reset_after=False, dtype=jnp.bfloat16),
+            "elman_tanh": lambda: cells.elman(12, dtype=jnp.bfloat16),
+            "elman_relu": lambda: cells.elman(12, activation="relu", dtype=jnp.bfloat16)}
+    cell = make[kind]()
+    params = cell.init(jax.random.key(0), F)
+    xs = jax.random.normal(jax.random.key(1), (6, T, F))
+    lengths = jnp.array([9, 4, 0, 7, 9, 1])
+
+    def run(name):
+        def loss(p):
+            c, ys = rnnjax.unroll(cell, p, xs, lengths=lengths, backend=name)
+            return jnp.sum(ys.astype(jnp.float32) ** 2), (c, ys)
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (_, (c_n, y_n)), g_n = run("native")
+    (_, (c_x, y_x)), g_x = run("xla")
+    assert y_n.dtype == jnp.bfloat16 and all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(c_n))
+    _close(y_n.astype(jnp.float32), y_x.astype(jnp.float32), tol=2e-2)
+    _close(c_n, c_x, tol=1e-2)
+    for a, b in zip(jax.tree_util.tree_leaves(g_n), jax.tree_util.tree_leaves(g_x), strict=True):
+        assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) < 1e-2

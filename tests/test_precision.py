@@ -210,7 +210,7 @@ def test_long_sequence_error_policy_against_all_bfloat16():
 
 def _grads(cell, params, xs, cotangent, backward):
     def loss(p):
-        _, ys = unroll(cell, p, xs, backward=backward)
+        _, ys = unroll(cell, p, xs, backward=backward, backend="xla")
         return jnp.sum(ys.astype(jnp.float32) * cotangent)
     return jax.jit(jax.grad(loss))(params)
 
@@ -242,7 +242,7 @@ def test_fused_backward_of_policy_with_lengths_and_reverse():
     lengths = jnp.array([9, 4, 1])
 
     def loss(p, cell, backward):
-        c, ys = unroll(cell, p, xs, lengths=lengths, reverse=True, backward=backward)
+        c, ys = unroll(cell, p, xs, lengths=lengths, reverse=True, backward=backward, backend="xla")
         return jnp.sum(ys.astype(jnp.float32) ** 2) + jnp.sum(c.c ** 2)
 
     grad = jax.jit(jax.grad(loss), static_argnums=(1, 2))
