@@ -44,7 +44,7 @@ kernels = Extension(
     "rnnjax.native._rnn_kernels",
     sources=["rnnjax/native/rnn_kernels.cc"],
     language="c++",
-    extra_compile_args=["-std=c++17", "-O3", "-ffast-math", "-march=x86-64-v3", "-fopenmp", "-Wno-return-type"],
+    extra_compile_args=["-std=c++17", "-O3", "-g0", "-ffast-math", "-march=x86-64-v3", "-fopenmp", "-Wno-return-type"],
     extra_link_args=["-fopenmp", "-l:libdnnl.so.3", "-lstdc++"],
 )
 
