@@ -161,7 +161,7 @@ class _AotCall:
             self.info["xla_peak_bytes"] = getattr(mem, "peak_memory_in_bytes", None) or None
         # The matrix products the compiled program runs, beside the analytic count; a program with a loop of
         # unknown length is still timed, its count left out (None).
-        from benchmarks.profile import compiled_matmul_flops
+        from benchmarks.hlo import compiled_matmul_flops
 
         try:
             self.info["matmul_flops"] = compiled_matmul_flops(self.compiled.as_text())

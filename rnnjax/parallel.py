@@ -32,6 +32,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rnnjax._checks import is_int
+
 AXIS = "data"
 # Parameters smaller than this stay replicated under shard_params=True: splitting them saves
 # little memory and costs a gather each step.
@@ -65,7 +67,7 @@ def make_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
     available = jax.devices()
     if devices is None:
         chosen = available
-    elif isinstance(devices, int) and not isinstance(devices, bool):
+    elif is_int(devices):
         if not 1 <= devices <= len(available):
             raise ValueError(f"{fn}: asked for {devices} devices, but {len(available)} are available "
                              f"({available[0].platform}). Fix: pass a number from 1 to {len(available)}, or None "

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rnnjax._checks import is_int, require_int
 from rnnjax.types import Array, PRNGKey
 
 LossFn = Callable[..., Any]
@@ -112,13 +113,9 @@ def default_optimizer(learning_rate: float = 2e-3, *, total_steps: int, warmup_s
     :func:`make_train_step` too.
     """
     fn = "rnnjax.train.default_optimizer"
-    if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
-        raise ValueError(f"{fn}: total_steps must be an integer >= 1, got {total_steps!r}. "
-                         "Fix: pass the number of optimiser steps the run will take.")
+    require_int(fn, "total_steps", total_steps, fix="pass the number of optimiser steps the run will take.")
     warmup = default_warmup(total_steps) if warmup_steps is None else warmup_steps
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
-        raise ValueError(f"{fn}: warmup_steps must be an integer >= 1, got {warmup_steps!r}. "
-                         "Fix: pass e.g. warmup_steps=100, or None for the default.")
+    require_int(fn, "warmup_steps", warmup, fix="pass e.g. warmup_steps=100, or None for the default.")
     for name, value in (("learning_rate", learning_rate), ("clip_norm", clip_norm)):
         if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
             raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}.")
@@ -205,8 +202,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     clipping) and ``skipped`` (0 or 1).
     """
     fn = "rnnjax.train.make_train_step"
-    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
-        raise ValueError(f"{fn}: accumulate must be an integer >= 1, got {accumulate!r}.")
+    require_int(fn, "accumulate", accumulate, fix="pass the number of micro-batches per update, e.g. accumulate=2.")
 
     def grads_of(params, batch, key, c):
         if carry:
@@ -464,9 +460,8 @@ class EarlyStopping:
     bad_evals: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1:
-            raise ValueError(f"rnnjax.train.EarlyStopping: patience must be an integer >= 1 (evaluations "
-                             f"without improvement before stopping), got {self.patience!r}.")
+        require_int("rnnjax.train.EarlyStopping", "patience", self.patience,
+                    why="evaluations without improvement before stopping")
         if not self.min_delta >= 0:
             raise ValueError(f"rnnjax.train.EarlyStopping: min_delta must be >= 0, got {self.min_delta!r}.")
 
@@ -506,7 +501,7 @@ def _rounded(value):
     they are, lists (one value per population member) element by element."""
     if isinstance(value, (list, tuple)):
         return [_rounded(v) for v in value]
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if is_int(value):
         return int(value)
     return round(float(value), 5)
 

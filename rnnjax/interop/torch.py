@@ -81,7 +81,7 @@ class TorchSpec(NamedTuple):
 
 
 def _check_int(fn: str, name: str, value, minimum: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+    if not _checks.is_int(value) or value < minimum:
         raise ValueError(f"{fn}: expected {name} to be an integer >= {minimum}, got {value!r}. "
                          f"Fix: pass {name} as in the torch.nn module's constructor.")
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import cells, layers as L
+from rnnjax._checks import require_int
 from rnnjax.cells.base import Cell, check_size
 from rnnjax.decode import check_sampling, sample_logits
 from rnnjax.types import Array, PRNGKey
@@ -210,8 +211,7 @@ def generate(model: LanguageModel, params: LMParams, key: PRNGKey, prompt_ids, l
         raise ValueError(f"{fn}: expected a non-empty prompt of integer ids [*batch, P] with P >= 1, got "
                          f"{prompt.dtype}{list(prompt.shape)}. Fix: start from at least one token "
                          "(e.g. a newline).")
-    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
-        raise ValueError(f"{fn}: length must be an integer >= 0, got {length!r}.")
+    require_int(fn, "length", length, low=0, fix="pass the number of tokens to generate, e.g. length=200.")
     check_sampling(fn, temperature, top_k, top_p, model.vocab_size)
     if length == 0:
         return jnp.zeros(prompt.shape[:-1] + (0,), jnp.int32)
