@@ -96,7 +96,7 @@ def test_cli_adding_and_copy_write_their_metrics_and_curves(tmp_path, capsys):
 
 
 def test_shifted_images_are_translations_with_the_blank_fill():
-    from rnnjax.tasks import ShiftedImages
+    from rnnjax.recipes.classify import ShiftedImages
 
     rng = np.random.default_rng(0)
     imgs = rng.random((6, 4, 5)).astype(np.float32)
