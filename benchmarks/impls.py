@@ -36,7 +36,8 @@ import importlib.util
 import inspect
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

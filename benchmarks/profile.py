@@ -264,7 +264,8 @@ def _fmt_ops(ops: list[dict], top: int, torch: bool = False, peak: float | None 
         for o in ops[:top]:
             lines.append(f"  {o['ms_per_step']:8.2f} {o['calls_per_step']:6.0f}  {o['op']}")
         return "\n".join(lines)
-    lines.append(f"  {'ms/step':>8} {'calls':>6} {'us/call':>8} {'GFLOP/s':>8} {'%peak':>6}  {'phase':<24} kind (thunk)")
+    lines.append(f"  {'ms/step':>8} {'calls':>6} {'us/call':>8} {'GFLOP/s':>8} {'%peak':>6}  {'phase':<24} "
+                 "kind (thunk)")
     for o in ops[:top]:
         g = f"{o['gflops']:.0f}" if o["gflops"] else "-"
         pct = f"{100 * o['gflops'] / peak:.0f}%" if o["gflops"] and peak else "-"

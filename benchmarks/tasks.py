@@ -180,7 +180,8 @@ def main(argv=None) -> int:
         targs, key, what = RUNS[name]
         m, wall, shown = _train(targs, out / name, out / f"{name}.log")
         if name in ("classify", "digits"):
-            baseline = f"logistic regression {classification_baseline('digits' if name == 'digits' else 'japanese_vowels'):.2%}"
+            dataset = "digits" if name == "digits" else "japanese_vowels"
+            baseline = f"logistic regression {classification_baseline(dataset):.2%}"
             value = f"{m[key]:.2%}"
         elif name == "adding":
             baseline, value = f"mean predictor {m['baseline_mse']:.3f}", f"{m[key]:.5f}"
@@ -188,8 +189,8 @@ def main(argv=None) -> int:
             baseline, value = "chance 12.5%", f"{m[key]:.2%}"
             histories[name.split("-")[1].upper()] = _history(out / name)
         else:
-            baseline = (f"seasonal naive {m['seasonal_naive_rmse']:.0f} ({m['vs_seasonal_naive'] - 1:+.0%}); ridge on the "
-                        f"same window {m['ridge_rmse']:.0f} ({m['vs_ridge'] - 1:+.0%})")
+            baseline = (f"seasonal naive {m['seasonal_naive_rmse']:.0f} ({m['vs_seasonal_naive'] - 1:+.0%}); "
+                        f"ridge on the same window {m['ridge_rmse']:.0f} ({m['vs_ridge'] - 1:+.0%})")
             value = f"{m[key]:.0f}"
         row = {"run": name, "metric": what, "value": value, "baseline": baseline, "wall_s": round(wall, 1),
                "command": shown, "test": m}

@@ -67,7 +67,8 @@ def require_features(fn: str, name: str, x, expected: int) -> None:
         raise ValueError(
             f"{fn}: expected {name} with {expected} features in the last axis "
             f"(the parameters were initialised with input_size={expected}), got shape {tuple(x.shape)}. "
-            f"Fix: pass inputs of shape [..., {expected}] or re-initialise with input_size={x.shape[-1] if x.ndim else 0}."
+            f"Fix: pass inputs of shape [..., {expected}] or re-initialise with "
+            f"input_size={x.shape[-1] if x.ndim else 0}."
         )
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from rnnjax import engine, recipes
 from rnnjax.engine import UsageError
-from rnnjax.recipes.flags import in_range, non_negative_float, non_negative_int, positive
+from rnnjax.recipes.flags import non_negative_float, non_negative_int, positive
 
 _IMPORTED = time.perf_counter()
 _CALLS = 0
@@ -63,7 +63,8 @@ def _add_flag(group, flag, default) -> None:
     """One :class:`rnnjax.recipes.flags.Flag` as an argparse argument (``None``: not given)."""
     name = "--" + flag.dest.replace("_", "-")
     shown = "on" if default is True else "off" if default is False else default
-    text = flag.help if "default" in flag.help or (flag.option and default is None) else f"{flag.help} (default: {shown})"
+    plain = "default" in flag.help or (flag.option and default is None)
+    text = flag.help if plain else f"{flag.help} (default: {shown})"
     if flag.kind == "off":
         group.add_argument(f"--no-{name[2:]}", dest=flag.dest, action="store_const", const=False,
                            help=f"do not {flag.help}")
@@ -165,7 +166,8 @@ def _generate_parser(commands) -> None:
     _checkpoint_args(gen)
     gen.add_argument("words", nargs="*", metavar="WORD", help="g2p: words to pronounce")
     gen.add_argument("--prompt", default=None, help="text to continue (default: the run's prompt)")
-    gen.add_argument("--length", type=non_negative_int, default=500, help="characters to generate (default: %(default)s)")
+    gen.add_argument("--length", type=non_negative_int, default=500,
+                     help="characters to generate (default: %(default)s)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     for flag in sampling_flags(None, option=False):
         _add_flag(gen, flag, OPTIONS[flag.dest])

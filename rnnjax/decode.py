@@ -103,7 +103,8 @@ def check_beam(fn: str, beam_width, vocab_size: int, suppress: tuple[int, ...]) 
     most = vocab_size - len(suppress)
     what = (f"the vocabulary size, {vocab_size}, less the {len(suppress)} suppressed ids" if suppress
             else "the vocabulary size")
-    require_int(fn, "beam_width", beam_width, high=most, why=what, fix="use a beam no wider than the tokens it can emit.")
+    require_int(fn, "beam_width", beam_width, high=most, why=what,
+                fix="use a beam no wider than the tokens it can emit.")
 
 
 def _suppressed(fn: str, logp: Array, suppress: tuple[int, ...]) -> Array:

@@ -30,9 +30,10 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RUN_MARKER = "rnnjax_run"  # in every config.json written by rnnjax
 WARMUP = 50  # default warmup steps (a tenth of a shorter --steps run)

@@ -16,13 +16,15 @@ Dropout is on exactly when a PRNG ``key`` is passed.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks, scan
-from rnnjax.cells.base import Cell, check_size, initializer, layer_norm as _layer_norm
+from rnnjax.cells.base import Cell, check_size, initializer
+from rnnjax.cells.base import layer_norm as _layer_norm
 from rnnjax.types import Array, InitSpec
 
 
@@ -111,7 +113,8 @@ def bidirectional(forward: Cell, reverse: Cell | None = None, *, merge: str = "c
         return BidirectionalParams(forward.init(k_f, input_size), reverse_cell.init(k_b, input_size))
 
     def initial_carry(params: BidirectionalParams, batch_shape=()):
-        return forward.initial_carry(params.forward, batch_shape), reverse_cell.initial_carry(params.backward, batch_shape)
+        return (forward.initial_carry(params.forward, batch_shape),
+                reverse_cell.initial_carry(params.backward, batch_shape))
 
     def apply(params, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None, time_major=False):
         del key
@@ -145,7 +148,7 @@ class StackParams(NamedTuple):
     norms: tuple | None  # per-layer (gain, shift) when layer_norm=True
 
 
-def stack(layers: Sequence[Union[Cell, Layer]], *, dropout: float = 0.0, variational: bool = False,
+def stack(layers: Sequence[Cell | Layer], *, dropout: float = 0.0, variational: bool = False,
           residual: bool = False, layer_norm: bool = False, eps: float = 1e-5) -> Layer:
     """A deep RNN: each layer reads the previous layer's outputs.
 
@@ -367,7 +370,8 @@ def embedding(vocab_size: int, features: int, *, param_dtype=jnp.float32) -> Mod
     def apply(table: Array, ids: Array) -> Array:
         ids = jnp.asarray(ids)
         if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise TypeError(f"{fn}: expected integer token ids, got dtype {ids.dtype}. Fix: pass ids.astype(jnp.int32).")
+            raise TypeError(f"{fn}: expected integer token ids, got dtype {ids.dtype}. "
+                            "Fix: pass ids.astype(jnp.int32).")
         if _checks.is_concrete(ids) and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
             raise ValueError(f"{fn}: token ids must be in [0, {V}), got values in [{int(ids.min())}, "
                              f"{int(ids.max())}]. Fix: map tokens through the model's vocabulary.")

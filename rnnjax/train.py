@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -482,7 +483,7 @@ class EarlyStopping:
                 "bad_evals": self.bad_evals}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EarlyStopping":
+    def from_dict(cls, d: dict) -> EarlyStopping:
         return cls(d["patience"], d["min_delta"], math.inf if d["best"] is None else d["best"], d["best_step"],
                    d["bad_evals"])
 

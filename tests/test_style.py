@@ -34,10 +34,9 @@ def function_lengths(path: Path) -> list[tuple[str, int, int]]:
             name = f"{prefix}{getattr(child, 'name', '')}"
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 span = set(range(child.lineno, child.end_lineno + 1))
-                body = child.body
-                if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-                        and isinstance(body[0].value.value, str):
-                    span -= set(range(body[0].lineno, body[0].end_lineno + 1))
+                if ast.get_docstring(child) is not None:
+                    doc = child.body[0]
+                    span -= set(range(doc.lineno, doc.end_lineno + 1))
                 found.append((name, child.lineno, len(span & code)))
                 visit(child, name + ".")
             elif isinstance(child, ast.ClassDef):

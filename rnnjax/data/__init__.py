@@ -12,7 +12,6 @@ from rnnjax.data.sequences import (
     split,
     valid_mask,
 )
-from rnnjax.data.ts import read_ts
 from rnnjax.data.text import (
     TokenStream,
     Vocabulary,
@@ -25,6 +24,7 @@ from rnnjax.data.text import (
     shakespeare_text,
     split_text,
 )
+from rnnjax.data.ts import read_ts
 
 __all__ = [
     "CLASSIFICATION",

@@ -8,7 +8,8 @@ Variable-length data is padded to the longest sequence and carries its
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class Scaler(NamedTuple):
     std: np.ndarray  # [F]
 
     @classmethod
-    def fit(cls, x, lengths=None) -> "Scaler":
+    def fit(cls, x, lengths=None) -> Scaler:
         """Mean and standard deviation of each feature over the valid steps of ``x [N, T, F]``
         (or over ``x [N, F]`` / ``[T, F]`` rows), NaNs ignored; a constant feature gets std 1."""
         x = np.asarray(x, np.float64)

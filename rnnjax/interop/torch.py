@@ -24,7 +24,8 @@ convert between params and a PyTorch-named dict of NumPy arrays without it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

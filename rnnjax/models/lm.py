@@ -16,13 +16,15 @@ same logits as ``apply`` on the whole sequence.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Callable, Mapping, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rnnjax import cells, layers as L
+from rnnjax import cells
+from rnnjax import layers as L
 from rnnjax._checks import require_int
 from rnnjax.cells.base import Cell, check_size
 from rnnjax.decode import check_sampling, sample_logits
@@ -72,7 +74,7 @@ class LanguageModel(NamedTuple):
     name: str
 
 
-def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] = "lstm", layers: int = 2,
+def language_model(vocab_size: int, *, cell: str | Callable[[int], Cell] = "lstm", layers: int = 2,
                    hidden: int = 512, embed: int | None = None, dropout: float = 0.0, variational: bool = False,
                    residual: bool = False, layer_norm: bool = False,
                    cell_options: Mapping[str, Any] | None = None, unroll: int = 1, remat=None,

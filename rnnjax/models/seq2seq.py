@@ -32,14 +32,17 @@ both of length ``n + 1`` (``tgt_lengths``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Callable, Mapping, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rnnjax import layers as L, scan
-from rnnjax.attention import DecoderCarry, attention as make_attention, attention_decoder, bind_memory
+from rnnjax import layers as L
+from rnnjax import scan
+from rnnjax.attention import DecoderCarry, attention_decoder, bind_memory
+from rnnjax.attention import attention as make_attention
 from rnnjax.cells.base import Cell, check_size
 from rnnjax.models.lm import CELLS
 from rnnjax.types import Array, PRNGKey
@@ -121,11 +124,11 @@ def _check_src(fn: str, src, src_lengths):
     return src, src_lengths
 
 
-def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: Union[str, Callable[[int], Cell]] = "lstm",
+def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: str | Callable[[int], Cell] = "lstm",
             hidden: int = 256, layers: int = 1, decoder_hidden: int | None = None, embed: int = 64,
             attention: str = "general", style: str = "luong", input_feeding: bool = True,
             bridge: str = "dense", dropout: float = 0.0, cell_options: Mapping[str, Any] | None = None,
-            decoder_cell: Union[str, Callable[[int], Cell], None] = None) -> Seq2Seq:
+            decoder_cell: str | Callable[[int], Cell] | None = None) -> Seq2Seq:
     """An attention encoder-decoder (see the module docstring).
 
     Args:

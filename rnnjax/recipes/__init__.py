@@ -11,7 +11,8 @@ From Python, the same runs as the command line::
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from rnnjax._checks import require_choice
 from rnnjax.recipes.flags import Flag

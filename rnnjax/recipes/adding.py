@@ -11,8 +11,16 @@ import numpy as np
 from rnnjax import data, engine, models
 from rnnjax.engine import UsageError
 from rnnjax.recipes import Recipe
-from rnnjax.recipes.common import (MODEL_DEFAULTS, OPTIM_DEFAULTS, RUN_FILES, model_flags, model_or_usage,
-                                   print_test_metrics, sums_over, training_flags)
+from rnnjax.recipes.common import (
+    MODEL_DEFAULTS,
+    OPTIM_DEFAULTS,
+    RUN_FILES,
+    model_flags,
+    model_or_usage,
+    print_test_metrics,
+    sums_over,
+    training_flags,
+)
 from rnnjax.recipes.flags import Flag, positive
 from rnnjax.recipes.synthetic import TEST_SEQUENCES, VAL_SEQUENCES, chrono, fixed_sets
 
@@ -43,7 +51,8 @@ def prepare(plan: engine.Plan) -> engine.Job:
 
     def finish(params, history, plot_dir):
         mse = sums_over(per_example, test, params)["se"] / TEST_SEQUENCES
-        return {"test_mse": mse, "baseline_mse": float(np.mean((test["y"] - 1.0) ** 2)), "test_examples": TEST_SEQUENCES}
+        return {"test_mse": mse, "baseline_mse": float(np.mean((test["y"] - 1.0) ** 2)),
+                "test_examples": TEST_SEQUENCES}
 
     return engine.Job(
         model_name=model.name, after=print_test_metrics, init=chrono(model, s, s["length"]), loss_fn=loss_fn,

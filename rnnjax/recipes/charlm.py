@@ -12,8 +12,16 @@ from pathlib import Path
 from rnnjax import engine
 from rnnjax.engine import WARMUP, UsageError
 from rnnjax.recipes import Recipe
-from rnnjax.recipes.flags import (ACCUMULATE, CLIP, Flag, in_range, non_negative_float, non_negative_int,
-                                  one_or_list, positive)
+from rnnjax.recipes.flags import (
+    ACCUMULATE,
+    CLIP,
+    Flag,
+    in_range,
+    non_negative_float,
+    non_negative_int,
+    one_or_list,
+    positive,
+)
 
 # Defaults of `train charlm`: what learned fastest per second on the 2-core CPU this project is
 # developed on, measured by 3-minute runs on Tiny Shakespeare (README, Training): a 1-layer LSTM of
@@ -276,7 +284,8 @@ def prepare(plan: engine.Plan) -> engine.Job:
     B, T = s["batch"], s["seq_len"]
     return engine.Job(
         model_name=model.name, init=model.init, loss_fn=train.language_model_loss(model, carry=True), batches=stream,
-        evaluate=train.stream_evaluator(model, val_lanes), initial_carry=lambda params: model.initial_carry(params, (B,)),
+        evaluate=train.stream_evaluator(model, val_lanes),
+        initial_carry=lambda params: model.initial_carry(params, (B,)),
         meta={"model": config, "vocab": vocab, "data": {"source": d.source, "text_md5": d.digest}},
         config={"model": config, "vocab": vocab, "text_md5": d.digest, "source": d.source,
                 "train_chars": len(d.train_ids), "val_chars": len(d.val_ids)},

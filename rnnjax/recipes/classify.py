@@ -11,8 +11,19 @@ import numpy as np
 from rnnjax import data, engine, models
 from rnnjax.engine import UsageError
 from rnnjax.recipes import Recipe
-from rnnjax.recipes.common import (MODEL_DEFAULTS, OPTIM_DEFAULTS, RUN_FILES, VAL_FRACTION, model_flags, model_or_usage, nll, predict_all, print_test_metrics, sums_over,
-                                   training_flags)
+from rnnjax.recipes.common import (
+    MODEL_DEFAULTS,
+    OPTIM_DEFAULTS,
+    RUN_FILES,
+    VAL_FRACTION,
+    model_flags,
+    model_or_usage,
+    nll,
+    predict_all,
+    print_test_metrics,
+    sums_over,
+    training_flags,
+)
 from rnnjax.recipes.flags import Flag
 
 # Defaults chosen so that the plain command reaches the acceptance numbers of the README (Tasks) on
@@ -68,7 +79,8 @@ def _finisher(model, per_example, test: dict, d: dict):
         t = sums_over(per_example, test, params)
         n = len(test["y"])
         if plot_dir is not None:
-            plot_confusion(test["y"], predict_all(predict, test, params), d["classes"], Path(plot_dir) / "confusion.png",
+            plot_confusion(test["y"], predict_all(predict, test, params), d["classes"],
+                           Path(plot_dir) / "confusion.png",
                            f"{model.name} on {d['name']}: test accuracy {t['correct'] / n:.2%}")
         return {"test_accuracy": t["correct"] / n, "test_loss": t["loss"] / n, "test_examples": n}
 
@@ -101,7 +113,8 @@ def prepare(plan: engine.Plan) -> engine.Job:
     lengths = d["train"]["lengths"]
     ragged = f"lengths {lengths.min()}-{lengths.max()}" if lengths.min() != lengths.max() else f"length {lengths[0]}"
     return engine.Job(
-        model_name=model.name, after=print_test_metrics, init=model.init, loss_fn=loss_fn, batches=batches, evaluate=evaluate,
+        model_name=model.name, after=print_test_metrics, init=model.init, loss_fn=loss_fn, batches=batches,
+        evaluate=evaluate,
         finish=_finisher(model, per_example, test, d),
         describe=f"{d['name']}: {len(fit_part['y'])} train / {len(val_part['y'])} validation / {len(test['y'])} test "
                  f"sequences, {F} feature(s), {ragged}, {C} classes; batch {s['batch']} (padded, masked by lengths)",

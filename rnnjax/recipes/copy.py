@@ -11,8 +11,17 @@ import jax.numpy as jnp
 from rnnjax import data, engine, models
 from rnnjax.engine import UsageError
 from rnnjax.recipes import Recipe
-from rnnjax.recipes.common import (MODEL_DEFAULTS, OPTIM_DEFAULTS, RUN_FILES, model_flags, model_or_usage, nll,
-                                   print_test_metrics, sums_over, training_flags)
+from rnnjax.recipes.common import (
+    MODEL_DEFAULTS,
+    OPTIM_DEFAULTS,
+    RUN_FILES,
+    model_flags,
+    model_or_usage,
+    nll,
+    print_test_metrics,
+    sums_over,
+    training_flags,
+)
 from rnnjax.recipes.flags import Flag, positive
 from rnnjax.recipes.synthetic import TEST_SEQUENCES, VAL_SEQUENCES, chrono, fixed_sets
 

@@ -4,7 +4,15 @@ by the classification recipe, with shifted images as augmentation."""
 from __future__ import annotations
 
 from rnnjax.recipes import Recipe, classify
-from rnnjax.recipes.common import (MODEL_DEFAULTS, OPTIM_DEFAULTS, RUN_FILES, SHIFT, VAL_FRACTION, model_flags, print_test_metrics, training_flags)
+from rnnjax.recipes.common import (
+    MODEL_DEFAULTS,
+    OPTIM_DEFAULTS,
+    RUN_FILES,
+    SHIFT,
+    VAL_FRACTION,
+    model_flags,
+    training_flags,
+)
 
 DEFAULTS = {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "pooling": "mean", "cell": "gru", "hidden": 128,
             "bidirectional": True, "dropout": 0.2, "weight_decay": 0.01, "batch": 64, "val_fraction": 0.1, "shift": 1}

@@ -14,8 +14,18 @@ import numpy as np
 from rnnjax import data, engine, models
 from rnnjax.engine import UsageError
 from rnnjax.recipes import Recipe
-from rnnjax.recipes.common import (MODEL_DEFAULTS, OPTIM_DEFAULTS, RUN_FILES, VAL_FRACTION, model_flags,
-                                   model_or_usage, predict_all, print_test_metrics, sums_over, training_flags)
+from rnnjax.recipes.common import (
+    MODEL_DEFAULTS,
+    OPTIM_DEFAULTS,
+    RUN_FILES,
+    VAL_FRACTION,
+    model_flags,
+    model_or_usage,
+    predict_all,
+    print_test_metrics,
+    sums_over,
+    training_flags,
+)
 from rnnjax.recipes.flags import Flag, in_range, positive
 
 DEFAULTS = {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "dataset": "taylor", "horizon": 48, "window": 144,
@@ -140,7 +150,8 @@ def prepare(plan: engine.Plan) -> engine.Job:
         return {"val_loss": mse, "val_rmse": math.sqrt(mse) * float(w.scaler.std[0])}
 
     return engine.Job(
-        model_name=model.name, after=print_test_metrics, init=model.init, loss_fn=_loss(model, s["mode"] == "autoregressive"),
+        model_name=model.name, after=print_test_metrics, init=model.init,
+        loss_fn=_loss(model, s["mode"] == "autoregressive"),
         batches=data.ExampleBatches({"x": x_tr, "y": y_tr}, s["batch"], seed=s["seed"]), evaluate=evaluate,
         finish=_finisher(model, w, s),
         describe=f"{s['dataset']} ({w.description}): {Hz} steps ahead from windows of {s['window']}; "

@@ -130,7 +130,8 @@ def _batches(s: dict, plan: engine.Plan, src, tgt):
     if s["sampling"] != "none":
         if s["accumulate"] > 1:
             raise UsageError(f"{plan.cmd}: --sampling feeds one probability to the whole batch, which --accumulate "
-                             f"{s['accumulate']} cannot split into micro-batches. Fix: drop --accumulate or --sampling.")
+                             f"{s['accumulate']} cannot split into micro-batches. "
+                             "Fix: drop --accumulate or --sampling.")
         fitted = (plan.progress or {}).get("total_steps", engine.NO_HORIZON)
         end = plan.total_steps or (int(fitted) if fitted < engine.NO_HORIZON else SAMPLING_HORIZON)
         schedule = sampling_schedule(s["sampling"], max_prob=s["sampling_max"], start_step=s["warmup"],
