@@ -100,7 +100,7 @@ def classification_baseline(name: str) -> float:
 
 
 def plot_copy(histories: dict, path: Path) -> None:
-    from rnnjax.engine import pyplot
+    from rnnjax.engine import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
@@ -115,13 +115,11 @@ def plot_copy(histories: dict, path: Path) -> None:
     ax.set_title("copy task, 10 symbols recalled after a delay of 100", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_sweep(rows: list[dict], path: Path, steps: int) -> None:
-    from rnnjax.engine import pyplot
+    from rnnjax.engine import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
@@ -139,9 +137,7 @@ def plot_sweep(rows: list[dict], path: Path, steps: int) -> None:
     ax.set_title(f"adding problem: test MSE after {steps} steps (1x64, batch 64)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,11 @@ def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def is_number(value) -> bool:
+    """A real number: a Python or NumPy integer or float, and not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def _bounds(low, high, high_label) -> str:
     if high is None:
         return f">= {low}"

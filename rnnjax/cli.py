@@ -63,7 +63,7 @@ def _add_flag(group, flag, default) -> None:
     """One :class:`rnnjax.recipes.flags.Flag` as an argparse argument (``None``: not given)."""
     name = "--" + flag.dest.replace("_", "-")
     shown = "on" if default is True else "off" if default is False else default
-    plain = "default" in flag.help or (flag.option and default is None)
+    plain = "default" in flag.help or default is None
     text = flag.help if plain else f"{flag.help} (default: {shown})"
     if flag.kind == "off":
         group.add_argument(f"--no-{name[2:]}", dest=flag.dest, action="store_const", const=False,

@@ -10,16 +10,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax._checks import is_int, require_int
+from rnnjax._checks import is_int, is_number, require_int
 from rnnjax.types import Array, PRNGKey
 
 
 def check_sampling(fn: str, temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> None:
     """Validates sampling settings (all static Python values)."""
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+    if not is_number(temperature) or temperature < 0:
         raise ValueError(f"{fn}: temperature must be a number >= 0 (0 means greedy), got {temperature!r}.")
     require_int(fn, "top_k", top_k, high=vocab_size, why="the vocabulary size", optional=True)
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"{fn}: top_p must be None or a number in (0, 1], got {top_p!r}.")
 
 

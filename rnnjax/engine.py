@@ -192,6 +192,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lays out ``fig``, writes it to ``path`` and closes it (also when writing fails)."""
+    plt = pyplot()
+    try:
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
 def plot_history(history: list[dict], path: Path, title: str, curve: list | None = None, *,
                  ylabel: str = "loss (nats/char)") -> None:
     """The training loss (``curve``: ``[step, mean loss]`` pairs) and the validation loss of each
@@ -227,9 +237,7 @@ def plot_history(history: list[dict], path: Path, title: str, curve: list | None
     last = history[-1]
     ax.annotate(f"{last['val_loss']:.3f} at {last['elapsed_s'] / 60:.1f} min", (last["step"], last["val_loss"]),
                 textcoords="offset points", xytext=(-10, 12), ha="right", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------
@@ -470,14 +478,14 @@ class _Setup:
     """The compiled step and the state it starts from (a population's: stacked), and what the loop's
     callbacks share while it runs."""
 
-    members: list[dict]
-    state: Any
-    carry: Any
-    train_step: Callable
-    evaluate: Callable
-    sample_key: Any
-    progress: dict | None = None
-    curve: list = field(default_factory=list)
+    members: list[dict]  # each member's settings (one: a single model)
+    state: Any  # the train state (a population's: stacked), replaced on resume
+    carry: Any  # the TBPTT carry, or None
+    train_step: Callable  # compiled: one member's or the whole population's
+    evaluate: Callable  # the job's, or the population's (the best member's metrics)
+    sample_key: Any  # the third key of member 0's seed: for samples drawn during and after the run
+    progress: dict | None = None  # a resumed run's progress (history, elapsed time, early stopping)
+    curve: list = field(default_factory=list)  # [step, mean training loss] every 10 steps
     kept: int = 0  # the best member at the latest evaluation
 
 

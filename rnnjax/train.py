@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnnjax._checks import is_int, require_int
+from rnnjax._checks import is_int, is_number, require_int
 from rnnjax.types import Array, PRNGKey
 
 LossFn = Callable[..., Any]
@@ -118,8 +118,9 @@ def default_optimizer(learning_rate: float = 2e-3, *, total_steps: int, warmup_s
     warmup = default_warmup(total_steps) if warmup_steps is None else warmup_steps
     require_int(fn, "warmup_steps", warmup, fix="pass e.g. warmup_steps=100, or None for the default.")
     for name, value in (("learning_rate", learning_rate), ("clip_norm", clip_norm)):
-        if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-            raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}.")
+        if not is_number(value) or not value > 0 or not math.isfinite(value):
+            raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}. Fix: pass a finite "
+                             f"number > 0, e.g. {name}=1e-3.")
     f32, i32 = partial(jnp.asarray, dtype=jnp.float32), partial(jnp.asarray, dtype=jnp.int32)
     # Strongly typed arrays, so set_hyperparams's replacements have the very same types.
     return optax.inject_hyperparams(_chain)(

@@ -3,6 +3,7 @@
 from rnnjax.data import synthetic
 from rnnjax.data.datasets import CLASSIFICATION, SERIES, load_classification, load_digits, load_series
 from rnnjax.data.sequences import (
+    BatchesView,
     ExampleBatches,
     GeneratedBatches,
     Scaler,
@@ -29,6 +30,7 @@ from rnnjax.data.ts import read_ts
 __all__ = [
     "CLASSIFICATION",
     "SERIES",
+    "BatchesView",
     "ExampleBatches",
     "GeneratedBatches",
     "Scaler",

@@ -120,6 +120,26 @@ def sliding_windows(series, window: int, horizon: int, *, start: int = 0, stop: 
     return x, y
 
 
+class BatchesView:
+    """Batches read through another iterator of batches (``self.batches``), whose ``position`` (the step
+    it yields next) reads and sets through, so a view resumes where its source does; a subclass says in
+    ``__next__`` what it does to each batch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    @property
+    def position(self):
+        return self.batches.position
+
+    @position.setter
+    def position(self, value):
+        self.batches.position = value
+
+    def __iter__(self):
+        return self
+
+
 class ExampleBatches:
     """Shuffled mini-batches of a data set, every batch full: the examples are read in one
     permutation per epoch (seeded by ``seed`` and the epoch), the permutations end to end.

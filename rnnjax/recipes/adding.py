@@ -10,21 +10,11 @@ import numpy as np
 
 from rnnjax import data, engine, models
 from rnnjax.engine import UsageError
-from rnnjax.recipes import Recipe
-from rnnjax.recipes.common import (
-    MODEL_DEFAULTS,
-    OPTIM_DEFAULTS,
-    RUN_FILES,
-    model_flags,
-    model_or_usage,
-    print_test_metrics,
-    sums_over,
-    training_flags,
-)
+from rnnjax.recipes import common
 from rnnjax.recipes.flags import Flag, positive
 from rnnjax.recipes.synthetic import TEST_SEQUENCES, VAL_SEQUENCES, chrono, fixed_sets
 
-DEFAULTS = {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "length": 200, "chrono": True, "hidden": 64, "batch": 64, "lr": 1e-2}
+DEFAULTS = {**common.TASK_DEFAULTS, "length": 200, "chrono": True, "hidden": 64, "batch": 64, "lr": 1e-2}
 
 
 def prepare(plan: engine.Plan) -> engine.Job:
@@ -32,7 +22,7 @@ def prepare(plan: engine.Plan) -> engine.Job:
     if s["length"] < 2:
         raise UsageError(f"{cmd}: --length must be at least 2 (one marked step in each half), got {s['length']}.")
     make = partial(data.synthetic.adding, length=s["length"])
-    model = model_or_usage(cmd, lambda: models.regressor(
+    model = common.model_or_usage(cmd, lambda: models.regressor(
         1, input_size=2, cell=s["cell"], layers=s["layers"], hidden=s["hidden"], bidirectional=s["bidirectional"],
         pooling="last", dropout=s["dropout"]))
 
@@ -47,26 +37,25 @@ def prepare(plan: engine.Plan) -> engine.Job:
     val, test = fixed_sets(make, s["seed"])
 
     def evaluate(params):
-        return {"val_loss": sums_over(per_example, val, params)["se"] / VAL_SEQUENCES}
+        return {"val_loss": common.sums_over(per_example, val, params)["se"] / VAL_SEQUENCES}
 
     def finish(params, history, plot_dir):
-        mse = sums_over(per_example, test, params)["se"] / TEST_SEQUENCES
+        mse = common.sums_over(per_example, test, params)["se"] / TEST_SEQUENCES
         return {"test_mse": mse, "baseline_mse": float(np.mean((test["y"] - 1.0) ** 2)),
                 "test_examples": TEST_SEQUENCES}
 
     return engine.Job(
-        model_name=model.name, after=print_test_metrics, init=chrono(model, s, s["length"]), loss_fn=loss_fn,
+        model_name=model.name, after=common.print_test_metrics, init=chrono(model, s, s["length"]), loss_fn=loss_fn,
         batches=data.GeneratedBatches(make, s["batch"], seed=s["seed"]), evaluate=evaluate, finish=finish,
         describe=f"the adding problem, T = {s['length']}: fresh sequences every step, {VAL_SEQUENCES} validation / "
                  f"{TEST_SEQUENCES} test; predicting the mean gives MSE 1/6 = 0.167; batch {s['batch']}",
         metric_unit="MSE", tokens_per_step=s["batch"], plot_title=f"{model.name}: {cmd}")
 
 
-RECIPE = Recipe(
-    name="adding", help="the adding problem (long-range memory)",
-    description="Train on the adding problem: two marked values in a sequence of --length random values; predict "
-                "their sum (predicting the mean gives MSE 0.167). Fresh sequences every step.",
-    defaults=DEFAULTS, budget={"steps": 1500}, run_files=RUN_FILES,
-    flags=(Flag("length", positive(int), "sequence length T", "task"),
-           *model_flags("cell", "layers", "hidden", "bidirectional", "dropout", "chrono"), *training_flags()),
-    prepare=prepare)
+RECIPE = common.task_recipe(
+    "adding", "the adding problem (long-range memory)",
+    "Train on the adding problem: two marked values in a sequence of --length random values; predict their sum "
+    "(predicting the mean gives MSE 0.167). Fresh sequences every step.",
+    defaults=DEFAULTS, steps=1500, prepare=prepare,
+    task_flags=(Flag("length", positive(int), "sequence length T", "task"),),
+    model=("cell", "layers", "hidden", "bidirectional", "dropout", "chrono"))

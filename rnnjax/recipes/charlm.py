@@ -10,18 +10,9 @@ import math
 from pathlib import Path
 
 from rnnjax import engine
-from rnnjax.engine import WARMUP, UsageError
-from rnnjax.recipes import Recipe
-from rnnjax.recipes.flags import (
-    ACCUMULATE,
-    CLIP,
-    Flag,
-    in_range,
-    non_negative_float,
-    non_negative_int,
-    one_or_list,
-    positive,
-)
+from rnnjax.engine import UsageError
+from rnnjax.recipes import Recipe, flags
+from rnnjax.recipes.flags import OPTIMISATION, Flag, in_range, non_negative_float, non_negative_int, positive
 
 # Defaults of `train charlm`: what learned fastest per second on the 2-core CPU this project is
 # developed on, measured by 3-minute runs on Tiny Shakespeare (README, Training): a 1-layer LSTM of
@@ -60,11 +51,9 @@ def sampling_flags(group: str | None, *, option: bool) -> tuple[Flag, ...]:
 
 
 def _flags() -> tuple[Flag, ...]:
-    from rnnjax.models.lm import CELLS  # for the help text (imports JAX: about a second)
-
     return (
         Flag("text", str, "a UTF-8 text file to model instead of the bundled Shakespeare", None, metavar="FILE"),
-        Flag("cell", str, f"recurrent cell: {', '.join(CELLS)}"),
+        flags.cell(),
         Flag("layers", positive(int), "stacked recurrent layers"),
         Flag("hidden", positive(int), "hidden units per layer"),
         Flag("embed", positive(int), "character embedding width"),
@@ -76,15 +65,7 @@ def _flags() -> tuple[Flag, ...]:
         Flag("batch", positive(int), "parallel streams per batch", "optimisation"),
         Flag("seq_len", positive(int), "characters per window; the state is carried from one window to the next "
                                        "(truncated BPTT)", "optimisation"),
-        Flag("lr", one_or_list(positive(float)), "peak learning rate of AdamW; a comma-separated list trains a "
-                                                 "population", "optimisation"),
-        Flag("warmup", positive(int), f"linear warmup steps (default: {WARMUP}, or a tenth of a shorter --steps run)",
-             "optimisation"),
-        Flag("end_lr", in_range(0, 1, hi_open=False), "final learning rate of the cosine decay, as a fraction of --lr",
-             "optimisation"),
-        Flag("weight_decay", one_or_list(non_negative_float), "AdamW weight decay, or one per population member",
-             "optimisation"),
-        CLIP, ACCUMULATE,
+        *OPTIMISATION,
         Flag("seed", int, "seed for initialisation, data order and sampling", "optimisation"),
         Flag("sample_length", non_negative_int, "characters to sample at the end", "output", option=True),
         Flag("eval_sample_length", non_negative_int, "characters to sample at each evaluation", "output", option=True),

@@ -10,25 +10,12 @@ import numpy as np
 
 from rnnjax import data, engine, models
 from rnnjax.engine import UsageError
-from rnnjax.recipes import Recipe
-from rnnjax.recipes.common import (
-    MODEL_DEFAULTS,
-    OPTIM_DEFAULTS,
-    RUN_FILES,
-    VAL_FRACTION,
-    model_flags,
-    model_or_usage,
-    nll,
-    predict_all,
-    print_test_metrics,
-    sums_over,
-    training_flags,
-)
+from rnnjax.recipes import common
 from rnnjax.recipes.flags import Flag
 
 # Defaults chosen so that the plain command reaches the acceptance numbers of the README (Tasks) on
 # the 2-core CPU this project is developed on, in a few minutes.
-DEFAULTS = {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "dataset": "japanese_vowels", "pooling": "mean", "hidden": 64,
+DEFAULTS = {**common.TASK_DEFAULTS, "dataset": "japanese_vowels", "pooling": "mean", "hidden": 64,
             "bidirectional": True, "batch": 32, "val_fraction": 0.1}
 
 
@@ -67,7 +54,8 @@ def _metrics(model):
     @jax.jit
     def per_example(params, batch):
         logits = model.apply(params, batch["x"], lengths=batch["lengths"])
-        return {"loss": nll(logits, batch["y"]), "correct": (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)}
+        correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+        return {"loss": common.nll(logits, batch["y"]), "correct": correct}
 
     return per_example
 
@@ -76,10 +64,10 @@ def _finisher(model, per_example, test: dict, d: dict):
     predict = jax.jit(lambda params, batch: jnp.argmax(model.apply(params, batch["x"], lengths=batch["lengths"]), -1))
 
     def finish(params, history, plot_dir):
-        t = sums_over(per_example, test, params)
+        t = common.sums_over(per_example, test, params)
         n = len(test["y"])
         if plot_dir is not None:
-            plot_confusion(test["y"], predict_all(predict, test, params), d["classes"],
+            plot_confusion(test["y"], common.predict_all(predict, test, params), d["classes"],
                            Path(plot_dir) / "confusion.png",
                            f"{model.name} on {d['name']}: test accuracy {t['correct'] / n:.2%}")
         return {"test_accuracy": t["correct"] / n, "test_loss": t["loss"] / n, "test_examples": n}
@@ -92,18 +80,18 @@ def prepare(plan: engine.Plan) -> engine.Job:
     d = _load(s, cmd)
     fit_part, val_part, test, scaler = _parts(d, s)
     C, F = len(d["classes"]), d["train"]["x"].shape[-1]
-    model = model_or_usage(cmd, lambda: models.classifier(
+    model = common.model_or_usage(cmd, lambda: models.classifier(
         C, input_size=F, cell=s["cell"], layers=s["layers"], hidden=s["hidden"], bidirectional=s["bidirectional"],
         pooling=s["pooling"], dropout=s["dropout"]))
 
     def loss_fn(params, batch, key):
         logits = model.apply(params, batch["x"], lengths=batch["lengths"], key=key)
-        return jnp.mean(nll(logits, batch["y"]))
+        return jnp.mean(common.nll(logits, batch["y"]))
 
     per_example = _metrics(model)
 
     def evaluate(params):
-        t = sums_over(per_example, val_part, params)
+        t = common.sums_over(per_example, val_part, params)
         n = len(val_part["y"])
         return {"val_loss": t["loss"] / n, "val_accuracy": t["correct"] / n}
 
@@ -113,7 +101,7 @@ def prepare(plan: engine.Plan) -> engine.Job:
     lengths = d["train"]["lengths"]
     ragged = f"lengths {lengths.min()}-{lengths.max()}" if lengths.min() != lengths.max() else f"length {lengths[0]}"
     return engine.Job(
-        model_name=model.name, after=print_test_metrics, init=model.init, loss_fn=loss_fn, batches=batches,
+        model_name=model.name, after=common.print_test_metrics, init=model.init, loss_fn=loss_fn, batches=batches,
         evaluate=evaluate,
         finish=_finisher(model, per_example, test, d),
         describe=f"{d['name']}: {len(fit_part['y'])} train / {len(val_part['y'])} validation / {len(test['y'])} test "
@@ -123,25 +111,15 @@ def prepare(plan: engine.Plan) -> engine.Job:
         tokens_per_step=s["batch"], plot_title=f"{model.name}: {plan.cmd}")
 
 
-class ShiftedImages:
+class ShiftedImages(data.BatchesView):
     """Training batches of images read as pixel sequences (``x [B, rows * cols, 1]``), each image
     shifted by a random whole number of pixels in ``[-shift, shift]`` per axis (the uncovered
     border filled with ``fill``, the scaled value of a blank pixel): data augmentation. Seeded by
     ``(seed, batch index)``, so a resumed run sees the same batches."""
 
     def __init__(self, batches, rows: int, cols: int, shift: int, fill: float, seed: int):
-        self.batches, self.rows, self.cols, self.shift, self.fill, self.seed = batches, rows, cols, shift, fill, seed
-
-    @property
-    def position(self):
-        return self.batches.position
-
-    @position.setter
-    def position(self, value):
-        self.batches.position = value
-
-    def __iter__(self):
-        return self
+        super().__init__(batches)
+        self.rows, self.cols, self.shift, self.fill, self.seed = rows, cols, shift, fill, seed
 
     def __next__(self) -> dict:
         i = self.batches.position
@@ -174,18 +152,14 @@ def plot_confusion(y_true, y_pred, classes, path: Path, title: str) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    engine.save_figure(fig, path)
 
 
-RECIPE = Recipe(
-    name="classify", help="sequence classification (UCR/UEA .ts archives)",
-    description="Train a recurrent classifier on a UCR/UEA data set (from the installed sktime package, or any "
-                "*_TRAIN.ts file with its *_TEST.ts beside it). Variable-length series are padded and masked by "
-                "their lengths, never truncated; the classifier pools over the valid steps only. A stratified part "
-                "of the training set validates; the test set is scored once, at the end, with the best checkpoint.",
-    defaults=DEFAULTS, budget={"steps": 800}, run_files=RUN_FILES,
-    flags=(_dataset_flag(), VAL_FRACTION,
-           *model_flags("cell", "layers", "hidden", "bidirectional", "dropout", "pooling"), *training_flags()),
-    prepare=prepare)
+RECIPE = common.task_recipe(
+    "classify", "sequence classification (UCR/UEA .ts archives)",
+    "Train a recurrent classifier on a UCR/UEA data set (from the installed sktime package, or any *_TRAIN.ts file "
+    "with its *_TEST.ts beside it). Variable-length series are padded and masked by their lengths, never truncated; "
+    "the classifier pools over the valid steps only. A stratified part of the training set validates; the test set "
+    "is scored once, at the end, with the best checkpoint.",
+    defaults=DEFAULTS, steps=800, prepare=prepare, task_flags=(_dataset_flag(), common.VAL_FRACTION),
+    model=("cell", "layers", "hidden", "bidirectional", "dropout", "pooling"))

@@ -15,19 +15,15 @@ import numpy as np
 
 from rnnjax import engine
 from rnnjax.engine import UsageError
+from rnnjax.recipes import Recipe, flags
 from rnnjax.recipes.flags import OPTIMISATION, Flag, in_range, non_negative_int, positive
 
 OPTIM_DEFAULTS = dict(lr=3e-3, warmup=None, end_lr=0.0, weight_decay=0.0, clip=1.0, accumulate=1, seed=0,
                       population=None)
 MODEL_DEFAULTS = dict(cell="lstm", layers=1, hidden=128, bidirectional=False, dropout=0.0)
+TASK_DEFAULTS = {**MODEL_DEFAULTS, **OPTIM_DEFAULTS}  # what every task's defaults start from
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "confusion.png", "forecast.png", "accuracy.png")
 EVAL_BATCH = 256
-
-
-def _cell_flag() -> Flag:
-    from rnnjax.models import CELLS
-
-    return Flag("cell", str, f"recurrent cell: {', '.join(CELLS)}")
 
 
 def model_flags(*names: str) -> tuple[Flag, ...]:
@@ -35,7 +31,7 @@ def model_flags(*names: str) -> tuple[Flag, ...]:
     from rnnjax.models import POOLINGS
 
     known = {
-        "cell": _cell_flag(),
+        "cell": flags.cell(),
         "layers": Flag("layers", positive(int), "stacked recurrent layers"),
         "hidden": Flag("hidden", positive(int), "hidden units per layer (and direction)"),
         "bidirectional": Flag("bidirectional", "bool", "read each sequence in both directions"),
@@ -57,6 +53,14 @@ VAL_FRACTION = Flag("val_fraction", in_range(0, 1, lo_open=True), "fraction of t
                     "validation", "task")
 SHIFT = Flag("shift", non_negative_int, "augment the training images: shift each by up to this many pixels per axis",
              "task")
+
+
+def task_recipe(name: str, help: str, description: str, *, defaults: dict, steps: int, prepare, task_flags=(),
+                model=("cell", "layers", "hidden", "bidirectional", "dropout")) -> Recipe:
+    """The :class:`~rnnjax.recipes.Recipe` of a sequence task: a budget of ``steps`` by default, its
+    ``task_flags``, the ``model`` flags named, the training flags, and the run files they all write."""
+    return Recipe(name=name, help=help, description=description, defaults=defaults, budget={"steps": steps},
+                  run_files=RUN_FILES, flags=(*task_flags, *model_flags(*model), *training_flags()), prepare=prepare)
 
 
 def model_or_usage(cmd: str, build: Callable):

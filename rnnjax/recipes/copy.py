@@ -10,22 +10,11 @@ import jax.numpy as jnp
 
 from rnnjax import data, engine, models
 from rnnjax.engine import UsageError
-from rnnjax.recipes import Recipe
-from rnnjax.recipes.common import (
-    MODEL_DEFAULTS,
-    OPTIM_DEFAULTS,
-    RUN_FILES,
-    model_flags,
-    model_or_usage,
-    nll,
-    print_test_metrics,
-    sums_over,
-    training_flags,
-)
+from rnnjax.recipes import common
 from rnnjax.recipes.flags import Flag, positive
 from rnnjax.recipes.synthetic import TEST_SEQUENCES, VAL_SEQUENCES, chrono, fixed_sets
 
-DEFAULTS = {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "delay": 100, "symbols": 10, "alphabet": 8, "chrono": True,
+DEFAULTS = {**common.TASK_DEFAULTS, "delay": 100, "symbols": 10, "alphabet": 8, "chrono": True,
             "cell": "lstm", "hidden": 128, "batch": 64, "lr": 1e-2}
 
 
@@ -39,13 +28,13 @@ def _metrics(model):
     def loss_fn(params, batch, key):
         logits = model.apply(params, batch["x"], key=key)
         m = batch["mask"]
-        return jnp.sum(jnp.where(m, nll(logits, batch["y"]), 0.0)) / jnp.sum(m)
+        return jnp.sum(jnp.where(m, common.nll(logits, batch["y"]), 0.0)) / jnp.sum(m)
 
     @jax.jit
     def per_example(params, batch):
         logits = model.apply(params, batch["x"])
         m = batch["mask"]
-        loss = jnp.where(m, nll(logits, batch["y"]), 0.0).sum(-1)
+        loss = jnp.where(m, common.nll(logits, batch["y"]), 0.0).sum(-1)
         correct = jnp.where(m, jnp.argmax(logits, -1) == batch["y"], False).sum(-1)
         return {"loss": loss, "correct": correct.astype(jnp.float32)}
 
@@ -57,19 +46,19 @@ def prepare(plan: engine.Plan) -> engine.Job:
     _check(s, cmd)
     make = partial(data.synthetic.copy, delay=s["delay"], symbols=s["symbols"], alphabet=s["alphabet"])
     K = s["alphabet"]
-    model = model_or_usage(cmd, lambda: models.tagger(
+    model = common.model_or_usage(cmd, lambda: models.tagger(
         K + 1, vocab_size=K + 2, cell=s["cell"], layers=s["layers"], hidden=s["hidden"], dropout=s["dropout"]))
     loss_fn, per_example = _metrics(model)
     val, test = fixed_sets(make, s["seed"])
     per_seq = s["symbols"]
 
     def evaluate(params):
-        t = sums_over(per_example, val, params)
+        t = common.sums_over(per_example, val, params)
         n = VAL_SEQUENCES * per_seq
         return {"val_loss": t["loss"] / n, "val_accuracy": t["correct"] / n}
 
     def finish(params, history, plot_dir):
-        t = sums_over(per_example, test, params)
+        t = common.sums_over(per_example, test, params)
         n = TEST_SEQUENCES * per_seq
         if plot_dir is not None and history:
             plot_accuracy(history, Path(plot_dir) / "accuracy.png", f"{model.name}: copy task, delay {s['delay']} "
@@ -79,7 +68,7 @@ def prepare(plan: engine.Plan) -> engine.Job:
 
     T = 2 * s["symbols"] + s["delay"]
     return engine.Job(
-        model_name=model.name, after=print_test_metrics, init=chrono(model, s, T), loss_fn=loss_fn,
+        model_name=model.name, after=common.print_test_metrics, init=chrono(model, s, T), loss_fn=loss_fn,
         batches=data.GeneratedBatches(make, s["batch"], seed=s["seed"]), evaluate=evaluate, finish=finish,
         describe=f"the copy task: {s['symbols']} symbols of {K}, recalled after a delay of {s['delay']} (T = {T}); "
                  f"fresh sequences every step, {VAL_SEQUENCES} validation / {TEST_SEQUENCES} test; guessing gives "
@@ -102,18 +91,15 @@ def plot_accuracy(history: list[dict], path: Path, title: str, chance: float | N
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    engine.save_figure(fig, path)
 
 
-RECIPE = Recipe(
-    name="copy", help="the copy task (long-range memory)",
-    description="Train on the copy task: --symbols random symbols, a delay of --delay steps, then recall them in "
-                "order. Accuracy counts the recalled symbols only. Fresh sequences every step.",
-    defaults=DEFAULTS, budget={"steps": 3000}, run_files=RUN_FILES,
-    flags=(Flag("delay", positive(int), "steps between the symbols and their recall", "task"),
-           Flag("symbols", positive(int), "symbols to remember", "task"),
-           Flag("alphabet", positive(int), "distinct symbols", "task"),
-           *model_flags("cell", "layers", "hidden", "bidirectional", "dropout", "chrono"), *training_flags()),
-    prepare=prepare)
+RECIPE = common.task_recipe(
+    "copy", "the copy task (long-range memory)",
+    "Train on the copy task: --symbols random symbols, a delay of --delay steps, then recall them in order. "
+    "Accuracy counts the recalled symbols only. Fresh sequences every step.",
+    defaults=DEFAULTS, steps=3000, prepare=prepare,
+    task_flags=(Flag("delay", positive(int), "steps between the symbols and their recall", "task"),
+                Flag("symbols", positive(int), "symbols to remember", "task"),
+                Flag("alphabet", positive(int), "distinct symbols", "task")),
+    model=("cell", "layers", "hidden", "bidirectional", "dropout", "chrono"))

@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from rnnjax import engine
+
 
 class Flag(NamedTuple):
     """One flag of a recipe.
@@ -96,17 +98,18 @@ def one_or_list(kind: Callable) -> Callable[[str], Any]:
     return parse
 
 
-def cells_help(what: str = "recurrent cell") -> str:
-    from rnnjax.models import CELLS  # imports JAX: only when the help is built
+def cell(what: str = "recurrent cell") -> Flag:
+    """``--cell``, its help listing the cells of :data:`rnnjax.models.CELLS`."""
+    from rnnjax.models import CELLS  # imports JAX (about a second)
 
-    return f"{what}: {', '.join(CELLS)}"
+    return Flag("cell", str, f"{what}: {', '.join(CELLS)}")
 
 
 # Flags every recipe that trains with AdamW has (its defaults differ).
 LR = Flag("lr", one_or_list(positive(float)), "peak learning rate of AdamW; a comma-separated list trains a population",
           "optimisation")
-WARMUP = Flag("warmup", positive(int), "linear warmup steps (default: 50, or a tenth of a shorter --steps run)",
-              "optimisation")
+WARMUP = Flag("warmup", positive(int), f"linear warmup steps (default: {engine.WARMUP}, or a tenth of a shorter "
+              "--steps run)", "optimisation")
 END_LR = Flag("end_lr", in_range(0, 1, hi_open=False), "final learning rate of the cosine decay, as a fraction of --lr",
               "optimisation")
 WEIGHT_DECAY = Flag("weight_decay", one_or_list(non_negative_float),

