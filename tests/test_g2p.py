@@ -179,3 +179,20 @@ def test_g2p_population_and_early_stopping_run_on_the_engine(run, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["member_val_loss"]) == 2 and r["val_loss"] == min(r["member_val_loss"]) for r in records)
     assert "rnnjax: score it with: rnnjax g2p --checkpoint" in err
+
+
+def test_g2p_resume_continues_from_the_checkpoint_and_refuses_other_settings(run, capsys):
+    root, _ = run
+    out = root / "resumed"
+    tiny = ["train", "g2p", "--data", str(root / "tiny.dict"), "--hidden", "8", "--decoder-hidden", "8", "--embed", "4",
+            "--batch", "4", "--evals", "1", "--no-plot", "--out", str(out)]
+    assert cli.main([*tiny, "--steps", "3"]) == 0
+    capsys.readouterr()
+    assert cli.main([*tiny, "--steps", "5", "--resume", "--hidden", "16"]) == 2
+    assert capsys.readouterr().err == (
+        "rnnjax: error: rnnjax train g2p: --resume continues a run with its own settings, and these differ: --hidden "
+        "16 (the run has 8). Fix: drop those flags, or start a new run in another --out.\n")
+    assert cli.main([*tiny, "--steps", "5", "--resume"]) == 0
+    assert "resuming at step 3" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 5]  # the first session's evaluation kept, the second's added
