@@ -28,7 +28,8 @@ class OptionalBuildExt(build_ext):
     def build_extension(self, ext):
         try:
             if sys.platform != "linux" or platform.machine() != "x86_64":
-                raise RuntimeError(f"the kernels are built for x86-64 Linux only, not {sys.platform}/{platform.machine()}")
+                raise RuntimeError(f"the kernels are built for x86-64 Linux only, not {sys.platform}/"
+                                   f"{platform.machine()}")
             jaxlib = pathlib.Path(importlib.util.find_spec("jaxlib").submodule_search_locations[0])
             dnnl_header = _package_file("onednn-devel-cpu-gomp", "dnnl.hpp")
             dnnl_library = _package_file("onednn-cpu-gomp", "libdnnl.so.3")

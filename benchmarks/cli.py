@@ -9,8 +9,9 @@
 A first argument naming a subcommand (:data:`SUBCOMMANDS`) hands the rest of
 the arguments to that module's ``main``.
 
-The only module of ``benchmarks`` that reads argv. Bad input prints one line
-(``rnnjax-bench: error: ...``) and exits with status 2.
+This module reads ``sys.argv`` and parses the main command's flags; each
+subcommand's module parses the arguments handed to its ``main``. Bad input
+prints one line (``rnnjax-bench: error: ...``) and exits with status 2.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class Config(NamedTuple):
             parts.append(self.dtype)
         return " ".join(parts)
 
-    def group(self) -> "Config":
+    def group(self) -> Config:
         """The config without its mode: implementations are compared within one group and mode."""
         return self._replace(mode="")
 

@@ -37,7 +37,8 @@ import importlib.util
 import inspect
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -162,7 +163,7 @@ class _AotCall:
             self.info["xla_peak_bytes"] = getattr(mem, "peak_memory_in_bytes", None) or None
         # The matrix products the compiled program runs, beside the analytic count; a program with a loop of
         # unknown length is still timed, its count left out (None).
-        from benchmarks.profile import compiled_matmul_flops
+        from benchmarks.hlo import compiled_matmul_flops
 
         try:
             self.info["matmul_flops"] = compiled_matmul_flops(self.compiled.as_text())
@@ -278,7 +279,8 @@ def rnnjax_impl(cfg: Config, *, hoist="auto", backward: str | None = None, backe
     target = (layers.bidirectional if cfg.bidirectional else layers.rnn) if deep else rnnjax.unroll
     where = f"rnnjax.{'layers.' if deep else ''}{target.__name__}"
     opts: dict[str, Any] = {}
-    for option, value, default in (("hoist", hoist, "auto"), ("backward", backward, None), ("backend", backend, "auto")):
+    options = (("hoist", hoist, "auto"), ("backward", backward, None), ("backend", backend, "auto"))
+    for option, value, default in options:
         if value == default:
             continue  # the library's own default: nothing to pass
         if not _accepts(target, option):
@@ -578,7 +580,8 @@ IMPLS: dict[str, Callable[[Config], Runner | None]] = {
 }
 
 PEERS = ("torch", "flax", "haiku", "equinox")  # the default comparison
-PACKAGES = {"torch": "torch", "torch-amp": "torch", "flax": "flax", "flax-lstmcell": "flax", "haiku": "haiku", "equinox": "equinox"}
+PACKAGES = {"torch": "torch", "torch-amp": "torch", "flax": "flax", "flax-lstmcell": "flax", "haiku": "haiku",
+            "equinox": "equinox"}
 
 
 def is_rnnjax(name: str) -> bool:

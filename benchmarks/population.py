@@ -53,7 +53,7 @@ def measure(members: int, hidden: int, batch: int, time_steps: int, rounds: int,
         return out
 
     rng = np.random.default_rng(0)
-    batch_ = {"x": rng.integers(0, vocab, size=(batch, time_steps)), "y": rng.integers(0, vocab, size=(batch, time_steps))}
+    batch_ = {k: rng.integers(0, vocab, size=(batch, time_steps)) for k in ("x", "y")}
     batch_ = jax.tree_util.tree_map(jax.numpy.asarray, batch_)
     loss_fn = train.language_model_loss(model)
     single_step = train.make_train_step(loss_fn, opt)

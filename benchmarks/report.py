@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from benchmarks.config import Config, flops
 from benchmarks.impls import is_rnnjax

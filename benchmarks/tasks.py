@@ -100,7 +100,7 @@ def classification_baseline(name: str) -> float:
 
 
 def plot_copy(histories: dict, path: Path) -> None:
-    from rnnjax.engine import pyplot
+    from rnnjax.engine import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
@@ -115,13 +115,11 @@ def plot_copy(histories: dict, path: Path) -> None:
     ax.set_title("copy task, 10 symbols recalled after a delay of 100", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_sweep(rows: list[dict], path: Path, steps: int) -> None:
-    from rnnjax.engine import pyplot
+    from rnnjax.engine import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
@@ -139,9 +137,7 @@ def plot_sweep(rows: list[dict], path: Path, steps: int) -> None:
     ax.set_title(f"adding problem: test MSE after {steps} steps (1x64, batch 64)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -180,7 +176,8 @@ def main(argv=None) -> int:
         targs, key, what = RUNS[name]
         m, wall, shown = _train(targs, out / name, out / f"{name}.log")
         if name in ("classify", "digits"):
-            baseline = f"logistic regression {classification_baseline('digits' if name == 'digits' else 'japanese_vowels'):.2%}"
+            dataset = "digits" if name == "digits" else "japanese_vowels"
+            baseline = f"logistic regression {classification_baseline(dataset):.2%}"
             value = f"{m[key]:.2%}"
         elif name == "adding":
             baseline, value = f"mean predictor {m['baseline_mse']:.3f}", f"{m[key]:.5f}"
@@ -188,8 +185,8 @@ def main(argv=None) -> int:
             baseline, value = "chance 12.5%", f"{m[key]:.2%}"
             histories[name.split("-")[1].upper()] = _history(out / name)
         else:
-            baseline = (f"seasonal naive {m['seasonal_naive_rmse']:.0f} ({m['vs_seasonal_naive'] - 1:+.0%}); ridge on the "
-                        f"same window {m['ridge_rmse']:.0f} ({m['vs_ridge'] - 1:+.0%})")
+            baseline = (f"seasonal naive {m['seasonal_naive_rmse']:.0f} ({m['vs_seasonal_naive'] - 1:+.0%}); "
+                        f"ridge on the same window {m['ridge_rmse']:.0f} ({m['vs_ridge'] - 1:+.0%})")
             value = f"{m[key]:.0f}"
         row = {"run": name, "metric": what, "value": value, "baseline": baseline, "wall_s": round(wall, 1),
                "command": shown, "test": m}

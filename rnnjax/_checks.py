@@ -16,6 +16,48 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def is_int(value) -> bool:
+    """A whole number: a Python or NumPy integer, and not a bool (``True`` is an ``int`` in Python)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A real number: a Python or NumPy integer or float, and not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _bounds(low, high, high_label) -> str:
+    if high is None:
+        return f">= {low}"
+    return f"in [{low}, {high_label or high}]"
+
+
+def require_int(fn: str, name: str, value, *, low: int = 1, high: int | None = None, why: str = "",
+                fix: str | None = None, high_label: str | None = None, optional: bool = False):
+    """Checks that ``value`` is an integer in ``[low, high]`` (``high`` None: no upper bound) and returns it.
+
+    The ValueError reads ``"{fn}: {name} must be an integer >= {low} ({why}), got {value!r}. Fix: {fix}"``
+    (``in [low, high]`` with an upper bound, shown as ``high_label`` when given). ``optional``: None passes
+    too (and the message says ``None or an integer``).
+    """
+    if optional and value is None:
+        return value
+    if not is_int(value) or value < low or (high is not None and value > high):
+        what = f"{'None or ' if optional else ''}an integer {_bounds(low, high, high_label)}"
+        raise ValueError(f"{fn}: {name} must be {what}{f' ({why})' if why else ''}, got {value!r}."
+                         f"{f' Fix: {fix}' if fix else ''}")
+    return value
+
+
+def require_choice(fn: str, name: str, value, choices, *, fix: str | None = "pass one of those."):
+    """Checks that ``value`` is one of ``choices`` and returns it; else a ValueError
+    ``"{fn}: unknown {name} {value!r}; expected one of a, b, c. Fix: {fix}"``."""
+    if value not in choices:
+        raise ValueError(f"{fn}: unknown {name} {value!r}; expected one of {', '.join(map(str, choices))}."
+                         f"{f' Fix: {fix}' if fix else ''}")
+    return value
+
+
 def require_float(fn: str, name: str, x) -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         hint = " (token ids go through rnnjax.layers.embedding first)" if jnp.issubdtype(x.dtype, jnp.integer) else ""
@@ -30,7 +72,8 @@ def require_features(fn: str, name: str, x, expected: int) -> None:
         raise ValueError(
             f"{fn}: expected {name} with {expected} features in the last axis "
             f"(the parameters were initialised with input_size={expected}), got shape {tuple(x.shape)}. "
-            f"Fix: pass inputs of shape [..., {expected}] or re-initialise with input_size={x.shape[-1] if x.ndim else 0}."
+            f"Fix: pass inputs of shape [..., {expected}] or re-initialise with "
+            f"input_size={x.shape[-1] if x.ndim else 0}."
         )
 
 

@@ -15,7 +15,8 @@ as one more :class:`Backend` whose ``platforms`` is ``("gpu",)``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

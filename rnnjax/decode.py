@@ -10,17 +10,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rnnjax._checks import is_int, is_number, require_int
 from rnnjax.types import Array, PRNGKey
 
 
 def check_sampling(fn: str, temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> None:
     """Validates sampling settings (all static Python values)."""
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+    if not is_number(temperature) or temperature < 0:
         raise ValueError(f"{fn}: temperature must be a number >= 0 (0 means greedy), got {temperature!r}.")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= vocab_size):
-        raise ValueError(f"{fn}: top_k must be None or an integer in [1, {vocab_size}] (the vocabulary size), "
-                         f"got {top_k!r}.")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+    require_int(fn, "top_k", top_k, high=vocab_size, why="the vocabulary size", optional=True)
+    if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"{fn}: top_p must be None or a number in (0, 1], got {top_p!r}.")
 
 
@@ -77,12 +76,10 @@ class Decoded(NamedTuple):
 
 
 def check_decode(fn: str, max_length, eos_id, pad_id, vocab_size: int | None = None) -> None:
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-        raise ValueError(f"{fn}: max_length must be an integer >= 1 (the most tokens to generate, EOS included), "
-                         f"got {max_length!r}. Fix: pass e.g. max_length=32.")
+    require_int(fn, "max_length", max_length, why="the most tokens to generate, EOS included",
+                fix="pass e.g. max_length=32.")
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (
-                vocab_size is not None and value >= vocab_size):
+        if not is_int(value) or value < 0 or (vocab_size is not None and value >= vocab_size):
             raise ValueError(f"{fn}: {name} must be a token id in [0, {vocab_size}), got {value!r}.")
 
 
@@ -91,8 +88,7 @@ def check_suppress(fn: str, suppress, vocab_size: int | None = None) -> tuple[in
     one token that can be emitted."""
     ids = tuple(suppress) if isinstance(suppress, (tuple, list, set, frozenset)) else None
     V = "V" if vocab_size is None else vocab_size
-    if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i and (
-            vocab_size is None or i < vocab_size) for i in ids):
+    if ids is None or not all(is_int(i) and 0 <= i and (vocab_size is None or i < vocab_size) for i in ids):
         raise ValueError(f"{fn}: suppress must be a tuple of token ids in [0, {V}), got {suppress!r}. "
                          "Fix: pass e.g. suppress=(pad_id, bos_id).")
     ids = tuple(sorted(set(ids)))
@@ -105,11 +101,10 @@ def check_suppress(fn: str, suppress, vocab_size: int | None = None) -> tuple[in
 def check_beam(fn: str, beam_width, vocab_size: int, suppress: tuple[int, ...]) -> None:
     """``beam_width`` must be an int no wider than the tokens that can be emitted."""
     most = vocab_size - len(suppress)
-    if not isinstance(beam_width, int) or isinstance(beam_width, bool) or not 1 <= beam_width <= most:
-        what = (f"the vocabulary size, {vocab_size}, less the {len(suppress)} suppressed ids" if suppress
-                else "the vocabulary size")
-        raise ValueError(f"{fn}: beam_width must be an integer in [1, {most}] ({what}), got {beam_width!r}. "
-                         "Fix: use a beam no wider than the tokens it can emit.")
+    what = (f"the vocabulary size, {vocab_size}, less the {len(suppress)} suppressed ids" if suppress
+            else "the vocabulary size")
+    require_int(fn, "beam_width", beam_width, high=most, why=what,
+                fix="use a beam no wider than the tokens it can emit.")
 
 
 def _suppressed(fn: str, logp: Array, suppress: tuple[int, ...]) -> Array:
@@ -226,9 +221,8 @@ def beam_search(step_fn, carry, start, *, beam_width: int, max_length: int, eos_
     V = vocab_size
     suppress = check_suppress(fn, suppress, V)
     check_beam(fn, beam_width, V, suppress)
-    if not isinstance(nbest, int) or isinstance(nbest, bool) or not 1 <= nbest <= beam_width:
-        raise ValueError(f"{fn}: nbest must be an integer in [1, beam_width={beam_width}], got {nbest!r}. "
-                         "Fix: ask for at most as many sequences as the beam holds.")
+    require_int(fn, "nbest", nbest, high=beam_width, high_label=f"beam_width={beam_width}",
+                fix="ask for at most as many sequences as the beam holds.")
     start = _check_start(fn, start)
     B, K = start.shape[0], beam_width
 

@@ -1,16 +1,21 @@
 """The training engine behind every ``rnnjax train TASK``: run directories, resume, progress,
 checkpoints, ``metrics.jsonl``, plots and the final test metrics.
 
-A task (the character model, a classifier, a forecaster, ...) prepares its
-data and model, describes them in a :class:`Job`, and calls :func:`run`:
+A recipe (``rnnjax/recipes/``: the character model, a classifier, a forecaster, ...) prepares its
+data and model and describes them in a :class:`Job`; :func:`train` does the rest: it checks the run
+directory, resolves the settings, options and budget (flags, else the run's own on ``--resume``,
+else the recipe's defaults) into a :class:`Plan`, writes ``config.json`` and calls :func:`run`, the
+one training loop. From Python::
 
-::
+    from rnnjax import engine, recipes
+    outcome = engine.train(recipes.get("adding"), {"length": 200}, {"out": "runs/adding", "steps": 2000})
 
-    out, saved = check_out(out, resume=False, overwrite=False, cmd=cmd, run_files=RUN_FILES)
-    total_steps, seconds = budget(steps=None, minutes=2.0, saved=saved, default_minutes=5.0)
-    write_config(out, config, overwrite=False, cmd=cmd)
-    outcome = run(Job(cmd=cmd, out=out, init=model_init, loss_fn=loss_fn, batches=batches,
-                      evaluate=evaluate, settings=settings, total_steps=total_steps, seconds=seconds, ...))
+or, for a job of your own, with the run directory and its ``config.json`` made by hand::
+
+    out, saved = check_out("runs/mine", resume=False, overwrite=False, cmd=cmd, run_files=RUN_FILES)
+    write_config(out, config, overwrite=False, cmd=cmd, out_arg="runs/mine", run_files=RUN_FILES)
+    outcome = run(Job(model_name="mine", init=init, loss_fn=loss_fn, batches=batches, evaluate=evaluate),
+                  Plan(cmd=cmd, out=out, settings=settings, total_steps=1000, seconds=None))
 
 The engine knows no argv (``rnnjax/cli.py`` parses it) and no task: what
 differs between tasks comes in through the job's callables. Bad input is a
@@ -25,13 +30,18 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RUN_MARKER = "rnnjax_run"  # in every config.json written by rnnjax
 WARMUP = 50  # default warmup steps (a tenth of a shorter --steps run)
 MAX_SKIPPED = 25  # non-finite steps in a row that stop a run
+NO_HORIZON = 10 ** 9  # the schedule's horizon while a time budget has not yet fixed it
+# Run options every recipe has, and their defaults: they may change when a run is resumed (when not
+# given, they are the run's own).
+OPTIONS = dict(evals=5, patience=None, min_delta=0.0, save_every_steps=None, save_every_minutes=None)
 
 
 class UsageError(Exception):
@@ -105,7 +115,7 @@ def fixed_settings(given: dict, defaults: dict, saved: dict | None, cmd: str, *,
     overrides the equality test (e.g. for paths)."""
     if saved is None:
         return {**defaults, **given}
-    settings = {k: saved["settings"].get(k) for k in defaults}
+    settings = {k: saved["settings"].get(k, v) for k, v in defaults.items()}  # a newer setting: its default
     same = same or (lambda k, a, b: a == b)
     clash = [k for k, v in given.items() if not same(k, v, settings.get(k))]
     if clash:
@@ -141,16 +151,19 @@ def write_config(out: Path, config: dict, *, overwrite: bool, cmd: str, out_arg:
                          "folder.") from None
 
 
-def resume_step(out: Path, cmd: str) -> int:
-    """The latest checkpoint of the run in ``out`` (a UsageError when there is none or it is unfinished)."""
+def resume_point(out: Path, cmd: str) -> tuple[int, dict]:
+    """The latest checkpoint of the run in ``out`` and its meta (a UsageError when there is none or it is
+    unfinished)."""
     from rnnjax import checkpoint
 
     try:
         probe, step = checkpoint.open_run(out, fn=f"{cmd} --resume", which="latest")
-        probe.close()
+        try:
+            return step, probe.read_meta(step)
+        finally:
+            probe.close()
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
-    return step
 
 
 def write_json(path: Path, obj) -> None:
@@ -177,6 +190,16 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lays out ``fig``, writes it to ``path`` and closes it (also when writing fails)."""
+    plt = pyplot()
+    try:
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
 
 
 def plot_history(history: list[dict], path: Path, title: str, curve: list | None = None, *,
@@ -214,9 +237,7 @@ def plot_history(history: list[dict], path: Path, title: str, curve: list | None
     last = history[-1]
     ax.annotate(f"{last['val_loss']:.3f} at {last['elapsed_s'] / 60:.1f} min", (last["step"], last["val_loss"]),
                 textcoords="offset points", xytext=(-10, 12), ha="right", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------
@@ -313,7 +334,7 @@ def _print_members(members: list[dict], history: list[dict], kept: int) -> None:
 
 
 # ----------------------------------------------------------------------------
-# The run
+# Ctrl-C
 
 
 class Interrupt:
@@ -342,72 +363,98 @@ class Interrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
+# ----------------------------------------------------------------------------
+# What a recipe says, and how the run goes
+
+
 @dataclass
 class Job:
-    """Everything :func:`run` needs for one training run.
+    """What a recipe hands the engine for one training run.
 
     Attributes:
-      cmd: the command, for messages (``"rnnjax train classify"``).
-      out: the run directory (``config.json`` already written).
       model_name: e.g. ``"lstm-1x128"``.
       init: ``key -> params``.
-      loss_fn: ``(params, batch, key) -> loss`` (or with ``carry``: ``(params, batch, key, carry) -> (loss, carry)``).
+      loss_fn: ``(params, batch, key) -> loss`` (or with ``initial_carry``: ``(params, batch, key, carry) ->
+        (loss, carry)``).
       batches: an iterator of batches with a settable ``position`` (the step it yields next).
       evaluate: ``params -> val_loss`` or a dict with ``val_loss`` and more validation metrics.
-      settings: ``lr``, ``warmup`` (None: default), ``end_lr``, ``weight_decay``, ``clip``,
-        ``accumulate`` and ``seed``.
-      total_steps, seconds: the budget (one of them, or both).
-      resume_step: the checkpoint to resume from (None: a new run).
-      rest_of_time: on resume, ``seconds`` is the run's whole budget: go on with what is left of it.
       initial_carry: ``params -> carry`` for truncated BPTT (the carry is threaded through the steps).
       meta: JSON-able data stored in every checkpoint (model settings, vocabulary, ...).
+      config: JSON-able data a new run adds to its ``config.json`` (what ``--resume`` checks against).
       describe: what the start line says after the model (data, batch shape).
       tokens_per_step, unit: throughput shown as ``unit``/s (``"characters"``, ``"sequences"``).
       metric_unit: the unit of the validation loss in messages (``"nats/char"``, ``"MSE"``).
+      val_name: what messages call the validation part (``"validation"``, ``"dev"``).
       eval_text: ``(record, state) -> str``: extra lines printed after each evaluation (e.g. a sample).
-      finish: ``(params, history) -> dict`` of test metrics (and plots), run on the best checkpoint's
-        parameters after training; the dict is appended to ``metrics.jsonl`` with ``"split": "test"``.
-      files: what the closing line lists as written into ``out``.
+      finish: ``(params, history, plot_dir) -> dict`` of test metrics (``plot_dir``: where plots go, None
+        for none), run on the best checkpoint's parameters after training; the dict is appended to
+        ``metrics.jsonl`` with ``"split": "test"``.
+      files: what the closing line lists as written into the run directory.
       plot_title: the title of ``loss.png``.
-      evals, patience, min_delta, save_every_steps, save_every_minutes, no_plot, start_time: as the
-        CLI flags of the same names.
-      devices: data-parallel over this many local devices (:func:`device_count`), batches split
-        along their first axis; 1: no mesh.
-      population: train this many models at once (:func:`population_members`; ``settings["lr"]`` and
-        ``settings["weight_decay"]`` may then be lists, one value per member). None or 1: one model.
+      after: ``outcome -> status``: what follows a finished run (a sample, the test metrics printed).
     """
 
-    cmd: str
-    out: Path
     model_name: str
     init: Callable
     loss_fn: Callable
     batches: Any
     evaluate: Callable
-    settings: dict
-    total_steps: int | None
-    seconds: float | None
-    resume_step: int | None = None
-    rest_of_time: bool = False
     initial_carry: Callable | None = None
     meta: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
     describe: str = ""
     tokens_per_step: int = 1
     unit: str = "sequences"
     metric_unit: str = ""
+    val_name: str = "validation"
     eval_text: Callable | None = None
     finish: Callable | None = None
     files: tuple[str, ...] = ("metrics.jsonl", "loss.png")
     plot_title: str = ""
-    evals: int = 5
-    patience: int | None = None
-    min_delta: float = 0.0
-    save_every_steps: int | None = None
-    save_every_minutes: float | None = None
+    after: Callable | None = None
+
+
+@dataclass
+class Plan:
+    """How a run goes: what :func:`train` resolved from the flags, the run's ``config.json`` and the
+    recipe's defaults (a recipe's ``prepare`` reads it; :func:`run` follows it).
+
+    Attributes:
+      cmd: the command, for messages (``"rnnjax train classify"``).
+      out: the run directory.
+      settings: the fixed settings: the recipe's, and ``lr`` (a list: one per population member),
+        ``warmup`` (None: default), ``end_lr``, ``weight_decay`` (maybe a list), ``clip``,
+        ``accumulate`` and ``seed``.
+      total_steps, seconds: the budget (one of them, or both).
+      options: the run options (:data:`OPTIONS` and the recipe's own): may change on ``--resume``.
+      saved: the run's ``config.json`` on ``--resume`` (None: a new run).
+      given: the fixed settings given as flags.
+      resume_step, progress: the checkpoint to resume from and its saved progress (None: a new run).
+      rest_of_time: on resume, ``seconds`` is the run's whole budget: go on with what is left of it.
+      no_plot, start_time: as the CLI flags of the same names (``start_time``: the command's start).
+      devices: data-parallel over this many local devices (:func:`device_count`), batches split
+        along their first axis; 1: no mesh.
+      population: train this many models at once (:func:`population_members`). None or 1: one model.
+    """
+
+    cmd: str
+    out: Path
+    settings: dict
+    total_steps: int | None
+    seconds: float | None
+    options: dict = field(default_factory=dict)
+    saved: dict | None = None
+    given: dict = field(default_factory=dict)
+    resume_step: int | None = None
+    progress: dict | None = None
+    rest_of_time: bool = False
     no_plot: bool = False
     start_time: float | None = None
     devices: int = 1
     population: int | None = None
+
+    def option(self, name: str):
+        return self.options[name] if self.options.get(name) is not None else OPTIONS.get(name)
 
 
 @dataclass
@@ -422,215 +469,420 @@ class Outcome:
     params: Any = None
 
 
-def run(job: Job) -> Outcome:
-    """Trains ``job`` with :func:`rnnjax.train.fit`: a progress bar (loss, throughput, ETA), the
-    validation metrics at each evaluation, Orbax checkpoints (latest and best), ``metrics.jsonl``,
-    ``loss.png``; Ctrl-C saves and stops (status 130). Then ``job.finish`` on the best parameters."""
+# ----------------------------------------------------------------------------
+# The run, piece by piece
+
+
+@dataclass
+class _Setup:
+    """The compiled step and the state it starts from (a population's: stacked), and what the loop's
+    callbacks share while it runs."""
+
+    members: list[dict]  # each member's settings (one: a single model)
+    state: Any  # the train state (a population's: stacked), replaced on resume
+    carry: Any  # the TBPTT carry, or None
+    train_step: Callable  # compiled: one member's or the whole population's
+    evaluate: Callable  # the job's, or the population's (the best member's metrics)
+    sample_key: Any  # the third key of member 0's seed: for samples drawn during and after the run
+    progress: dict | None = None  # a resumed run's progress (history, elapsed time, early stopping)
+    curve: list = field(default_factory=list)  # [step, mean training loss] every 10 steps
+    kept: int = 0  # the best member at the latest evaluation
+
+
+def _set_up(job: Job, plan: Plan) -> _Setup:
+    """The optimiser, the initial state (every member's, stacked) and the train step."""
     import jax
-    import numpy as np
-    from tqdm.auto import tqdm
 
-    from rnnjax import checkpoint, train
+    from rnnjax import train
 
-    s, out, cmd = job.settings, job.out, job.cmd
-    total_steps, seconds = job.total_steps, job.seconds
-    members = population_members(s, job.population, cmd)
-    n_members = len(members)
+    s, total_steps = plan.settings, plan.total_steps
+    members = population_members(s, plan.population, plan.cmd)
     keys = [jax.random.split(jax.random.key(m["seed"]), 3) for m in members]
-    k_sample = keys[0][2]
     warmup = s["warmup"] or (min(WARMUP, max(1, total_steps // 10)) if total_steps else WARMUP)
-    optimizer = train.default_optimizer(members[0]["lr"], total_steps=total_steps or 10 ** 9, warmup_steps=warmup,
-                                        end_fraction=s["end_lr"], weight_decay=members[0]["weight_decay"],
-                                        clip_norm=s["clip"])
+    optimizer = train.default_optimizer(members[0]["lr"], total_steps=total_steps or NO_HORIZON,
+                                        warmup_steps=warmup, end_fraction=s["end_lr"],
+                                        weight_decay=members[0]["weight_decay"], clip_norm=s["clip"])
     carried = job.initial_carry is not None
 
+    @jax.jit  # one compiled call, not one per initialiser (which costs seconds on CPU)
     def init_all(k1, k2):
         st = train.init_train_state(job.init(k1), optimizer, k2)
         return st, (job.initial_carry(st.params) if carried else None)
 
-    # One compiled call, not one per initialiser (which costs seconds on CPU).
-    init_all = jax.jit(init_all)
-    evaluate = job.evaluate
-    if n_members == 1:
+    if len(members) == 1:
         state, carry = init_all(keys[0][0], keys[0][1])
-        train_step = train.make_train_step(job.loss_fn, optimizer, carry=carried, accumulate=s["accumulate"])
-    else:
-        states, carries = [], []
-        for m, (k1, k2, _) in zip(members, keys):
-            st, c = init_all(k1, k2)
-            states.append(st._replace(opt_state=train.set_hyperparams(
-                st.opt_state, learning_rate=m["lr"], weight_decay=m["weight_decay"])))
-            carries.append(c)
-        state = train.stack_states(states)
-        carry = train.stack_states(carries) if carried else None
-        train_step = train.make_population_step(job.loss_fn, optimizer, carry=carried, accumulate=s["accumulate"],
-                                                summarise=train.population_summary)
-        evaluate = _population_evaluate(job.evaluate, n_members)
-    kept = {"member": 0}  # the best member at the latest evaluation
-    ckpt = checkpoint.Checkpointer(out)
-    progress, curve = None, []
-    if job.resume_step is not None:
-        try:
-            state, carry, meta = ckpt.restore(job.resume_step, jax.eval_shape(lambda: state),
-                                              jax.eval_shape(lambda: carry) if carried else None)
-        except checkpoint.CheckpointError as e:
-            ckpt.close()
-            raise UsageError(f"{cmd} --resume: {e}") from None
-        progress = meta["progress"]
-        step0 = train.step_of(state)
-        curve = [p for p in meta.get("curve", []) if p[0] <= step0]
-        kept["member"] = meta.get("population", {}).get("best", 0)
-        if seconds is not None and job.rest_of_time:
-            seconds = max(seconds - progress["elapsed_s"], 0.0)  # the rest of the run's time budget
-        if total_steps is not None:
-            state = state._replace(opt_state=train.set_hyperparams(state.opt_state, total_steps=total_steps))
-        job.batches.position = step0
-    step0 = train.step_of(state)
-    batches = job.batches
-    if job.devices > 1:
-        from rnnjax import parallel
+        step = train.make_train_step(job.loss_fn, optimizer, carry=carried, accumulate=s["accumulate"])
+        return _Setup(members, state, carry, step, job.evaluate, keys[0][2])
+    states, carries = [], []
+    for m, (k1, k2, _) in zip(members, keys):
+        st, c = init_all(k1, k2)
+        states.append(st._replace(opt_state=train.set_hyperparams(
+            st.opt_state, learning_rate=m["lr"], weight_decay=m["weight_decay"])))
+        carries.append(c)
+    step = train.make_population_step(job.loss_fn, optimizer, carry=carried, accumulate=s["accumulate"],
+                                      summarise=train.population_summary)
+    return _Setup(members, train.stack_states(states), train.stack_states(carries) if carried else None, step,
+                  _population_evaluate(job.evaluate, len(members)), keys[0][2])
 
-        mesh = parallel.make_mesh(job.devices)
-        train_step, state, batches, carry = parallel.distribute(train_step, state, batches, mesh, carry=carry)
-    metrics_path = out / "metrics.jsonl"
-    write_metrics(metrics_path, (progress or {}).get("history", []))
-    early = None
-    if job.patience:
-        es = (progress or {}).get("early_stopping")
-        early = train.EarlyStopping.from_dict(es) if es else train.EarlyStopping(job.patience, job.min_delta)
-        early.patience, early.min_delta = job.patience, job.min_delta
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params)) // n_members
-    population_meta = {"members": [{k: m[k] for k in ("seed", *MEMBER_SETTINGS)} for m in members]}
+
+def _restore(ckpt, job: Job, plan: Plan, setup: _Setup) -> float | None:
+    """On ``--resume``: the checkpoint's state, carry, progress and curve into ``setup``, the batches
+    positioned at its step; returns the seconds left of the budget."""
+    import jax
+
+    from rnnjax import checkpoint, train
+
+    seconds = plan.seconds
+    if plan.resume_step is None:
+        return seconds
+    try:
+        state, carry, meta = ckpt.restore(plan.resume_step, jax.eval_shape(lambda: setup.state),
+                                          jax.eval_shape(lambda: setup.carry) if setup.carry is not None else None)
+    except checkpoint.CheckpointError as e:
+        ckpt.close()
+        raise UsageError(f"{plan.cmd} --resume: {e}") from None
+    setup.progress = meta["progress"]
+    step0 = train.step_of(state)
+    setup.curve = [p for p in meta.get("curve", []) if p[0] <= step0]
+    setup.kept = meta.get("population", {}).get("best", 0)
+    if seconds is not None and plan.rest_of_time:
+        seconds = max(seconds - setup.progress["elapsed_s"], 0.0)  # the rest of the run's time budget
+    if plan.total_steps is not None:
+        state = state._replace(opt_state=train.set_hyperparams(state.opt_state, total_steps=plan.total_steps))
+    setup.state, setup.carry = state, carry
+    job.batches.position = step0
+    return seconds
+
+
+def _early_stopping(plan: Plan, progress: dict | None):
+    from rnnjax import train
+
+    patience, min_delta = plan.option("patience"), plan.option("min_delta")
+    if not patience:
+        return None
+    es = (progress or {}).get("early_stopping")
+    early = train.EarlyStopping.from_dict(es) if es else train.EarlyStopping(patience, min_delta)
+    early.patience, early.min_delta = patience, min_delta
+    return early
+
+
+def _saver(ckpt, job: Job, setup: _Setup) -> Callable:
+    """``save(state, carry, metrics, progress)`` for :func:`rnnjax.train.fit`: a checkpoint with the job's
+    meta, the progress, the loss curve so far, the data position and a population's members."""
+    from rnnjax import train
+
+    population = {"members": [{k: m[k] for k in ("seed", *MEMBER_SETTINGS)} for m in setup.members]}
 
     def save(st, c, metrics, prog):
         at = train.step_of(st)
         ckpt.save(at, st, carry=c, metrics=metrics, meta={
-            **job.meta, "progress": prog, "curve": [p for p in curve if p[0] <= at],
+            **job.meta, "progress": prog, "curve": [p for p in setup.curve if p[0] <= at],
             "data": {**job.meta.get("data", {}), "position": at},
-            **({"population": {**population_meta, "best": kept["member"]}} if n_members > 1 else {})})
+            **({"population": {**population, "best": setup.kept}} if len(setup.members) > 1 else {})})
 
-    what = f"{total_steps} steps" if total_steps else f"{seconds / 60:g} min"
+    return save
+
+
+def _start_line(job: Job, plan: Plan, setup: _Setup, seconds: float | None) -> str:
+    import jax
+    import numpy as np
+
+    from rnnjax import train
+
+    members, n = setup.members, len(setup.members)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(setup.state.params)) // n
+    what = f"{plan.total_steps} steps" if plan.total_steps else f"{seconds / 60:g} min"
+    resuming = f"; resuming at step {train.step_of(setup.state)}" if plan.resume_step is not None else ""
     how = ""
-    if job.devices > 1:
-        how = f"; data-parallel over {job.devices} {jax.default_backend()} devices"
-    if n_members > 1:
-        how = (f"; a population of {n_members} (seeds {members[0]['seed']}..{members[-1]['seed']}, lr "
+    if plan.devices > 1:
+        how = f"; data-parallel over {plan.devices} {jax.default_backend()} devices"
+    if n > 1:
+        how = (f"; a population of {n} (seeds {members[0]['seed']}..{members[-1]['seed']}, lr "
                f"{','.join(format(m['lr'], 'g') for m in members)}) in one compiled step")
-    print(f"rnnjax: {job.model_name} ({n_params / 1e6:.2f}M parameters{' each' if n_members > 1 else ''}) on "
-          f"{job.describe}; budget {what}{f'; resuming at step {step0}' if job.resume_step is not None else ''}"
-          f"{how}; backend {jax.default_backend()}; run directory {str(out)!r}", file=sys.stderr)
+    return (f"rnnjax: {job.model_name} ({n_params / 1e6:.2f}M parameters{' each' if n > 1 else ''}) on "
+            f"{job.describe}; budget {what}{resuming}{how}; backend {jax.default_backend()}; run directory "
+            f"{str(plan.out)!r}")
 
-    bar = tqdm(total=total_steps, initial=step0, unit="step", dynamic_ncols=True, file=sys.stderr,
-               desc=job.model_name, smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 10.0)
-    postfix = {}
-    recent_losses = []
-    rate_name = {"characters": "tok/s"}.get(job.unit, f"{job.unit[:3]}/s")
 
-    def on_step(step, m, tps, horizon):
-        if total_steps is None and horizon < 10 ** 9 and bar.total != horizon:
-            bar.total = horizon
+class Display:
+    """The progress bar (loss, throughput, ETA), the loss curve it records (``[step, mean loss]`` every 10
+    steps) and the line printed at each evaluation, which also rewrites ``metrics.jsonl``."""
+
+    def __init__(self, job: Job, plan: Plan, setup: _Setup):
+        from tqdm.auto import tqdm
+
+        from rnnjax import train
+
+        self.job, self.plan, self.setup = job, plan, setup
+        self.metrics_path = plan.out / "metrics.jsonl"
+        self.history = list((setup.progress or {}).get("history", []))
+        write_metrics(self.metrics_path, self.history)
+        self.bar = tqdm(total=plan.total_steps, initial=train.step_of(setup.state), unit="step", dynamic_ncols=True,
+                        file=sys.stderr, desc=job.model_name, smoothing=0.1,
+                        mininterval=0.1 if sys.stderr.isatty() else 10.0)
+        self.postfix, self.recent = {}, []
+        self.rate_name = {"characters": "tok/s", "pronunciations": "words/s"}.get(job.unit, f"{job.unit[:3]}/s")
+
+    def on_step(self, step, m, tps, horizon):
+        import numpy as np
+
+        if self.plan.total_steps is None and horizon < NO_HORIZON and self.bar.total != horizon:
+            self.bar.total = horizon
         if not m["skipped"]:
-            recent_losses.append(m["loss"])
-        if step % 10 == 0 and recent_losses:
-            curve.append([step, round(float(np.mean(recent_losses)), 4)])
-            postfix["loss"] = f"{curve[-1][1]:.3f}"
+            self.recent.append(m["loss"])
+        if step % 10 == 0 and self.recent:
+            self.setup.curve.append([step, round(float(np.mean(self.recent)), 4)])
+            self.postfix["loss"] = f"{self.setup.curve[-1][1]:.3f}"
             if tps:
-                postfix[rate_name] = f"{tps:,.0f}"
-            bar.set_postfix(postfix, refresh=False)
-            recent_losses.clear()
-        bar.update(1)
+                self.postfix[self.rate_name] = f"{tps:,.0f}"
+            self.bar.set_postfix(self.postfix, refresh=False)
+            self.recent.clear()
+        self.bar.update(1)
 
-    history_so_far = list((progress or {}).get("history", []))
+    def on_eval(self, record, st):
+        from rnnjax import train
 
-    def on_eval(record, st):
-        postfix["val"] = f"{record['val_loss']:.3f}"
-        write_metrics(metrics_path, history_so_far + [record])
-        history_so_far.append(record)
+        job = self.job
+        self.postfix["val"] = f"{record['val_loss']:.3f}"
+        self.history.append(record)
+        write_metrics(self.metrics_path, self.history)
         train_part = "" if record["train_loss"] is None else f", train {record['train_loss']:.4f}"
         unit = f" {job.metric_unit}" if job.metric_unit else ""
         extras = "".join(f", {k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in record.items()
                          if k.startswith("val_") and k != "val_loss" and isinstance(v, float))
-        line = (f"step {record['step']}: validation loss {record['val_loss']:.4f}{unit}{extras}{train_part} "
+        line = (f"step {record['step']}: {job.val_name} loss {record['val_loss']:.4f}{unit}{extras}{train_part} "
                 f"({record['elapsed_s']:.0f} s)")
-        if n_members > 1:
-            kept["member"] = record["member"]
+        if len(self.setup.members) > 1:
+            self.setup.kept = record["member"]
             line += f"; best member {record['member']}; members " + " ".join(
                 f"{v:.4f}" for v in record["member_val_loss"])
             st = train.member(st, record["member"])
         if job.eval_text is not None:
             line += job.eval_text(record, st)
-        bar.write(line, file=sys.stderr)
+        self.bar.write(line, file=sys.stderr)
 
+
+def _fit(job: Job, plan: Plan, setup: _Setup, ckpt, seconds, display: Display, early):
+    """:func:`rnnjax.train.fit` on the set-up state, sharded over ``plan.devices``; Ctrl-C saves and stops."""
+    from rnnjax import train
+
+    train_step, state, batches, carry = setup.train_step, setup.state, job.batches, setup.carry
+    if plan.devices > 1:
+        from rnnjax import parallel
+
+        mesh = parallel.make_mesh(plan.devices)
+        train_step, state, batches, carry = parallel.distribute(train_step, state, batches, mesh, carry=carry)
+    every_minutes = plan.option("save_every_minutes")
     with Interrupt() as interrupt:
         try:
-            result = train.fit(
-                train_step, state, batches, carry=carry, total_steps=total_steps, seconds=seconds,
-                start_time=job.start_time, evaluate=evaluate, evals=job.evals, early_stopping=early, save=save,
-                save_every_steps=job.save_every_steps,
-                save_every_seconds=None if job.save_every_minutes is None else job.save_every_minutes * 60,
-                tokens_per_step=job.tokens_per_step, on_step=on_step, on_eval=on_eval,
-                should_stop=lambda: interrupt.requested, max_consecutive_skipped=MAX_SKIPPED, progress=progress)
+            return train.fit(
+                train_step, state, batches, carry=carry, total_steps=plan.total_steps, seconds=seconds,
+                start_time=plan.start_time, evaluate=setup.evaluate, evals=plan.option("evals"),
+                early_stopping=early, save=_saver(ckpt, job, setup), save_every_steps=plan.option("save_every_steps"),
+                save_every_seconds=None if every_minutes is None else every_minutes * 60,
+                tokens_per_step=job.tokens_per_step, on_step=display.on_step, on_eval=display.on_eval,
+                should_stop=lambda: interrupt.requested, max_consecutive_skipped=MAX_SKIPPED,
+                progress=setup.progress)
         finally:
-            bar.close()
+            display.bar.close()
             ckpt.wait()
-    best_step = ckpt.best_step()
-    history = result.history
-    if history and not job.no_plot:
-        try:
-            plot_history(history, out / "loss.png", job.plot_title, curve,
-                         ylabel=f"loss ({job.metric_unit})" if job.metric_unit else "loss")
-        except Exception as e:  # noqa: BLE001 - a failed plot must not fail a finished run
-            print(f"rnnjax: could not write loss.png ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def _plot(job: Job, plan: Plan, history: list, curve: list) -> None:
+    if not history or plan.no_plot:
+        return
+    try:
+        plot_history(history, plan.out / "loss.png", job.plot_title, curve,
+                     ylabel=f"loss ({job.metric_unit})" if job.metric_unit else "loss")
+    except Exception as e:  # noqa: BLE001 - a failed plot must not fail a finished run
+        print(f"rnnjax: could not write loss.png ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def _report(job: Job, plan: Plan, setup: _Setup, result, early) -> int | None:
+    """The closing lines: the final step and loss, a population's table, and why the run stopped; the
+    exit status when it did not finish (130: interrupted, 1: not finite), else None."""
+    from rnnjax import train
+
+    history, members = result.history, setup.members
     step = train.step_of(result.state)
     val = history[-1]["val_loss"] if history and history[-1]["step"] == step else None
     skipped = f"; {result.skipped_steps} step(s) skipped for non-finite gradients" if result.skipped_steps else ""
     unit = f" {job.metric_unit}" if job.metric_unit else ""
     bits = f" ({val / math.log(2):.3f} bits/char)" if job.metric_unit == "nats/char" and val is not None else ""
-    summary = (f"rnnjax: step {step} after {result.elapsed_s:.0f} s ({result.tokens_per_s:,.0f} {job.unit}/s after "
-               f"compilation)" + (f"; validation loss {val:.4f}{unit}{bits}" if val is not None else "") + skipped)
-    print(summary, file=sys.stderr)
-    final_params = result.state.params
-    if n_members > 1:
+    print(f"rnnjax: step {step} after {result.elapsed_s:.0f} s ({result.tokens_per_s:,.0f} {job.unit}/s after "
+          f"compilation)" + (f"; {job.val_name} loss {val:.4f}{unit}{bits}" if val is not None else "") + skipped
+          + f"; stopped: {result.stop_reason}", file=sys.stderr)
+    if len(members) > 1:
         # Kept: the best member of the best evaluation (the best checkpoint's), else of the last one.
         best_record = min((r for r in history if "member" in r), key=lambda r: r["val_loss"], default=None)
-        kept["member"] = best_record["member"] if best_record else kept["member"]
-        _print_members(members, history, kept["member"])
-        final_params = train.member(final_params, kept["member"])
+        setup.kept = best_record["member"] if best_record else setup.kept
+        _print_members(members, history, setup.kept)
     if result.stop_reason == "interrupted":
-        ckpt.close()
-        print(f"rnnjax: interrupted; checkpoint of step {step} saved in {str(out / 'checkpoints')!r}. Resume with: "
-              f"{cmd} --out {job.out} --resume", file=sys.stderr)
-        return Outcome(130, result, k_sample, params=final_params)
+        print(f"rnnjax: interrupted; checkpoint of step {step} saved in {str(plan.out / 'checkpoints')!r}. Resume "
+              f"with: {plan.cmd} --out {plan.out} --resume", file=sys.stderr)
+        return 130
     if result.stop_reason == "not_finite":
-        ckpt.close()
         print(f"rnnjax: error: the gradients were not finite for {MAX_SKIPPED} steps in a row (skipped, never "
               f"applied) at step {step}; the last good parameters are saved. Fix: lower --lr (now "
-              f"{','.join(format(m['lr'], 'g') for m in members)}) or "
-              "--clip.",
-              file=sys.stderr)
-        return Outcome(1, result, k_sample, params=final_params)
+              f"{','.join(format(m['lr'], 'g') for m in members)}) or --clip.", file=sys.stderr)
+        return 1
     if result.stop_reason == "early_stopping":
         print(f"rnnjax: early stopping: no improvement for {early.patience} evaluations (best "
               f"{early.best:.4f} at step {early.best_step})", file=sys.stderr)
-    test = None
-    if job.finish is not None:
-        params = result.state.params
-        if best_step is not None and best_step != step:
-            params, _ = ckpt.restore_params(best_step, jax.eval_shape(lambda: result.state.params))
-        if n_members > 1:
-            params = train.member(params, kept["member"])
-        test = {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v)
-                for k, v in job.finish(params, history).items()}
-        record = {"step": best_step if best_step is not None else step, "split": "test",
-                  **({"member": kept["member"]} if n_members > 1 else {}), **test}
-        write_metrics(metrics_path, history + [record])
-        shown = ", ".join(f"{k.removeprefix('test_').replace('_', ' ')} {v:.4f}" for k, v in test.items()
-                          if isinstance(v, float))
-        print(f"rnnjax: test ({'best checkpoint, ' if best_step not in (None, step) else ''}step "
-              f"{record['step']}{', member ' + str(kept['member']) if n_members > 1 else ''}): {shown}",
-              file=sys.stderr)
+    return None
+
+
+def _test_metrics(job: Job, plan: Plan, setup: _Setup, ckpt, result) -> dict | None:
+    """``job.finish`` on the best checkpoint's parameters (a population's kept member), appended to
+    ``metrics.jsonl`` and printed."""
+    import jax
+    import numpy as np
+
+    from rnnjax import train
+
+    if job.finish is None:
+        return None
+    step, best_step = train.step_of(result.state), ckpt.best_step()
+    params = result.state.params
+    if best_step is not None and best_step != step:
+        params, _ = ckpt.restore_params(best_step, jax.eval_shape(lambda: result.state.params))
+    population = len(setup.members) > 1
+    if population:
+        params = train.member(params, setup.kept)
+    test = {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v)
+            for k, v in job.finish(params, result.history, None if plan.no_plot else plan.out).items()}
+    record = {"step": best_step if best_step is not None else step, "split": "test",
+              **({"member": setup.kept} if population else {}), **test}
+    write_metrics(plan.out / "metrics.jsonl", result.history + [record])
+    shown = ", ".join(f"{k.removeprefix('test_').replace('_', ' ')} {v:.4f}" for k, v in test.items()
+                      if isinstance(v, float))
+    print(f"rnnjax: test ({'best checkpoint, ' if best_step not in (None, step) else ''}step "
+          f"{record['step']}{', member ' + str(setup.kept) if population else ''}): {shown}", file=sys.stderr)
+    return test
+
+
+def run(job: Job, plan: Plan) -> Outcome:
+    """Trains ``job`` as ``plan`` says with :func:`rnnjax.train.fit`: a progress bar (loss, throughput,
+    ETA), the validation metrics at each evaluation, Orbax checkpoints (latest and best),
+    ``metrics.jsonl``, ``loss.png``; Ctrl-C saves and stops (status 130). Then ``job.finish`` on the best
+    parameters."""
+    from rnnjax import checkpoint, train
+
+    setup = _set_up(job, plan)
+    ckpt = checkpoint.Checkpointer(plan.out)
+    seconds = _restore(ckpt, job, plan, setup)
+    early = _early_stopping(plan, setup.progress)
+    print(_start_line(job, plan, setup, seconds), file=sys.stderr)
+    result = _fit(job, plan, setup, ckpt, seconds, Display(job, plan, setup), early)
+    _plot(job, plan, result.history, setup.curve)
+    status = _report(job, plan, setup, result, early)
+    params = result.state.params
+    if len(setup.members) > 1:
+        params = train.member(params, setup.kept)
+    if status is not None:
+        ckpt.close()
+        return Outcome(status, result, setup.sample_key, params=params)
+    test = _test_metrics(job, plan, setup, ckpt, result)
     ckpt.close()
-    files = [f for f in job.files if not (job.no_plot and f.endswith(".png"))]
+    files = [f for f in job.files if not (plan.no_plot and f.endswith(".png"))]
     print(f"rnnjax: checkpoints, {', '.join(files[:-1])}{' and ' if len(files) > 1 else ''}{files[-1]} are in "
-          f"{str(out)!r}", file=sys.stderr)
-    return Outcome(0, result, k_sample, test, final_params)
+          f"{str(plan.out)!r}", file=sys.stderr)
+    return Outcome(0, result, setup.sample_key, test, params)
+
+
+# ----------------------------------------------------------------------------
+# From a recipe and flags to a run
+
+
+def resolve_options(recipe, given: dict, saved: dict | None) -> dict:
+    """The run options: those given (not None), else the run's own on ``--resume``, else the recipe's
+    defaults (then :data:`OPTIONS`)."""
+    own = (saved or {}).get("options", {})
+    defaults = {**OPTIONS, **recipe.options}
+    return {k: given[k] if given.get(k) is not None else own.get(k, defaults[k]) for k in defaults}
+
+
+def plan_run(recipe, given: dict, request: dict) -> Plan:
+    """Checks the run directory and resolves settings, options and budget (nothing is written).
+
+    ``given``: the fixed settings and run options given (None: not given); ``request``: ``out``,
+    ``resume``, ``overwrite``, ``steps``, ``minutes``, ``no_plot``, ``start_time``."""
+    cmd = f"rnnjax train {recipe.name}"
+    out, saved = check_out(request["out"], resume=request.get("resume", False),
+                           overwrite=request.get("overwrite", False), cmd=cmd, run_files=recipe.run_files)
+    fixed = {k: v for k, v in given.items() if k in recipe.defaults and v is not None}
+    settings = recipe.adjust(fixed_settings(fixed, recipe.defaults, saved, cmd, same=recipe.same), fixed, saved)
+    steps, minutes = request.get("steps"), request.get("minutes")
+    if steps is None and minutes is None and not saved:
+        steps, minutes = recipe.budget.get("steps"), recipe.budget.get("minutes")
+    total_steps, seconds = budget(steps, minutes, saved, recipe.budget.get("minutes", 5.0))
+    step, meta = resume_point(out, cmd) if saved else (None, {})
+    return Plan(cmd=cmd, out=out, settings=settings, total_steps=total_steps, seconds=seconds,
+                options=resolve_options(recipe, given, saved), saved=saved, given=fixed, resume_step=step,
+                progress=meta.get("progress"), rest_of_time=request.get("minutes") is None,
+                no_plot=request.get("no_plot", False), start_time=request.get("start_time"))
+
+
+def train(recipe, given: dict, request: dict) -> Outcome:
+    """Runs ``rnnjax train TASK`` for ``recipe`` (:mod:`rnnjax.recipes`): plans the run
+    (:func:`plan_run`), lets the recipe prepare its :class:`Job`, checks the population and devices,
+    writes ``config.json`` (everything that can fail on bad input fails before), trains (:func:`run`)
+    and hands a finished run's outcome to the job's ``after``. ``request["devices"]``: data-parallel over that
+    many local devices (None: as many as divide the batch)."""
+    plan = plan_run(recipe, given, request)
+    job = recipe.prepare(plan)
+    s = plan.settings
+    plan.population = len(population_members(s, s.get("population"), plan.cmd))
+    plan.devices = device_count(request.get("devices"), s["batch"], plan.cmd, population=plan.population)
+    if s["batch"] % s["accumulate"]:
+        raise UsageError(f"{plan.cmd}: --accumulate {s['accumulate']} must divide --batch {s['batch']} (each update "
+                         f"averages {s['accumulate']} equal micro-batches). Fix: pass a divisor of {s['batch']}.")
+    config = plan.saved or {RUN_MARKER: 1, "task": recipe.name, "settings": s, "model": job.model_name,
+                            **job.config, "budget": {"steps": plan.total_steps, "seconds": plan.seconds}}
+    config["options"] = plan.options
+    write_config(plan.out, config, overwrite=request.get("overwrite", False), cmd=plan.cmd, out_arg=request["out"],
+                 run_files=recipe.run_files)
+    job.meta = {"task": recipe.name, "settings": s, **job.meta}
+    outcome = run(job, plan)
+    if outcome.status == 0 and job.after is not None:
+        outcome.status = job.after(outcome)
+    return outcome
+
+
+# ----------------------------------------------------------------------------
+# Trained models, for `rnnjax eval` and `rnnjax generate`
+
+
+def load_params(directory: str, which, init: Callable, cmd: str, *, check: Callable[[dict, int], None] | None = None):
+    """``(params, meta, step)`` of a run's checkpoint (``which``: ``"best"``, ``"latest"`` or a step):
+    ``init`` (``key -> params``) gives the structure; a population's checkpoint gives its best member
+    at that step. ``check(meta, step)`` may refuse the checkpoint (a :class:`UsageError`) before the
+    arrays are read."""
+    import jax
+
+    from rnnjax import checkpoint, train
+
+    try:
+        ckpt, step = checkpoint.open_run(directory, fn=cmd, which=which)
+        try:
+            meta = ckpt.read_meta(step)
+            if check is not None:
+                check(meta, step)
+            abstract = jax.eval_shape(init, jax.random.key(0))
+            population = meta.get("population")
+            if population:
+                n = len(population["members"])
+                abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), abstract)
+            params, _ = ckpt.restore_params(step, abstract)
+            if population:
+                params = train.member(params, population["best"])
+        finally:
+            ckpt.close()
+    except checkpoint.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    return params, meta, step
+
+
+def which_checkpoint(args) -> str | int:
+    """``--step N``, ``--latest`` or (by default) the best checkpoint."""
+    return args.step if args.step is not None else ("latest" if args.latest else "best")

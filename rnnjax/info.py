@@ -23,12 +23,12 @@ def _version(dist: str) -> str:
 def report() -> str:
     """A few lines for people and bug reports: versions, CPU, native kernels, and the path each cell takes."""
     state = native.status()
-    flags = native.cpu_flags()
+    shown = [flag for flag in FLAGS_SHOWN if flag in native.cpu_flags()]
     lines = [
         f"rnnjax {_version('rnnjax')}, jax {jax.__version__}, jaxlib {_version('jaxlib')}, "
         f"oneDNN ({native.ONEDNN}) {_version(native.ONEDNN)}",
         f"JAX backend: {jax.default_backend()} ({jax.devices()[0].device_kind})",
-        f"CPU: {native.cpu_model()}; flags: {', '.join(f for f in FLAGS_SHOWN if f in flags) or 'none of ' + ', '.join(FLAGS_SHOWN)}",
+        f"CPU: {native.cpu_model()}; flags: {', '.join(shown) or 'none of ' + ', '.join(FLAGS_SHOWN)}",
         f"native kernels: {'available' if state.available else 'unavailable'} ({state.reason})",
     ]
     for name, cell in (("lstm", cells.lstm(8)), ("gru", cells.gru(8)), ("elman", cells.elman(8)),

@@ -23,7 +23,8 @@ outputs in ``dtype``; None computes in the parameters' dtype).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +121,8 @@ def bidirectional(forward: Cell, reverse: Cell | None = None, *, merge: str = "c
         return BidirectionalParams(forward.init(k_f, input_size), reverse_cell.init(k_b, input_size))
 
     def initial_carry(params: BidirectionalParams, batch_shape=()):
-        return forward.initial_carry(params.forward, batch_shape), reverse_cell.initial_carry(params.backward, batch_shape)
+        return (forward.initial_carry(params.forward, batch_shape),
+                reverse_cell.initial_carry(params.backward, batch_shape))
 
     def apply(params, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None, time_major=False):
         del key
@@ -154,7 +156,7 @@ class StackParams(NamedTuple):
     norms: tuple | None  # per-layer (gain, shift) when layer_norm=True
 
 
-def stack(layers: Sequence[Union[Cell, Layer]], *, dropout: float = 0.0, variational: bool = False,
+def stack(layers: Sequence[Cell | Layer], *, dropout: float = 0.0, variational: bool = False,
           residual: bool = False, layer_norm: bool = False, eps: float = 1e-5, dtype=None) -> Layer:
     """A deep RNN: each layer reads the previous layer's outputs.
 
@@ -394,7 +396,8 @@ def embedding(vocab_size: int, features: int, *, param_dtype=jnp.float32, dtype=
     def apply(table: Array, ids: Array) -> Array:
         ids = jnp.asarray(ids)
         if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise TypeError(f"{fn}: expected integer token ids, got dtype {ids.dtype}. Fix: pass ids.astype(jnp.int32).")
+            raise TypeError(f"{fn}: expected integer token ids, got dtype {ids.dtype}. "
+                            "Fix: pass ids.astype(jnp.int32).")
         if _checks.is_concrete(ids) and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
             raise ValueError(f"{fn}: token ids must be in [0, {V}), got values in [{int(ids.min())}, "
                              f"{int(ids.max())}]. Fix: map tokens through the model's vocabulary.")

@@ -20,7 +20,6 @@ from jax.ad_checkpoint import checkpoint_name, checkpoint_policies
 from rnnjax.cells.base import Cell
 from rnnjax.types import Array
 
-
 # Measured with ``rnnjax-bench parallel`` on a 2-core CPU (docs/performance.md).
 CPU_PARALLEL_MIN_T = 32
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def edit_distance(a: Sequence, b: Sequence) -> int:
@@ -36,7 +36,7 @@ def error_rates(predictions: Sequence[Sequence], references: Sequence[Sequence[S
         if not refs:
             raise ValueError("rnnjax.metrics.error_rates: every item needs at least one reference, got an empty set.")
         pred = tuple(pred)
-        best = min(((edit_distance(pred, tuple(r)), len(r)) for r in refs))
+        best = min((edit_distance(pred, tuple(r)), len(r)) for r in refs)
         edits += best[0]
         ref_tokens += best[1]
         errors += best[0] != 0

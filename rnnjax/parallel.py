@@ -26,11 +26,14 @@ collectives::
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rnnjax._checks import is_int
+from rnnjax.data.sequences import BatchesView
 
 AXIS = "data"
 # Parameters smaller than this stay replicated under shard_params=True: splitting them saves
@@ -65,7 +68,7 @@ def make_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
     available = jax.devices()
     if devices is None:
         chosen = available
-    elif isinstance(devices, int) and not isinstance(devices, bool):
+    elif is_int(devices):
         if not 1 <= devices <= len(available):
             raise ValueError(f"{fn}: asked for {devices} devices, but {len(available)} are available "
                              f"({available[0].platform}). Fix: pass a number from 1 to {len(available)}, or None "
@@ -166,26 +169,16 @@ def data_parallel(train_step: Callable, state, mesh: Mesh, *, shard_params: bool
     return jax.jit(train_step, in_shardings=(state_sh, data), out_shardings=(state_sh, None), donate_argnums=0)
 
 
-class ShardedBatches:
+class ShardedBatches(BatchesView):
     """An iterator of batches whose every batch is split over ``mesh`` (:func:`shard_batch`); the
     wrapped iterator's ``position`` (the step it yields next, if it has one) reads and sets through."""
 
     def __init__(self, batches, mesh: Mesh):
-        self.batches, self.mesh = batches, mesh
-
-    def __iter__(self):
-        return self
+        super().__init__(batches)
+        self.mesh = mesh
 
     def __next__(self):
         return shard_batch(next(self.batches), self.mesh)
-
-    @property
-    def position(self):
-        return self.batches.position
-
-    @position.setter
-    def position(self, value):
-        self.batches.position = value
 
 
 def distribute(train_step: Callable, state, batches, mesh: Mesh, *, carry=None, shard_params: bool = False):

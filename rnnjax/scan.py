@@ -23,22 +23,23 @@ and a reset ``(0, a * h_init + b)``, so both paths give the same numbers.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
-from rnnjax import _checks, backend as backends
+from rnnjax import _checks
+from rnnjax import backend as backends
 from rnnjax._tree import where_batch
 from rnnjax.cells.base import Cell
 from rnnjax.fused import fused_unroll
 from rnnjax.linear_scan import auto_parallel, parallel_unroll
 from rnnjax.types import Array, Carry, Params
 
-Remat = Union[bool, int, None]
-Hoist = Union[bool, Literal["auto"]]
+Remat = bool | int | None
+Hoist = bool | Literal["auto"]
 Backward = Literal["auto", "fused", "autodiff"]
-Parallel = Union[bool, Literal["auto", "associative", "loop"]]
+Parallel = bool | Literal["auto", "associative", "loop"]
 PARALLEL = (True, False, "auto", "associative", "loop")
 
 

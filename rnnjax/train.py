@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rnnjax._checks import is_int, is_number, require_int
 from rnnjax.types import Array, PRNGKey
 
 LossFn = Callable[..., Any]
@@ -112,16 +114,13 @@ def default_optimizer(learning_rate: float = 2e-3, *, total_steps: int, warmup_s
     :func:`make_train_step` too.
     """
     fn = "rnnjax.train.default_optimizer"
-    if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
-        raise ValueError(f"{fn}: total_steps must be an integer >= 1, got {total_steps!r}. "
-                         "Fix: pass the number of optimiser steps the run will take.")
+    require_int(fn, "total_steps", total_steps, fix="pass the number of optimiser steps the run will take.")
     warmup = default_warmup(total_steps) if warmup_steps is None else warmup_steps
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
-        raise ValueError(f"{fn}: warmup_steps must be an integer >= 1, got {warmup_steps!r}. "
-                         "Fix: pass e.g. warmup_steps=100, or None for the default.")
+    require_int(fn, "warmup_steps", warmup, fix="pass e.g. warmup_steps=100, or None for the default.")
     for name, value in (("learning_rate", learning_rate), ("clip_norm", clip_norm)):
-        if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-            raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}.")
+        if not is_number(value) or not value > 0 or not math.isfinite(value):
+            raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}. Fix: pass a finite "
+                             f"number > 0, e.g. {name}=1e-3.")
     f32, i32 = partial(jnp.asarray, dtype=jnp.float32), partial(jnp.asarray, dtype=jnp.int32)
     # Strongly typed arrays, so set_hyperparams's replacements have the very same types.
     return optax.inject_hyperparams(_chain)(
@@ -205,8 +204,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     clipping) and ``skipped`` (0 or 1).
     """
     fn = "rnnjax.train.make_train_step"
-    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
-        raise ValueError(f"{fn}: accumulate must be an integer >= 1, got {accumulate!r}.")
+    require_int(fn, "accumulate", accumulate, fix="pass the number of micro-batches per update, e.g. accumulate=2.")
 
     def grads_of(params, batch, key, c):
         if carry:
@@ -464,9 +462,8 @@ class EarlyStopping:
     bad_evals: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1:
-            raise ValueError(f"rnnjax.train.EarlyStopping: patience must be an integer >= 1 (evaluations "
-                             f"without improvement before stopping), got {self.patience!r}.")
+        require_int("rnnjax.train.EarlyStopping", "patience", self.patience,
+                    why="evaluations without improvement before stopping")
         if not self.min_delta >= 0:
             raise ValueError(f"rnnjax.train.EarlyStopping: min_delta must be >= 0, got {self.min_delta!r}.")
 
@@ -487,7 +484,7 @@ class EarlyStopping:
                 "bad_evals": self.bad_evals}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EarlyStopping":
+    def from_dict(cls, d: dict) -> EarlyStopping:
         return cls(d["patience"], d["min_delta"], math.inf if d["best"] is None else d["best"], d["best_step"],
                    d["bad_evals"])
 
@@ -506,7 +503,7 @@ def _rounded(value):
     they are, lists (one value per population member) element by element."""
     if isinstance(value, (list, tuple)):
         return [_rounded(v) for v in value]
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if is_int(value):
         return int(value)
     return round(float(value), 5)
 
@@ -525,6 +522,245 @@ class FitResult:
 
 
 CALIBRATION_STEPS = 20  # steps timed (after the compiling one) before a time budget fixes the schedule
+
+
+class _Clock:
+    """The time budget of :func:`fit`: a deadline ``seconds`` after ``start_time`` (covering training,
+    evaluations and the final save), the measured time per step, and, for a timed run without
+    ``total_steps``, the schedule's horizon fitted to the time left."""
+
+    def __init__(self, seconds: float | None, start_time: float | None, total_steps: int | None, progress: dict):
+        self.seconds = seconds
+        self.start = time.perf_counter() if start_time is None else start_time
+        self.prior_elapsed = float(progress.get("elapsed_s", 0.0))
+        self.deadline = self.start + seconds if seconds is not None else math.inf
+        self.fit_horizon = seconds is not None and total_steps is None
+        self.horizon = total_steps if total_steps is not None else int(progress.get("total_steps", 10 ** 9))
+        self.calibrated = not self.fit_horizon
+        self.next_refit = None
+        self.iter_times: list[float] = []  # wall seconds per loop iteration, evaluations and saves excluded
+        self.eval_cost, self.save_cost = 0.0, 0.0
+
+    @staticmethod
+    def now() -> float:
+        return time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds of the whole run (all sessions of a resumed one)."""
+        return self.prior_elapsed + self.now() - self.start
+
+    def rate(self) -> float:
+        # The mean, not the median: with batches of several shapes (length buckets) the step times
+        # are skewed, and the median (the common small shape) underestimates the time per step.
+        recent = self.iter_times[-200:]
+        return float(np.mean(recent)) if recent else math.inf
+
+    def throughput(self, tokens_per_step: int, last: int) -> float | None:
+        recent = self.iter_times[-last:]
+        return tokens_per_step * len(recent) / sum(recent) if recent else None
+
+    def time_is_up(self) -> bool:
+        """Whether one more step, an evaluation and a save would run past the deadline."""
+        return self.seconds is not None and self.calibrated and (
+            self.now() + self.rate() + self.eval_cost + self.save_cost + 0.5 > self.deadline)
+
+    def refit(self, step: int, evals_left: int) -> int:
+        """The horizon at which the time runs out, at the measured speed (evaluations and saves reserved)."""
+        reserve = self.eval_cost + self.save_cost + 1.0 + 0.01 * self.seconds
+        left = self.deadline - self.now() - evals_left * (self.eval_cost + self.save_cost) - reserve
+        self.horizon = step + max(1, int(left / self.rate()))
+        self.next_refit = step + max(10, (self.horizon - step) // 25)
+        return self.horizon
+
+
+class _EvalPlan:
+    """When :func:`fit` evaluates: ``evals`` times, evenly spaced over a step budget (over the whole run,
+    so a resumed run evaluates where it would have), or at fractions of a timed run's fitted horizon,
+    spread over what is left of it from the step it started at."""
+
+    def __init__(self, evaluate, evals: int, total_steps: int | None, step: int):
+        self.evals, self.total_steps, self.base = evals, total_steps, step
+        self.steps = None  # fractions of the fitted horizon: decided as it goes
+        if total_steps is not None:
+            self.steps = [t for t in _spread(0, total_steps, evals) if t > step] if evaluate and evals > 0 else []
+        self.fractions_left = list(range(1, evals + 1)) if evaluate else []
+
+    def left(self) -> int:
+        """Evaluations still to come before the final one."""
+        return max(len(self.fractions_left) - 1, 0)
+
+    def due(self, step: int, horizon: int, calibrated: bool) -> bool:
+        if self.steps is not None:
+            return step in self.steps and step != self.total_steps
+        due = (calibrated and len(self.fractions_left) > 1
+               and step >= self.base + self.fractions_left[0] / self.evals * (horizon - self.base))
+        if due:
+            self.fractions_left.pop(0)
+        return due
+
+
+class _Loop:
+    """The state of one :func:`fit` call: the train state, the records, and the pieces of the loop."""
+
+    def __init__(self, train_step, state, carry, clock: _Clock, progress: dict, *, total_steps, evaluate, evals,
+                 early_stopping, save, tokens_per_step, on_step, on_eval):
+        self.train_step, self.state, self.carry, self.clock = train_step, state, carry, clock
+        self.total_steps, self.evaluate_fn, self.early_stopping = total_steps, evaluate, early_stopping
+        self.save_fn, self.tokens_per_step, self.on_step, self.on_eval = save, tokens_per_step, on_step, on_eval
+        self.history = list(progress.get("history", []))
+        self.skipped = int(progress.get("skipped_steps", 0))
+        self.step = self.first_step = step_of(state)
+        if clock.fit_horizon:
+            try:
+                self.state = state._replace(opt_state=set_hyperparams(state.opt_state, total_steps=clock.horizon))
+            except ValueError:
+                clock.fit_horizon, clock.calibrated = False, True  # another optimiser: time only stops the run
+        self.plan = _EvalPlan(evaluate, evals, total_steps, self.step)
+        self.losses: list[float] = []
+        self.consecutive_skipped = 0
+        self.last_save_time, self.last_save_step = clock.now(), self.step
+        self.evaluated_at = self.history[-1]["step"] if self.history else None
+        self.pending = None  # a step's metrics, read after the next step is queued (the device never waits)
+
+    def progress(self) -> dict:
+        es = self.early_stopping.to_dict() if self.early_stopping is not None else None
+        return {"history": self.history, "skipped_steps": self.skipped, "elapsed_s": round(self.clock.elapsed(), 3),
+                "total_steps": self.clock.horizon, "early_stopping": es}
+
+    def save(self, metrics=None) -> None:
+        if self.save_fn is None or (self.last_save_step == self.step and metrics is None
+                                    and self.step != self.first_step):
+            return
+        t0 = self.clock.now()
+        self.save_fn(self.state, self.carry, metrics, self.progress())
+        self.clock.save_cost = max(self.clock.save_cost * 0.5, self.clock.now() - t0)
+        self.last_save_time, self.last_save_step = self.clock.now(), self.step
+
+    def evaluate(self) -> bool:
+        """Evaluates, records, reports and saves; True when early stopping says stop."""
+        t0 = self.clock.now()
+        evaluated = self.evaluate_fn(self.state.params)
+        extra = {}
+        if isinstance(evaluated, dict):  # more validation metrics than the loss
+            extra = {k: _rounded(v) for k, v in evaluated.items() if k != "val_loss"}
+            evaluated = evaluated["val_loss"]
+        val = float(evaluated)
+        train_loss = float(np.mean(self.losses)) if self.losses else None
+        tps = self.clock.throughput(self.tokens_per_step, 100)
+        record = {"step": self.step, "elapsed_s": round(self.clock.elapsed(), 3),
+                  "train_loss": None if train_loss is None else round(train_loss, 5), "val_loss": round(val, 5),
+                  **extra, "lr": current_learning_rate(self.state.opt_state),
+                  "tokens_per_s": None if tps is None else round(tps)}
+        self.history.append(record)
+        self.losses, self.evaluated_at = [], self.step
+        if self.on_eval is not None:
+            self.on_eval(record, self.state)
+        stop = self.early_stopping is not None and self.early_stopping.update(val, self.step)
+        self.clock.eval_cost = self.clock.now() - t0
+        self.save({"val_loss": val})
+        return stop
+
+    def refit(self) -> None:
+        horizon = self.clock.refit(self.step, self.plan.left())
+        self.state = self.state._replace(opt_state=set_hyperparams(self.state.opt_state, total_steps=horizon))
+
+    def settle(self) -> None:
+        """Reads the pending step's metrics: counts skipped steps, keeps the loss, calls ``on_step``."""
+        if self.pending is None:
+            return
+        at, m = self.pending
+        self.pending = None
+        m = jax.device_get(m)
+        loss, was_skipped = float(m["loss"]), int(m["skipped"])
+        if was_skipped:
+            self.skipped += 1
+            self.consecutive_skipped += 1
+        else:
+            self.consecutive_skipped = 0
+            self.losses.append(loss)
+        if self.on_step is not None:
+            self.on_step(at, {"loss": loss, "skipped": was_skipped}, self.clock.throughput(self.tokens_per_step, 20),
+                         self.clock.horizon)
+
+    def budget_spent(self) -> str | None:
+        if self.total_steps is not None and self.step >= self.total_steps:
+            return "steps"
+        if self.clock.fit_horizon and self.clock.calibrated and self.step >= self.clock.horizon:
+            return "time"
+        return "time" if self.clock.time_is_up() else None
+
+    def train_one(self, batch, timed: bool) -> None:
+        t0 = self.clock.now()
+        if self.carry is None:
+            self.state, metrics = self.train_step(self.state, batch)
+        else:
+            self.state, self.carry, metrics = self.train_step(self.state, batch, self.carry)
+        self.step += 1
+        self.settle()  # the previous step's
+        self.pending = (self.step, metrics)
+        if self.consecutive_skipped:
+            self.settle()  # after a skipped step, read each step's at once: stop exactly at the limit
+        if timed:  # the first step compiled: no measure of speed
+            self.clock.iter_times.append(self.clock.now() - t0)
+
+    def evaluations(self) -> bool:
+        """Calibration of a timed run (with its first evaluation), refits of the horizon and the planned
+        evaluations; True when early stopping says stop."""
+        clock, stop = self.clock, False
+        if not clock.calibrated and len(clock.iter_times) >= CALIBRATION_STEPS:
+            if self.evaluate_fn is not None:
+                self.settle()
+                stop = self.evaluate()
+            self.refit()
+            clock.calibrated = True
+        elif clock.fit_horizon and clock.calibrated and self.step >= clock.next_refit:
+            self.refit()
+        if self.evaluate_fn is not None and self.evaluated_at != self.step and self.plan.due(
+                self.step, clock.horizon, clock.calibrated):
+            self.settle()
+            stop = self.evaluate() or stop
+        return stop
+
+    def run(self, batches, *, save_every_steps, save_every_seconds, should_stop,
+            max_consecutive_skipped) -> FitResult:
+        stop_reason = "time" if self.clock.seconds is not None and self.clock.now() >= self.clock.deadline else None
+        first = True
+        while stop_reason is None:
+            stop_reason = self.budget_spent()
+            if stop_reason:
+                break
+            self.train_one(next(batches), timed=not first)
+            first = False
+            if self.consecutive_skipped >= max_consecutive_skipped:
+                stop_reason = "not_finite"
+                break
+            if self.evaluations():
+                stop_reason = "early_stopping"
+                break
+            if self.save_fn is not None and (
+                    (save_every_steps and self.step - self.last_save_step >= save_every_steps)
+                    or (save_every_seconds and self.clock.now() - self.last_save_time >= save_every_seconds)):
+                stop_reason = self.budget_spent()  # at the end, the final save (with its evaluation) comes instead
+                if stop_reason:
+                    break
+                self.settle()
+                self.save()
+            if should_stop is not None and should_stop():
+                stop_reason = "interrupted"
+        return self.finish(stop_reason, max_consecutive_skipped)
+
+    def finish(self, stop_reason: str, max_consecutive_skipped: int) -> FitResult:
+        """The last step's metrics, the final evaluation (or save), and the result."""
+        self.settle()
+        if self.consecutive_skipped >= max_consecutive_skipped:
+            stop_reason = "not_finite"
+        if stop_reason in ("steps", "time") and self.evaluate_fn is not None and self.evaluated_at != self.step:
+            self.evaluate()
+        elif stop_reason != "early_stopping" or self.evaluated_at != self.step:
+            self.save()
+        tps = self.clock.throughput(self.tokens_per_step, len(self.clock.iter_times))
+        return FitResult(self.state, self.carry, stop_reason, self.history, self.skipped, self.clock.elapsed(),
+                         float("nan") if tps is None else tps)
 
 
 def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_steps: int | None = None,
@@ -571,195 +807,9 @@ def fit(train_step, state: TrainState, batches: Iterator, *, carry=None, total_s
     if total_steps is None and seconds is None:
         raise ValueError(f"{fn}: expected a budget: total_steps, seconds or both, got neither. "
                          "Fix: pass e.g. total_steps=1000 or seconds=300.")
-    start = time.perf_counter() if start_time is None else start_time
-    progress = dict(progress or {})
-    prior_elapsed = float(progress.get("elapsed_s", 0.0))
-    history = list(progress.get("history", []))
-    skipped = int(progress.get("skipped_steps", 0))
-    deadline = start + seconds if seconds is not None else math.inf
-    step = step_of(state)
-    first_step = step
-    fit_horizon = seconds is not None and total_steps is None
-    horizon = total_steps if total_steps is not None else int(progress.get("total_steps", 10 ** 9))
-    if fit_horizon:
-        try:
-            state = state._replace(opt_state=set_hyperparams(state.opt_state, total_steps=horizon))
-        except ValueError:
-            fit_horizon = False  # another optimiser: the time budget only stops the run
-    if total_steps is not None:  # spread over the whole run, so a resumed run evaluates where it would have
-        eval_steps = [t for t in _spread(0, total_steps, evals) if t > step] if evaluate and evals > 0 else []
-    else:
-        eval_steps = None  # fractions of the fitted horizon: decided as it goes
-    eval_fractions_left = list(range(1, evals + 1)) if evaluate else []
-    base_fraction = step  # evaluations of a timed run are spread over (base_fraction, horizon]
-
-    losses: list[float] = []
-    iter_times: list[float] = []  # wall seconds per loop iteration, evaluations and saves excluded
-    eval_cost, save_cost = 0.0, 0.0
-    calibrated = not fit_horizon
-    next_refit = None
-    consecutive_skipped = 0
-    last_save_time, last_save_step = time.perf_counter(), step
-    stop_reason = None
-    evaluated_at = history[-1]["step"] if history else None
-
-    def now():
-        return time.perf_counter()
-
-    def rate():
-        # The mean, not the median: with batches of several shapes (length buckets) the step times
-        # are skewed, and the median (the common small shape) underestimates the time per step.
-        recent = iter_times[-200:]
-        return float(np.mean(recent)) if recent else math.inf
-
-    def record_progress():
-        es = early_stopping.to_dict() if early_stopping is not None else None
-        return {"history": history, "skipped_steps": skipped, "elapsed_s": round(prior_elapsed + now() - start, 3),
-                "total_steps": horizon, "early_stopping": es}
-
-    def do_save(metrics=None):
-        nonlocal save_cost, last_save_time, last_save_step
-        if save is None or (last_save_step == step and metrics is None and step != first_step):
-            return
-        t0 = now()
-        save(state, carry, metrics, record_progress())
-        save_cost = max(save_cost * 0.5, now() - t0)
-        last_save_time, last_save_step = now(), step
-
-    def do_eval():
-        nonlocal eval_cost, losses, evaluated_at
-        t0 = now()
-        evaluated = evaluate(state.params)
-        extra = {}
-        if isinstance(evaluated, dict):  # more validation metrics than the loss
-            extra = {k: _rounded(v) for k, v in evaluated.items() if k != "val_loss"}
-            evaluated = evaluated["val_loss"]
-        val = float(evaluated)
-        train_loss = float(np.mean(losses)) if losses else None
-        recent = iter_times[-100:]
-        record = {"step": step, "elapsed_s": round(prior_elapsed + now() - start, 3),
-                  "train_loss": None if train_loss is None else round(train_loss, 5), "val_loss": round(val, 5),
-                  **extra, "lr": current_learning_rate(state.opt_state),
-                  "tokens_per_s": round(tokens_per_step * len(recent) / sum(recent)) if recent else None}
-        history.append(record)
-        losses = []
-        evaluated_at = step
-        if on_eval is not None:
-            on_eval(record, state)
-        stop = early_stopping is not None and early_stopping.update(val, step)
-        eval_cost = now() - t0
-        do_save({"val_loss": val})
-        return stop
-
-    def refit():
-        nonlocal horizon, state
-        per_step = rate()
-        evals_left = max(len(eval_fractions_left) - 1, 0)
-        reserve = eval_cost + save_cost + 1.0 + 0.01 * seconds
-        left = deadline - now() - evals_left * (eval_cost + save_cost) - reserve
-        horizon = step + max(1, int(left / per_step))
-        state = state._replace(opt_state=set_hyperparams(state.opt_state, total_steps=horizon))
-
-    # A step's metrics are read after the next step is queued, so the device never waits for Python.
-    pending = None
-
-    def settle():
-        nonlocal pending, skipped, consecutive_skipped
-        if pending is None:
-            return
-        at, m = pending
-        pending = None
-        m = jax.device_get(m)
-        loss, was_skipped = float(m["loss"]), int(m["skipped"])
-        if was_skipped:
-            skipped += 1
-            consecutive_skipped += 1
-        else:
-            consecutive_skipped = 0
-            losses.append(loss)
-        if on_step is not None:
-            recent = iter_times[-20:]
-            on_step(at, {"loss": loss, "skipped": was_skipped},
-                    tokens_per_step * len(recent) / sum(recent) if recent else None, horizon)
-
-    first = True
-    if seconds is not None and now() >= deadline:
-        stop_reason = "time"
-    def budget_spent():
-        if total_steps is not None and step >= total_steps:
-            return "steps"
-        if fit_horizon and calibrated and step >= horizon:
-            return "time"
-        if seconds is not None and calibrated and now() + rate() + eval_cost + save_cost + 0.5 > deadline:
-            return "time"
-        return None
-
-    while stop_reason is None:
-        stop_reason = budget_spent()
-        if stop_reason:
-            break
-        t0 = now()
-        batch = next(batches)
-        if carry is None:
-            state, metrics = train_step(state, batch)
-        else:
-            state, carry, metrics = train_step(state, batch, carry)
-        step += 1
-        settle()  # the previous step's
-        pending = (step, metrics)
-        if consecutive_skipped:
-            settle()  # after a skipped step, read each step's at once: stop exactly at the limit
-        if first:
-            first = False  # this step compiled: no measure of speed
-        else:
-            iter_times.append(now() - t0)
-        if consecutive_skipped >= max_consecutive_skipped:
-            stop_reason = "not_finite"
-            break
-
-        stop = False
-        if not calibrated and len(iter_times) >= CALIBRATION_STEPS:
-            if evaluate is not None:
-                settle()
-                stop = do_eval()
-            refit()
-            calibrated = True
-            next_refit = step + max(10, (horizon - step) // 25)
-        elif fit_horizon and calibrated and step >= next_refit:
-            refit()
-            next_refit = step + max(10, (horizon - step) // 25)
-        if evaluate is not None and evaluated_at != step:
-            if eval_steps is not None:
-                due = step in eval_steps and step != total_steps
-            else:
-                due = (calibrated and len(eval_fractions_left) > 1
-                       and step >= base_fraction + eval_fractions_left[0] / evals * (horizon - base_fraction))
-                if due:
-                    eval_fractions_left.pop(0)
-            if due:
-                settle()
-                stop = do_eval() or stop
-        if stop:
-            stop_reason = "early_stopping"
-            break
-        if save is not None and ((save_every_steps and step - last_save_step >= save_every_steps)
-                                 or (save_every_seconds and now() - last_save_time >= save_every_seconds)):
-            stop_reason = budget_spent()  # at the end, the final save (with its evaluation) comes instead
-            if stop_reason:
-                break
-            settle()
-            do_save()
-        if should_stop is not None and should_stop():
-            stop_reason = "interrupted"
-            break
-
-    settle()
-    if consecutive_skipped >= max_consecutive_skipped:
-        stop_reason = "not_finite"
-    if stop_reason in ("steps", "time") and evaluate is not None and evaluated_at != step:
-        do_eval()
-    elif stop_reason != "early_stopping" or evaluated_at != step:
-        do_save()
-    elapsed = prior_elapsed + now() - start
-    tps = tokens_per_step * len(iter_times) / sum(iter_times) if iter_times else float("nan")
-    return FitResult(state, carry, stop_reason, history, skipped, elapsed, tps)
+    clock = _Clock(seconds, start_time, total_steps, dict(progress or {}))
+    loop = _Loop(train_step, state, carry, clock, dict(progress or {}), total_steps=total_steps, evaluate=evaluate,
+                 evals=evals, early_stopping=early_stopping, save=save, tokens_per_step=tokens_per_step,
+                 on_step=on_step, on_eval=on_eval)
+    return loop.run(batches, save_every_steps=save_every_steps, save_every_seconds=save_every_seconds,
+                    should_stop=should_stop, max_consecutive_skipped=max_consecutive_skipped)

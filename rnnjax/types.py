@@ -14,7 +14,8 @@ case they are ``[T, *B, F]``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -24,4 +25,4 @@ Params = Any  # a pytree of arrays (NamedTuples throughout rnnjax)
 Carry = Any  # a pytree of arrays with leading batch dimensions
 Shape = tuple[int, ...]
 Initializer = Callable[[PRNGKey, Shape, Any], Array]
-InitSpec = Union[str, Initializer]
+InitSpec = str | Initializer

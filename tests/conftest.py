@@ -60,4 +60,7 @@ def random_carry(cell, params, batch_shape, seed: int = 2):
 
 
 def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol), a, b)
+    def close(x, y):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+
+    jax.tree_util.tree_map(close, a, b)

@@ -11,7 +11,7 @@ import pytest
 
 import rnnjax
 from rnnjax import cells
-from rnnjax.attention import (KINDS, DecoderParams, attention, attention_decoder, bind_memory, masked_softmax)
+from rnnjax.attention import KINDS, DecoderParams, attention, attention_decoder, bind_memory, masked_softmax
 
 B, S, M, Q, F = 3, 5, 6, 6, 4
 LENGTHS = np.array([5, 2, 3])

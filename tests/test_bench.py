@@ -178,7 +178,7 @@ def test_compiled_matmul_flops_counts_loop_trips_and_the_larger_branch():
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.profile import compiled_matmul_flops
+    from benchmarks.hlo import compiled_matmul_flops
 
     def f(a, x):
         looped = jax.lax.fori_loop(0, 5, lambda i, c: jnp.tanh(c @ a), a)  # 5 x [4,4] @ [4,4]
@@ -193,7 +193,7 @@ def test_compiled_matmul_flops_refuses_a_loop_of_unknown_length():
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.profile import compiled_matmul_flops
+    from benchmarks.hlo import compiled_matmul_flops
 
     def f(a, n):
         return jax.lax.while_loop(lambda c: c[1] < n, lambda c: (c[0] @ a, c[1] + 1), (a, 0))[0]

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import B, H, T, random_carry, random_inputs
 
 import rnnjax
+from conftest import B, H, T, random_carry, random_inputs
 from rnnjax import cells
 
 
@@ -62,8 +62,8 @@ def ref_gru(p, h, x, reset_after):
 def ref_ln_lstm(p, carry, x):
     h, c = carry
     a, b = x @ p.w_ih, h @ p.w_hh
-    z = [ln(a[:, k * H:(k + 1) * H], p.ln_x[0, k], p.ln_x[1, k]) + ln(b[:, k * H:(k + 1) * H], p.ln_h[0, k], p.ln_h[1, k])
-         for k in range(4)]
+    z = [ln(a[:, k * H:(k + 1) * H], p.ln_x[0, k], p.ln_x[1, k])
+         + ln(b[:, k * H:(k + 1) * H], p.ln_h[0, k], p.ln_h[1, k]) for k in range(4)]
     c = sig(z[1]) * c + sig(z[0]) * np.tanh(z[2])
     h = sig(z[3]) * np.tanh(ln(c, p.ln_c[0], p.ln_c[1]))
     return (h, c), h

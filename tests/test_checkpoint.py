@@ -1,7 +1,6 @@
 """rnnjax.checkpoint: exact round trips, retention of the latest and the best, inference restores,
 and the errors for missing, unfinished, damaged, foreign and mismatched checkpoints."""
 
-import json
 import re
 
 import jax
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from rnnjax import checkpoint, train
-from rnnjax.checkpoint import CheckpointError, Checkpointer
+from rnnjax.checkpoint import Checkpointer, CheckpointError
 from rnnjax.models import LMParams, language_model
 
 

@@ -139,11 +139,12 @@ def test_a_population_whose_every_member_diverges_stops_with_each_learning_rate(
     from rnnjax import engine
 
     settings = dict(lr=[1e-2, 3e-2], weight_decay=0.0, warmup=None, end_lr=0.0, clip=1.0, accumulate=1, seed=0)
-    job = engine.Job(cmd="test", out=tmp_path, model_name="nan", init=lambda key: {"w": jnp.zeros(2)},
+    job = engine.Job(model_name="nan", init=lambda key: {"w": jnp.zeros(2)},
                      loss_fn=lambda p, b, key: jnp.sum(p["w"] * b["x"]) * jnp.nan, batches=_Batches(),
-                     evaluate=lambda p: 1.0, settings=settings, total_steps=100, seconds=None, population=2,
-                     no_plot=True)
-    outcome = engine.run(job)
+                     evaluate=lambda p: 1.0)
+    plan = engine.Plan(cmd="test", out=tmp_path, settings=settings, total_steps=100, seconds=None, population=2,
+                       no_plot=True)
+    outcome = engine.run(job, plan)
     assert outcome.status == 1 and outcome.result.skipped_steps == engine.MAX_SKIPPED
     assert (f"rnnjax: error: the gradients were not finite for {engine.MAX_SKIPPED} steps in a row (skipped, never "
             f"applied) at step {engine.MAX_SKIPPED}; the last good parameters are saved. Fix: lower --lr (now "

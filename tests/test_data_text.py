@@ -9,7 +9,6 @@ import pytest
 from rnnjax import data
 from rnnjax.data import Vocabulary
 
-
 # ----------------------------------------------------------------------------
 # Vocabulary
 

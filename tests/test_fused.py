@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CELLS, LINEAR, B, F, T, assert_trees_close, random_carry, random_inputs
 
 import rnnjax
+from conftest import CELLS, LINEAR, B, F, T, assert_trees_close, random_carry, random_inputs
 from rnnjax import cells, fused, scan
 
 LENGTHS = jnp.array([T, 3, 1, 5])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -144,3 +145,54 @@ def test_cli_bad_input(run, capsys, argv, message):
     capsys.readouterr()
     assert cli.main(["g2p", "--checkpoint", str(out), *argv]) == 2
     assert capsys.readouterr().err == f"rnnjax: error: {message}\n"
+
+
+def test_eval_generate_and_help_of_a_g2p_run(run, capsys):
+    root, out = run
+    capsys.readouterr()
+    # `rnnjax eval` finds the task in config.json: the dev loss of the best checkpoint, as training recorded it.
+    assert cli.main(["eval", "--checkpoint", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert printed["step"] == record["step"] == 6 and abs(printed["val_loss"] - record["val_loss"]) < 1e-5
+    # `rnnjax generate` transcribes words as `rnnjax g2p` does.
+    assert cli.main(["g2p", "--checkpoint", str(out), "cat", "dog"]) == 0
+    alias = capsys.readouterr().out
+    assert cli.main(["generate", "--checkpoint", str(out), "cat", "dog"]) == 0
+    assert capsys.readouterr().out == alias and alias.startswith("cat\t")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "g2p", "--help"])
+    shown = capsys.readouterr().out
+    assert all(flag in shown for flag in ("--patience", "--accumulate", "--save-every-steps", "--devices",
+                                          "--population", "--resume"))
+
+
+def test_g2p_population_and_early_stopping_run_on_the_engine(run, capsys):
+    root, _ = run
+    out = root / "pop"
+    # Two members; patience 1 stops after the second evaluation unless it improved.
+    assert cli.main(["train", "g2p", "--data", str(root / "tiny.dict"), "--hidden", "8", "--decoder-hidden", "8",
+                     "--embed", "4", "--batch", "4", "--steps", "4", "--evals", "2", "--lr", "3e-3,1e-7",
+                     "--patience", "1", "--no-plot", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "a population of 2 (seeds 0..1, lr 0.003,1e-07) in one compiled step" in err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["member_val_loss"]) == 2 and r["val_loss"] == min(r["member_val_loss"]) for r in records)
+    assert "rnnjax: score it with: rnnjax g2p --checkpoint" in err
+
+
+def test_g2p_resume_continues_from_the_checkpoint_and_refuses_other_settings(run, capsys):
+    root, _ = run
+    out = root / "resumed"
+    tiny = ["train", "g2p", "--data", str(root / "tiny.dict"), "--hidden", "8", "--decoder-hidden", "8", "--embed", "4",
+            "--batch", "4", "--evals", "1", "--no-plot", "--out", str(out)]
+    assert cli.main([*tiny, "--steps", "3"]) == 0
+    capsys.readouterr()
+    assert cli.main([*tiny, "--steps", "5", "--resume", "--hidden", "16"]) == 2
+    assert capsys.readouterr().err == (
+        "rnnjax: error: rnnjax train g2p: --resume continues a run with its own settings, and these differ: --hidden "
+        "16 (the run has 8). Fix: drop those flags, or start a new run in another --out.\n")
+    assert cli.main([*tiny, "--steps", "5", "--resume"]) == 0
+    assert "resuming at step 3" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 5]  # the first session's evaluation kept, the second's added

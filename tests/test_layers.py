@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import B, F, T, assert_trees_close, random_inputs
 
 import rnnjax
+from conftest import B, F, T, assert_trees_close, random_inputs
 from rnnjax import cells, layers
 
 LENGTHS = jnp.array([T, 2, 1, 5])

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import jax.test_util
 import numpy as np
 import pytest
-from conftest import CELLS, LINEAR, assert_trees_close, random_carry
 
 import rnnjax
+from conftest import CELLS, LINEAR, assert_trees_close, random_carry
 from rnnjax import cells, layers
 
 F, T, B = 5, 13, 4
@@ -137,7 +137,7 @@ def test_loop_form_backward_runs_the_projection_once_where_it_is_saved(monkeypat
     """Counted in the compiled fwd+bwd of the chunked loop form: the projection ``x W`` forward, ``dx`` and
     ``dW`` (3 products of ``2 T B F G`` FLOPs each), plus the forward's recomputation where the cell does not
     keep the projection (minLSTM: ``save_projection=False``)."""
-    from benchmarks.profile import compiled_matmul_flops
+    from benchmarks.hlo import compiled_matmul_flops
 
     monkeypatch.setattr(rnnjax.linear_scan, "loop_chunk", lambda T, step_bytes: 8)
     steps, batch, features, hidden = 64, 2, 8, 16

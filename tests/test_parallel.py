@@ -80,7 +80,8 @@ def test_placement_rules_and_bad_input():
     mesh = parallel.make_mesh(1)
     assert parallel.param_sharding(np.zeros((256, 1024)), mesh).is_fully_replicated  # one device
     with pytest.raises(ValueError, match=re.escape(
-            f"rnnjax.parallel.make_mesh: asked for {len(jax.devices()) + 2} devices, but {len(jax.devices())} are available (cpu). "
+            f"rnnjax.parallel.make_mesh: asked for {len(jax.devices()) + 2} devices, but {len(jax.devices())} are "
+            "available (cpu). "
             f"Fix: pass a number from 1 to {len(jax.devices())}, or None for all of them.")):
         parallel.make_mesh(len(jax.devices()) + 2)
     with pytest.raises(ValueError, match=re.escape(

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import B, CELLS, F, T, assert_trees_close, random_carry, random_inputs
 
 import rnnjax
+from conftest import CELLS, B, F, T, assert_trees_close, random_carry, random_inputs
 
 LENGTHS = jnp.array([T, 3, 1, 5])
 
@@ -181,5 +181,6 @@ def test_jitted_loss_traces_once():
     def loss(p, x, n):
         return jnp.mean(rnnjax.unroll(cell, p, x, lengths=n)[1] ** 2)
 
-    values = [float(jax.value_and_grad(loss)(params, random_inputs(seed), LENGTHS - (seed % 2))[0]) for seed in range(3)]
+    values = [float(jax.value_and_grad(loss)(params, random_inputs(seed), LENGTHS - (seed % 2))[0])
+              for seed in range(3)]
     assert len(set(values)) == 3  # each call saw its own data through the one trace

@@ -92,7 +92,8 @@ def test_chrono_init_sets_the_memory_gates_only():
         model = models.regressor(1, input_size=2, cell=cell, hidden=5, bidirectional=True)
         base = model.init(jax.random.key(0))
         new = models.chrono_init(base, jax.random.key(1), 100, cell)
-        for old_p, new_p in zip(jax.tree_util.tree_leaves(base.rnn.layers[0]), jax.tree_util.tree_leaves(new.rnn.layers[0])):
+        leaves = [jax.tree_util.tree_leaves(m.rnn.layers[0]) for m in (base, new)]
+        for old_p, new_p in zip(*leaves):
             assert old_p.shape == new_p.shape
         for direction in (new.rnn.layers[0].forward, new.rnn.layers[0].backward):
             b_ih, b_hh = np.asarray(direction.b_ih).reshape(gates, 5), np.asarray(direction.b_hh).reshape(gates, 5)

@@ -54,6 +54,19 @@ def test_cli_classify_end_to_end_test_metrics_match_the_best_checkpoint(tmp_path
     pred = np.argmax(model.apply(params, x, lengths=d["lengths"]), -1)
     assert abs(np.mean(pred == d["y"]) - test["test_accuracy"]) < 1e-6
 
+    # `rnnjax eval` reads the task from the run's config: the best checkpoint's validation and test
+    # metrics again, as the training run recorded them.
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(out)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    best = next(r for r in records if r["step"] == step)
+    assert again["step"] == step and abs(again["val_accuracy"] - best["val_accuracy"]) < 1e-5
+    assert abs(again["val_loss"] - best["val_loss"]) < 1e-5 and again["test_accuracy"] == test["test_accuracy"]
+    assert cli.main(["generate", "--checkpoint", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"rnnjax: error: rnnjax generate: {str(out)!r} is a run of `rnnjax train classify`, which generates nothing. "
+        "Fix: use rnnjax eval on it, or point at a charlm or g2p run.\n")
+
 
 def test_cli_task_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert cli.main(["train", "classify", "--dataset", "mnist", "--out", str(tmp_path / "a")]) == 2
@@ -96,7 +109,7 @@ def test_cli_adding_and_copy_write_their_metrics_and_curves(tmp_path, capsys):
 
 
 def test_shifted_images_are_translations_with_the_blank_fill():
-    from rnnjax.tasks import ShiftedImages
+    from rnnjax.recipes.classify import ShiftedImages
 
     rng = np.random.default_rng(0)
     imgs = rng.random((6, 4, 5)).astype(np.float32)

@@ -3,6 +3,7 @@
 from rnnjax.data import synthetic
 from rnnjax.data.datasets import CLASSIFICATION, SERIES, load_classification, load_digits, load_series
 from rnnjax.data.sequences import (
+    BatchesView,
     ExampleBatches,
     GeneratedBatches,
     Scaler,
@@ -12,7 +13,6 @@ from rnnjax.data.sequences import (
     split,
     valid_mask,
 )
-from rnnjax.data.ts import read_ts
 from rnnjax.data.text import (
     TokenStream,
     Vocabulary,
@@ -25,10 +25,12 @@ from rnnjax.data.text import (
     shakespeare_text,
     split_text,
 )
+from rnnjax.data.ts import read_ts
 
 __all__ = [
     "CLASSIFICATION",
     "SERIES",
+    "BatchesView",
     "ExampleBatches",
     "GeneratedBatches",
     "Scaler",

@@ -93,8 +93,8 @@ class Symbols:
         bad = sorted({s for s in seq if s not in self._index or s in self.specials})
         if bad:
             shown = ", ".join(repr(s) for s in bad)
-            raise ValueError(f"{fn}: {len(bad)} {self.name} not in the vocabulary: {shown}; expected only "
-                             f"{''.join(self.symbols) if all(len(s) == 1 for s in self.symbols) else ' '.join(self.symbols)!r}. "
+            joined = "".join(self.symbols) if all(len(s) == 1 for s in self.symbols) else " ".join(self.symbols)
+            raise ValueError(f"{fn}: {len(bad)} {self.name} not in the vocabulary: {shown}; expected only {joined!r}. "
                              f"Fix: remove or replace them.")
         return np.array([self._index[s] for s in seq], np.int32)
 
@@ -106,7 +106,7 @@ class Symbols:
         return {"symbols": list(self.symbols), "specials": list(self.specials), "name": self.name}
 
     @classmethod
-    def from_json(cls, obj: dict) -> "Symbols":
+    def from_json(cls, obj: dict) -> Symbols:
         return cls(tuple(obj["symbols"]), tuple(obj["specials"]), obj.get("name", "symbols"))
 
 

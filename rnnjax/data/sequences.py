@@ -8,7 +8,8 @@ Variable-length data is padded to the longest sequence and carries its
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class Scaler(NamedTuple):
     std: np.ndarray  # [F]
 
     @classmethod
-    def fit(cls, x, lengths=None) -> "Scaler":
+    def fit(cls, x, lengths=None) -> Scaler:
         """Mean and standard deviation of each feature over the valid steps of ``x [N, T, F]``
         (or over ``x [N, F]`` / ``[T, F]`` rows), NaNs ignored; a constant feature gets std 1."""
         x = np.asarray(x, np.float64)
@@ -117,6 +118,26 @@ def sliding_windows(series, window: int, horizon: int, *, start: int = 0, stop: 
     x = s[origins[:, None] - window + np.arange(window)]
     y = s[origins[:, None] + np.arange(horizon), 0]
     return x, y
+
+
+class BatchesView:
+    """Batches read through another iterator of batches (``self.batches``), whose ``position`` (the step
+    it yields next) reads and sets through, so a view resumes where its source does; a subclass says in
+    ``__next__`` what it does to each batch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    @property
+    def position(self):
+        return self.batches.position
+
+    @position.setter
+    def position(self, value):
+        self.batches.position = value
+
+    def __iter__(self):
+        return self
 
 
 class ExampleBatches:

@@ -25,8 +25,8 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -252,7 +252,7 @@ class Vocabulary:
         object.__setattr__(self, "_codes", np.frombuffer(self.chars.encode("utf-32-le"), np.uint32))
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocabulary":
+    def from_text(cls, text: str) -> Vocabulary:
         return cls("".join(sorted(set(text))))
 
     @property
@@ -289,7 +289,7 @@ class Vocabulary:
         return json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, data: str) -> "Vocabulary":
+    def from_json(cls, data: str) -> Vocabulary:
         obj = json.loads(data)
         if not isinstance(obj, dict) or obj.get("type") != "char" or not isinstance(obj.get("chars"), str):
             raise ValueError('rnnjax.data.Vocabulary.from_json: expected {"type": "char", "chars": "..."} '

@@ -24,7 +24,8 @@ convert between params and a PyTorch-named dict of NumPy arrays without it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,7 @@ class TorchSpec(NamedTuple):
 
 
 def _check_int(fn: str, name: str, value, minimum: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+    if not _checks.is_int(value) or value < minimum:
         raise ValueError(f"{fn}: expected {name} to be an integer >= {minimum}, got {value!r}. "
                          f"Fix: pass {name} as in the torch.nn module's constructor.")
 

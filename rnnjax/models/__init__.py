@@ -11,7 +11,6 @@ from rnnjax.models.seq2seq import (
     sequence_log_probs,
     translate,
 )
-
 from rnnjax.models.sequence import (
     FORECAST_MODES,
     POOLINGS,
@@ -26,6 +25,7 @@ from rnnjax.models.sequence import (
 )
 
 __all__ = ["CELLS", "FORECAST_MODES", "LMParams", "LanguageModel", "POOLINGS", "Seq2Seq", "Seq2SeqParams",
-           "SequenceModel", "SequenceParams", "attention_weights", "chrono_init", "classifier", "forecaster", "generate",
+           "SequenceModel", "SequenceParams", "attention_weights", "chrono_init", "classifier", "forecaster",
+           "generate",
            "language_model", "pool", "regressor", "sampling_schedule", "seq2seq", "seq2seq_loss", "sequence_log_probs",
            "tagger", "translate"]

@@ -16,13 +16,16 @@ same logits as ``apply`` on the whole sequence.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Callable, Mapping, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rnnjax import cells, layers as L
+from rnnjax import cells
+from rnnjax import layers as L
+from rnnjax._checks import require_int
 from rnnjax.cells.base import Cell, affine, check_size, compute_dtype
 from rnnjax.decode import check_sampling, sample_logits
 from rnnjax.types import Array, PRNGKey
@@ -71,7 +74,7 @@ class LanguageModel(NamedTuple):
     name: str
 
 
-def language_model(vocab_size: int, *, cell: Union[str, Callable[[int], Cell]] = "lstm", layers: int = 2,
+def language_model(vocab_size: int, *, cell: str | Callable[[int], Cell] = "lstm", layers: int = 2,
                    hidden: int = 512, embed: int | None = None, dropout: float = 0.0, variational: bool = False,
                    residual: bool = False, layer_norm: bool = False,
                    cell_options: Mapping[str, Any] | None = None, unroll: int = 1, remat=None,
@@ -222,8 +225,7 @@ def generate(model: LanguageModel, params: LMParams, key: PRNGKey, prompt_ids, l
         raise ValueError(f"{fn}: expected a non-empty prompt of integer ids [*batch, P] with P >= 1, got "
                          f"{prompt.dtype}{list(prompt.shape)}. Fix: start from at least one token "
                          "(e.g. a newline).")
-    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
-        raise ValueError(f"{fn}: length must be an integer >= 0, got {length!r}.")
+    require_int(fn, "length", length, low=0, fix="pass the number of tokens to generate, e.g. length=200.")
     check_sampling(fn, temperature, top_k, top_p, model.vocab_size)
     if length == 0:
         return jnp.zeros(prompt.shape[:-1] + (0,), jnp.int32)

@@ -32,14 +32,17 @@ both of length ``n + 1`` (``tgt_lengths``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Callable, Mapping, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rnnjax import layers as L, scan
-from rnnjax.attention import DecoderCarry, attention as make_attention, attention_decoder, bind_memory
+from rnnjax import layers as L
+from rnnjax import scan
+from rnnjax.attention import DecoderCarry, attention_decoder, bind_memory
+from rnnjax.attention import attention as make_attention
 from rnnjax.cells.base import Cell, affine, check_size, compute_dtype
 from rnnjax.models.lm import CELLS
 from rnnjax.types import Array, PRNGKey
@@ -107,11 +110,26 @@ def _cell_factory(fn: str, cell, cell_options, dtype=None):
                     f"got {type(cell).__name__}.")
 
 
-def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: Union[str, Callable[[int], Cell]] = "lstm",
+def _check_src(fn: str, src, src_lengths):
+    src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
+    if src.ndim != 2 or not jnp.issubdtype(src.dtype, jnp.integer) or src.shape[1] == 0:
+        raise ValueError(f"{fn}: expected integer source ids of shape [B, S] with S >= 1, got "
+                         f"{src.dtype}{list(src.shape)}. Fix: encode each word with the source vocabulary "
+                         "and pad with 0.")
+    if tuple(src_lengths.shape) != src.shape[:1]:
+        raise ValueError(f"{fn}: expected src_lengths of shape ({src.shape[0]},), got "
+                         f"{tuple(src_lengths.shape)}. Fix: pass one length per source.")
+    if not isinstance(src_lengths, jax.core.Tracer) and src_lengths.size and int(src_lengths.min()) < 1:
+        raise ValueError(f"{fn}: every source needs at least one token, got a length of "
+                         f"{int(src_lengths.min())}. Fix: drop empty sources before encoding.")
+    return src, src_lengths
+
+
+def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: str | Callable[[int], Cell] = "lstm",
             hidden: int = 256, layers: int = 1, decoder_hidden: int | None = None, embed: int = 64,
             attention: str = "general", style: str = "luong", input_feeding: bool = True,
             bridge: str = "dense", dropout: float = 0.0, cell_options: Mapping[str, Any] | None = None,
-            decoder_cell: Union[str, Callable[[int], Cell], None] = None, dtype=None) -> Seq2Seq:
+            decoder_cell: str | Callable[[int], Cell] | None = None, dtype=None) -> Seq2Seq:
     """An attention encoder-decoder (see the module docstring).
 
     Args:
@@ -174,22 +192,8 @@ def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: Union[str, Callable[[int], 
         return Seq2SeqParams(src_embedding.init(k_se), encoder.init(k_enc, E), bridge_params,
                              tgt_embedding.init(k_te), decoder.init(k_dec, E), readout.init(k_out, decoder.output_size))
 
-    def check_src(name: str, src, src_lengths):
-        src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
-        if src.ndim != 2 or not jnp.issubdtype(src.dtype, jnp.integer) or src.shape[1] == 0:
-            raise ValueError(f"{fn}.{name}: expected integer source ids of shape [B, S] with S >= 1, got "
-                             f"{src.dtype}{list(src.shape)}. Fix: encode each word with the source vocabulary "
-                             "and pad with 0.")
-        if tuple(src_lengths.shape) != src.shape[:1]:
-            raise ValueError(f"{fn}.{name}: expected src_lengths of shape ({src.shape[0]},), got "
-                             f"{tuple(src_lengths.shape)}. Fix: pass one length per source.")
-        if not isinstance(src_lengths, jax.core.Tracer) and src_lengths.size and int(src_lengths.min()) < 1:
-            raise ValueError(f"{fn}.{name}: every source needs at least one token, got a length of "
-                             f"{int(src_lengths.min())}. Fix: drop empty sources before encoding.")
-        return src, src_lengths
-
     def encode(params: Seq2SeqParams, src, src_lengths, *, key: PRNGKey | None = None):
-        src, src_lengths = check_src("encode", src, src_lengths)
+        src, src_lengths = _check_src(f"{fn}.encode", src, src_lengths)
         k_e = k_s = None
         if key is not None and dropout > 0.0:
             k_e, k_s = jax.random.split(key)

@@ -67,7 +67,7 @@ def _vmappable(call, batch_axes_in: tuple, batch_axes_out: tuple, weights: tuple
     return fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_call(kind: str, reverse: bool, bf16: bool, save: bool):
     """``(x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets) -> (ys, h, c, hs_prev, gates, extra)``; without
     ``save`` (inference) the last three, the residuals of the backward call, are empty."""
@@ -87,7 +87,7 @@ def _forward_call(kind: str, reverse: bool, bf16: bool, save: bool):
                                                                       1 if save else None, extra), weights=(1, 2, 3, 4))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backward_call(kind: str, reverse: bool, bf16: bool):
     """``(x, w_ih, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc) -> (dx, dw_ih, dw_hh, db_ih, db_hh,
     dh0, dc0)``. Under ``vmap`` each mapped slice runs its own call (``vmap_method="sequential"``): a vmapped
@@ -100,8 +100,8 @@ def _backward_call(kind: str, reverse: bool, bf16: bool):
                   (T, N, H) if kind == "gru" else (0,)]
         out = [jax.ShapeDtypeStruct(s, F32) for s in shapes]
         grads = jax.ffi.ffi_call("rnnjax_rnn_bwd", out, vmap_method="sequential")(
-            x, w_ih, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc, kind=np.int64(KINDS[kind]), reverse=reverse,
-            bf16=bf16)
+            x, w_ih, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc, kind=np.int64(KINDS[kind]),
+            reverse=reverse, bf16=bf16)
         return tuple(grads[:7])
 
     return call
@@ -130,7 +130,7 @@ def _reference(kind: str, reverse: bool, x, w_ih, w_hh, b_ih, b_hh, h0, c0, vali
 DIFFERENTIABLE = 7  # x, w_ih, w_hh, b_ih, b_hh, h0, c0; then the masks valid, resets
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward(kind: str, reverse: bool, bf16: bool, save: bool):
     """The forward call as a ``custom_jvp`` whose tangents come from :func:`_reference` (the residuals' tangents
     are zero: the backward call's own tangents are computed from the inputs, not from them)."""
@@ -148,7 +148,7 @@ def _forward(kind: str, reverse: bool, bf16: bool, save: bool):
     return fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backward(kind: str, reverse: bool, bf16: bool):
     """``(x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets, hs_prev, gates, extra, dys, dh, dc) -> gradients``,
     a ``custom_jvp`` whose tangents are those of :func:`_reference`'s VJP (second-order gradients)."""
