@@ -6,6 +6,7 @@
     rnnjax eval --checkpoint DIR [--text FILE]
     rnnjax generate --checkpoint DIR [--prompt "ROMEO:"] [--length 500] [--temperature 0.8] [WORD ...]
     rnnjax g2p --checkpoint DIR WORD ... [--nbest N] [--beam K] [--heatmap PNG] [--eval dev|test]
+    rnnjax info
 
 Every ``train TASK`` is a recipe (``rnnjax/recipes/``): this module builds its parser from the recipe's
 flags and the flags every run shares (budget, evaluation, output, populations and devices), and
@@ -215,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(commands)
     _eval_parser(commands)
     _g2p_parser(commands)
+    info = commands.add_parser("info", help="versions, the CPU, and which backend runs which cell here",
+                               description="Versions, the CPU model and flags, whether the native kernels loaded, "
+                                           "and which backend unroll's 'auto' picks for each cell and dtype.")
+    info.set_defaults(run=info_command)
     return parser
 
 
@@ -261,6 +266,13 @@ def g2p_command(args) -> int:
     from rnnjax.recipes import g2p
 
     return g2p.pronounce(args)
+
+
+def info_command(args) -> int:
+    from rnnjax import info
+
+    print(info.report())
+    return 0
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ from rnnjax.recipes.flags import OPTIMISATION, Flag, in_range, non_negative_floa
 DEFAULTS = dict(
     text=None, cell="lstm", layers=1, hidden=512, embed=64, batch=64, seq_len=8, lr=5e-3, warmup=None, end_lr=0.0,
     weight_decay=0.01, clip=1.0, dropout=0.0, residual=False, layer_norm=False, block=False, accumulate=1, seed=0,
-    population=None,
+    population=None, dtype="float32",
 )
 # Run options of its own (the prompt's default depends on the text: the opening of its first line,
 # or "ROMEO:" on the bundled corpus).
@@ -66,6 +66,7 @@ def _flags() -> tuple[Flag, ...]:
         Flag("seq_len", positive(int), "characters per window; the state is carried from one window to the next "
                                        "(truncated BPTT)", "optimisation"),
         *OPTIMISATION,
+        flags.DTYPE,
         Flag("seed", int, "seed for initialisation, data order and sampling", "optimisation"),
         Flag("sample_length", non_negative_int, "characters to sample at the end", "output", option=True),
         Flag("eval_sample_length", non_negative_int, "characters to sample at each evaluation", "output", option=True),
@@ -150,7 +151,7 @@ def model_config(s: dict, vocab_size: int) -> dict:
     block = bool(s.get("block"))
     return dict(vocab_size=vocab_size, cell=s["cell"], layers=s["layers"], hidden=s["hidden"],
                 embed=s["hidden"] if block else s["embed"], dropout=s["dropout"], residual=bool(s["residual"]),
-                layer_norm=bool(s["layer_norm"]), block=block)
+                layer_norm=bool(s["layer_norm"]), block=block, dtype=s.get("dtype", "float32"))
 
 
 def _check_cell(cell: str) -> None:
@@ -166,6 +167,7 @@ def build_model(config: dict, cmd: str):
     _check_cell(config["cell"])
     cfg = dict(config)
     vocab_size = cfg.pop("vocab_size")
+    cfg["dtype"] = flags.jax_dtype(cfg.get("dtype", "float32"))  # runs written before --dtype computed in float32
     try:
         return language_model(vocab_size, **cfg)
     except (ValueError, TypeError) as e:

@@ -118,3 +118,15 @@ CLIP = Flag("clip", positive(float), "gradient clipping by global norm", "optimi
 ACCUMULATE = Flag("accumulate", positive(int),
                   "gradient accumulation: micro-batches per update (must divide --batch)", "optimisation")
 OPTIMISATION = (LR, WARMUP, END_LR, WEIGHT_DECAY, CLIP, ACCUMULATE)
+
+DTYPES = ("float32", "bfloat16")
+DTYPE = Flag("dtype", str, "compute dtype: bfloat16 runs the matrix products on bfloat16 operands with float32 "
+             "accumulation, keeping gates, carries and the master weights float32 (the mixed-precision policy)",
+             "optimisation", choices=DTYPES)
+
+
+def jax_dtype(name: str):
+    """The JAX compute dtype of a ``--dtype`` value: None (the parameters' own, float32) or ``jnp.bfloat16``."""
+    import jax.numpy as jnp
+
+    return None if name == "float32" else jnp.dtype(name)
