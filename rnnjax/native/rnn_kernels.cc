@@ -68,6 +68,26 @@ struct Batch {
   int64_t count = 0, a_stride = 0, c_stride = 0;
 };
 
+// Weights packed once per call and shared by the threads whose products want the same layout: one copy in the
+// caches instead of one per thread (the recurrent weight of H = 1,024 is 16 MiB in float32).
+class Packs {
+ public:
+  memory get(const memory::desc& want, memory& plain, dnnl::stream& strm) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [desc, mem] : packed_)
+      if (desc == want) return mem;
+    memory mem(want, cpu_engine());
+    dnnl::reorder(plain, mem).execute(strm, plain, mem);
+    strm.wait();
+    packed_.emplace_back(want, mem);
+    return mem;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::pair<memory::desc, memory>> packed_;
+};
+
 // C[M, N] (+)= A[M, K] B[K, N] (+ bias[N]), C float32 with leading dim ldc (or a Batch of them). With `packed`, B
 // is reordered once into oneDNN's preferred layout (for products run at every step); otherwise it is read in
 // place. Each Matmul has its own stream, so threads running their own Matmuls need no lock; called inside an
@@ -76,8 +96,7 @@ class Matmul {
  public:
   Matmul(int64_t M, int64_t K, int64_t N, int64_t lda, bool a_transposed, const float* b, int64_t ldb,
          bool b_transposed, int64_t ldc, bool use_bf16, bool accumulate, bool packed, const float* bias = nullptr,
-         Batch batch = {})
-      : bias_(bias) {
+         Batch batch = {}, Packs* packs = nullptr) {
     auto& eng = cpu_engine();
     auto dt = op_type(use_bf16);
     auto a_md = matrix_desc(M, K, dt, lda, a_transposed);
@@ -101,35 +120,37 @@ class Matmul {
     dnnl::matmul::primitive_desc pd;
     if (bias != nullptr) {
       pd = dnnl::matmul::primitive_desc(eng, a_md, b_md, bias_md, c_md, attr);
-      bias_mem_ = memory(bias_md, eng, const_cast<float*>(bias));
+      args_[DNNL_ARG_BIAS] = memory(bias_md, eng, const_cast<float*>(bias));
     } else {
       pd = dnnl::matmul::primitive_desc(eng, a_md, b_md, c_md, attr);
     }
     prim_ = dnnl::matmul(pd);
     a_mem_ = memory(pd.src_desc(), eng, DNNL_MEMORY_NONE);
     c_mem_ = memory(pd.dst_desc(), eng, DNNL_MEMORY_NONE);
-    memory src(b_plain, eng, const_cast<float*>(b));
-    if (packed || use_bf16) {
-      b_mem_ = memory(pd.weights_desc(), eng);
-      dnnl::reorder(src, b_mem_).execute(strm_, src, b_mem_);
-    } else {
-      b_mem_ = src;
+    memory plain(b_plain, eng, const_cast<float*>(b));
+    memory weights = plain;
+    if (packs != nullptr) {
+      weights = packs->get(pd.weights_desc(), plain, strm_);
+    } else if (packed || use_bf16) {
+      weights = memory(pd.weights_desc(), eng);
+      dnnl::reorder(plain, weights).execute(strm_, plain, weights);
     }
+    args_[DNNL_ARG_SRC] = a_mem_;
+    args_[DNNL_ARG_WEIGHTS] = weights;
+    args_[DNNL_ARG_DST] = c_mem_;
   }
 
   void run(const void* a, float* c) {
-    a_mem_.set_data_handle(const_cast<void*>(a));
+    a_mem_.set_data_handle(const_cast<void*>(a));  // the memories in args_ share these handles
     c_mem_.set_data_handle(c);
-    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, a_mem_}, {DNNL_ARG_WEIGHTS, b_mem_}, {DNNL_ARG_DST, c_mem_}};
-    if (bias_ != nullptr) args.insert({DNNL_ARG_BIAS, bias_mem_});
-    prim_.execute(strm_, args);
+    prim_.execute(strm_, args_);
   }
 
  private:
-  const float* bias_;
   dnnl::stream strm_{cpu_engine()};
   dnnl::matmul prim_;
-  memory a_mem_, b_mem_, c_mem_, bias_mem_;
+  memory a_mem_, c_mem_;
+  std::unordered_map<int, memory> args_;
 };
 
 // A float32 array converted to bf16 (a copy) or left as it is.
@@ -214,6 +235,7 @@ struct Fwd {
   float* h;              // [N, H] carry
   float* c;              // [N, H] LSTM cell state
   bf16* hb;              // [N, H] bf16 copy of h (bf16 only)
+  Packs* packs;          // the packed weights the threads share
 };
 
 // The gate loops take restrict-qualified parameters (GCC honours restrict on parameters and then vectorizes them
@@ -332,9 +354,12 @@ class Projection {
     }
     if (k_full_ == 0) k_full_ = k;
     auto& slot = k == k_full_ ? full_ : rest_;  // every chunk but the last has the same length
+    // One thread holding every row reads (and writes) the chunk's rows contiguously: one [k*M, F] product.
+    // Otherwise its rows are k blocks of M, N rows apart: a batch of k products.
+    const bool whole = M == N;
     if (slot == nullptr)
-      slot = std::make_unique<Matmul>(M, F, s.G, F, false, f_.w_ih, s.G, false, s.G, s.use_bf16, false, true,
-                                      f_.b_ih, Batch{k, a_stride, gates_.t_stride});
+      slot = std::make_unique<Matmul>(whole ? k * M : M, F, s.G, F, false, f_.w_ih, s.G, false, s.G, s.use_bf16,
+                                      false, true, f_.b_ih, whole ? Batch{} : Batch{k, a_stride, gates_.t_stride});
     slot->run(a, gates_.at(t_lo, sh_.n0));
   }
 
@@ -360,9 +385,11 @@ void forward_shard(const Fwd& f, Shard sh) {
   Rows gates = save ? Rows{f.gates, 0, 0, N * G, G} : Rows{work.data(), 0, sh.n0, M * G, G};
   Rows extras = save ? Rows{f.extra, 0, 0, N * H, H} : Rows{extra.data(), 0, sh.n0, 0, H};
   Projection proj(f, sh, gates);
-  Matmul rec(M, H, rz, H, false, f.w_hh, G, false, rz, b16, false, true);
+  Matmul rec(M, H, rz, H, false, f.w_hh, G, false, rz, b16, false, true, nullptr, {}, f.packs);
   std::unique_ptr<Matmul> cand;  // the Cho GRU's candidate product reads r*h from the extras (or its bf16 copy)
-  if (cho) cand = std::make_unique<Matmul>(M, H, H, H, false, f.w_hh + 2 * H, G, false, H, b16, false, true);
+  if (cho)
+    cand = std::make_unique<Matmul>(M, H, H, H, false, f.w_hh + 2 * H, G, false, H, b16, false, true, nullptr,
+                                    Batch{}, f.packs);
   for (int64_t s0 = 0; s0 < s.T; s0 += K) {
     const int64_t k = std::min(K, s.T - s0), t_lo = s.reverse ? s.T - s0 - k : s0;
     if (!save) gates.t0 = t_lo;
@@ -407,11 +434,13 @@ ffi::Error rnn_fwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
   }
   std::vector<bf16> hb(use_bf16 ? N * H : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(hb.size()); ++i) hb[i] = to_bf16(h[i]);
+  Packs packs;
   Fwd f{s, x.typed_data<float>(), w_ih.typed_data<float>(), w_hh.typed_data<float>(), b_ih.typed_data<float>(),
         b_hh.typed_data<float>(), valid.element_count() ? valid.typed_data<uint8_t>() : nullptr,
         resets.element_count() ? resets.typed_data<uint8_t>() : nullptr, ys->typed_data<float>(),
         save ? hs_prev->typed_data<float>() : nullptr, save ? gates->typed_data<float>() : nullptr,
-        save ? extra->typed_data<float>() : nullptr, h, kind == kLstm ? c : nullptr, use_bf16 ? hb.data() : nullptr};
+        save ? extra->typed_data<float>() : nullptr, h, kind == kLstm ? c : nullptr, use_bf16 ? hb.data() : nullptr,
+        &packs};
 #pragma omp parallel num_threads(loop_threads(N))
   forward_shard(f, shard_of(N, omp_get_num_threads(), omp_get_thread_num()));
   return ffi::Error::Success();
@@ -551,16 +580,18 @@ const void* step_source(const Bwd& b, Shard sh, int64_t t, int64_t col, int64_t 
   return out + col;
 }
 
-void backward_shard(const Bwd& b, const float* w_hh, Shard sh) {
+void backward_shard(const Bwd& b, const float* w_hh, Shard sh, Packs* packs) {
   const Sizes& s = b.s;
   const int64_t H = s.H, G = s.G, M = sh.n1 - sh.n0;
   if (M == 0) return;
   const bool cho = s.kind == kGruCho, b16 = s.use_bf16;
   const int64_t rz = cho ? 2 * H : G;
   // dh += src[:, :rz] W_hh[:, :rz]^T (accumulated into dh); Cho: d(r*h) = src[:, 2H:] W_hn^T first.
-  Matmul rec(M, rz, H, G, false, w_hh, G, true, H, b16, true, true);
+  Matmul rec(M, rz, H, G, false, w_hh, G, true, H, b16, true, true, nullptr, {}, packs);
   std::unique_ptr<Matmul> cand;
-  if (cho) cand = std::make_unique<Matmul>(M, H, H, G, false, w_hh + 2 * H, G, true, H, b16, false, true);
+  if (cho)
+    cand = std::make_unique<Matmul>(M, H, H, G, false, w_hh + 2 * H, G, true, H, b16, false, true, nullptr, Batch{},
+                                    packs);
   for (int64_t step = s.T - 1; step >= 0; --step) {
     const int64_t t = time_at(s, step);
     for (int64_t n = sh.n0; n < sh.n1; ++n) bwd_row(b, t, n);
@@ -635,9 +666,9 @@ ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
         hs_prev.typed_data<float>(), gates.typed_data<float>(), extra.typed_data<float>(), dzx->typed_data<float>(),
         kind == kGru ? dzh_n->typed_data<float>() : nullptr, dh, kind == kLstm ? dc : nullptr, gs.data(), tmp.data(),
         drh.data(), use_bf16 ? srcb.data() : nullptr};
-  const int nt = loop_threads(N);
-#pragma omp parallel num_threads(nt)
-  backward_shard(b, w_hh.typed_data<float>(), shard_of(N, omp_get_num_threads(), omp_get_thread_num()));
+  Packs packs;
+#pragma omp parallel num_threads(loop_threads(N))
+  backward_shard(b, w_hh.typed_data<float>(), shard_of(N, omp_get_num_threads(), omp_get_thread_num()), &packs);
   weight_grads(s, x.typed_data<float>(), w_ih.typed_data<float>(), dzx->typed_data<float>(),
                kind == kGru ? dzh_n->typed_data<float>() : nullptr, hs_prev.typed_data<float>(),
                extra.typed_data<float>(), dx->typed_data<float>(), dw_ih->typed_data<float>(),
