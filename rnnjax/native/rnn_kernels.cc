@@ -184,6 +184,26 @@ struct Shard {
 
 Shard shard_of(int64_t N, int nt, int id) { return Shard{N * id / nt, N * (id + 1) / nt}; }
 
+// Runs fn() with OpenMP's thread count (and so oneDNN's) set to 1 on this thread meanwhile.
+template <typename Fn>
+void on_one_thread(Fn fn) {
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  fn();
+  omp_set_num_threads(saved);
+}
+
+// Runs shard(Shard) on loop_threads(N) threads. With one, the shard runs on the calling thread with OpenMP's thread
+// count set to 1 meanwhile: a team of one is not an active parallel region, so oneDNN would otherwise fork all the
+// cores for every tiny per-step product (B = 1), and wait for them at every step.
+template <typename Fn>
+void run_shards(int64_t N, Fn shard) {
+  const int nt = loop_threads(N);
+  if (nt == 1) return on_one_thread([&] { shard(Shard{0, N}); });
+#pragma omp parallel num_threads(nt)
+  shard(shard_of(N, omp_get_num_threads(), omp_get_thread_num()));
+}
+
 struct Sizes {
   int64_t T, N, F, H, G;  // G: the gate width, gates * H
   int64_t kind;
@@ -441,8 +461,7 @@ ffi::Error rnn_fwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
         save ? hs_prev->typed_data<float>() : nullptr, save ? gates->typed_data<float>() : nullptr,
         save ? extra->typed_data<float>() : nullptr, h, kind == kLstm ? c : nullptr, use_bf16 ? hb.data() : nullptr,
         &packs};
-#pragma omp parallel num_threads(loop_threads(N))
-  forward_shard(f, shard_of(N, omp_get_num_threads(), omp_get_thread_num()));
+  run_shards(N, [&](Shard sh) { forward_shard(f, sh); });
   return ffi::Error::Success();
 }
 
@@ -667,12 +686,18 @@ ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
         kind == kGru ? dzh_n->typed_data<float>() : nullptr, dh, kind == kLstm ? dc : nullptr, gs.data(), tmp.data(),
         drh.data(), use_bf16 ? srcb.data() : nullptr};
   Packs packs;
-#pragma omp parallel num_threads(loop_threads(N))
-  backward_shard(b, w_hh.typed_data<float>(), shard_of(N, omp_get_num_threads(), omp_get_thread_num()), &packs);
-  weight_grads(s, x.typed_data<float>(), w_ih.typed_data<float>(), dzx->typed_data<float>(),
-               kind == kGru ? dzh_n->typed_data<float>() : nullptr, hs_prev.typed_data<float>(),
-               extra.typed_data<float>(), dx->typed_data<float>(), dw_ih->typed_data<float>(),
-               dw_hh->typed_data<float>(), db_ih->typed_data<float>(), db_hh->typed_data<float>());
+  run_shards(N, [&](Shard sh) { backward_shard(b, w_hh.typed_data<float>(), sh, &packs); });
+  auto grads = [&] {
+    weight_grads(s, x.typed_data<float>(), w_ih.typed_data<float>(), dzx->typed_data<float>(),
+                 kind == kGru ? dzh_n->typed_data<float>() : nullptr, hs_prev.typed_data<float>(),
+                 extra.typed_data<float>(), dx->typed_data<float>(), dw_ih->typed_data<float>(),
+                 dw_hh->typed_data<float>(), db_ih->typed_data<float>(), db_hh->typed_data<float>());
+  };
+  if (loop_threads(N) == 1) {  // a batch too small to split: its products are small too
+    on_one_thread(grads);
+  } else {
+    grads();
+  }
   if (kind != kLstm) std::memset(dc, 0, sizeof(float) * N * H);
   return ffi::Error::Success();
 }
