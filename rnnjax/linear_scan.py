@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name, checkpoint_policies
 from rnnjax.cells.base import Cell
 from rnnjax.types import Array
 
-# Measured with ``rnnjax-bench parallel`` on a 2-core CPU (docs/performance.md).
+# From this many steps on, the loop form beats the sequential scan on CPU (docs/performance.md, "Linear cells").
 CPU_PARALLEL_MIN_T = 32
 
 
@@ -137,10 +137,8 @@ def _linear_scan_bwd(reverse, method, res, g):
 linear_scan.defvjp(_linear_scan_fwd, _linear_scan_bwd)
 
 
-# The loop form runs a long sequence in chunks of about this many bytes of projected input ([steps, *B, G]):
-# each chunk's coefficients, loop and outputs stay in cache, and its backward pass recomputes them
-# (``jax.checkpoint``) instead of reading whole-sequence residuals. Measured with ``rnnjax-bench
-# parallel`` on a 2-core CPU (docs/performance.md).
+# The loop form's chunk: about this many bytes of projected input ([steps, *B, G]), so a chunk's coefficients,
+# loop and outputs stay in cache (docs/performance.md, "Linear cells").
 LOOP_CHUNK_BYTES = 2**21
 # The name of a chunk's input projection in the loop form, the residual its backward pass keeps where the
 # cell's ``Linear.save_projection`` says so.

@@ -55,34 +55,24 @@ def valid_steps(fn: str, batch_shape: tuple[int, ...], T: int, *, lengths=None, 
     return valid
 
 
-# Strategy choices for ``"auto"``, measured with ``rnnjax-bench`` and
-# benchmarks/ on a 2-core CPU (docs/performance.md). XLA's CPU backend runs
-# the two independent matmuls of a step (input and recurrent) side by side
-# on the two cores, and autodiff's per-step weight-gradient matmul beside the
-# carry's, so at larger batches the per-step forms win there; at small
-# batches per-step overhead dominates and the big-matmul forms win. On
-# accelerators the big-matmul forms always pay.
+# The XLA path's "auto" rules on CPU (each measured: docs/performance.md, "The auto rules"); on accelerators the
+# big-matmul forms always pay.
+# Hoist the input projection out of the loop up to this batch: XLA runs a step's two products side by side above it.
 CPU_HOIST_MAX_BATCH = 4
+# Fuse the backward pass up to this batch: autodiff's per-step weight-gradient product overlaps the carry's above it.
 CPU_FUSE_MAX_BATCH = 16
 
 
 def should_hoist(cell: Cell, batch_size: int, time_steps: int) -> bool:
-    """Whether ``hoist="auto"`` computes the input projection of all steps
-    as one ``[T*B, F] x [F, G]`` matmul before the time loop.
-
-    Measured on CPU (LSTM, forward): hoisted 1.18x the in-loop speed at B=1
-    (C3), 0.9x at B=16 (C2), 0.77x at B=64 (C1).
-    """
+    """Whether ``hoist="auto"`` computes the input projection of all steps as one ``[T*B, F] x [F, G]``
+    matmul before the time loop: on accelerators, and on CPU up to :data:`CPU_HOIST_MAX_BATCH`."""
     del cell, time_steps
     return jax.default_backend() != "cpu" or batch_size <= CPU_HOIST_MAX_BATCH
 
 
 def should_fuse(cell: Cell, batch_size: int, time_steps: int) -> bool:
-    """Whether ``backward="auto"`` uses the fused sequence VJP (:mod:`rnnjax.fused`).
-
-    Measured on CPU, LSTM fwd+bwd against autodiff of the scan: 1.5x at B=1
-    (C3), 1.2x at B=16 (C2), 0.8x at B=64 (C1), 0.85x at B=256 (C4).
-    """
+    """Whether ``backward="auto"`` uses the fused sequence VJP (:mod:`rnnjax.fused`): for a cell with a
+    ``Recurrence``, on accelerators, and on CPU up to :data:`CPU_FUSE_MAX_BATCH`."""
     del time_steps
     if cell.recurrence is None:
         return False

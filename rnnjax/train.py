@@ -315,9 +315,8 @@ def make_population_step(loss_fn: LossFn, optimizer: optax.GradientTransformatio
     matmuls become batched matmuls: what pays on GPUs and TPUs);
     ``"map"`` runs the members one after another inside the one compiled
     step (``lax.map``); ``"auto"``: ``"map"`` on CPU, where XLA's batched
-    matmuls run slower than the members' own (8 LSTMs: the vmapped step
-    0.63-0.72x of 8 separate steps at H >= 64, ``"map"`` 1.06-1.07x;
-    docs/performance.md, Populations), else ``"vmap"``.
+    matmuls run slower than the members' own (docs/performance.md,
+    "Populations"), else ``"vmap"``.
     """
     fn = "rnnjax.train.make_population_step"
     if strategy not in ("auto", "vmap", "map"):

@@ -125,11 +125,8 @@ class Linear(NamedTuple):
     keeps each chunk's input projection ``px`` (one ``[C, *B, G]`` array
     per chunk, so the projection is not computed twice) or recomputes it
     with the rest of the chunk (``jax.checkpoint``: memory only for the
-    chunk boundaries' states). Keeping it was faster for the LRU, minGRU
-    and RG-LRU on a 2-core CPU; for minLSTM recomputing was, because XLA's
-    CPU backend fuses the slice of the stored projections into each of
-    the several kernels of its gates' backward pass, which then read main
-    memory instead of cache (``rnnjax-bench parallel``, docs/performance.md).
+    chunk boundaries' states); each cell sets what measured faster
+    (docs/performance.md, "Linear cells").
     """
 
     coefficients: Callable[[Any, Array], tuple[Array, Array]]
