@@ -99,7 +99,9 @@ def _backward_call(kind: str, reverse: bool, bf16: bool):
         shapes = [(T, N, F), (F, G), (H, G), (G,), (G,), (N, H), (N, H), (T, N, G),
                   (T, N, H) if kind == "gru" else (0,)]
         out = [jax.ShapeDtypeStruct(s, F32) for s in shapes]
-        grads = jax.ffi.ffi_call("rnnjax_rnn_bwd", out, vmap_method="sequential")(
+        # The kernel works in place: its dzx output is the gates' buffer, and the GRU's dzh_n the extras'.
+        aliases = {6: 7, 7: 8} if kind == "gru" else {6: 7}
+        grads = jax.ffi.ffi_call("rnnjax_rnn_bwd", out, vmap_method="sequential", input_output_aliases=aliases)(
             x, w_ih, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc, kind=np.int64(KINDS[kind]),
             reverse=reverse, bf16=bf16)
         return tuple(grads[:7])

@@ -468,20 +468,23 @@ ffi::Error rnn_fwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
 // ---------------------------------------------------------------------------------------------------------------
 // Backward
 
+// The backward call works in place: XLA hands it the forward call's gates as its dzx output (and, for the GRU, the
+// extras as its dzh_n output; input_output_aliases), and each step's activations are overwritten by their
+// cotangents once read. Only the LSTM's c_prev and the Cho GRU's r*h extras are read from an input.
 struct Bwd {
   const Sizes& s;
   const uint8_t* valid;
   const uint8_t* resets;
   const float* dys;      // [T, N, H]
   const float* hs_prev;  // [T, N, H]
-  const float* gates;    // [T, N, G]: the activations
-  const float* extra;    // [T, N, H]: LSTM c_prev, GRU h_n, Cho GRU r*h
-  float* dzx;            // [T, N, G]: d(pre-activations) of the input part
-  float* dzh_n;          // [T, N, H]: GRU only, d(h_n) of the recurrent part's n block
+  const float* extra;    // [T, N, H]: LSTM c_prev, Cho GRU r*h
+  float* dzx;            // [T, N, G]: the gates on entry; d(pre-activations) of the input part on return
+  float* dzh_n;          // [T, N, H] GRU: h_n on entry; d(h_n) of the recurrent part's n block on return
   float* dh;             // [N, H] carry cotangent
   float* dc;             // [N, H] LSTM cell-state cotangent
   float* gs;             // [N, G] GRU: this step's source of the product with W_hh^T ([dz_r, dz_z, dzh_n])
-  float* tmp;            // [N, H] scratch (Cho GRU: dh of this step)
+  float* tmp;            // [N, H] Cho GRU: dh of this step
+  float* nsave;          // [N, H] Cho GRU: n of this step (overwritten by its cotangent before the second half)
   float* drh;            // [N, H] Cho GRU: d(r*h)
   bf16* srcb;            // [N, G] bf16 copy of the products' source (bf16 only)
 };
@@ -496,59 +499,64 @@ void invalid_row(const Bwd& b, int64_t t, int64_t n) {
   }
 }
 
-void lstm_bwd_loop(CF g, CF cprev, CF dy, F dh, F dc, F dz, int64_t H) {
+// gz: a row's gates i, f, g, o on entry, their pre-activations' cotangents on return.
+void lstm_bwd_loop(F gz, CF cprev, CF dy, F dh, F dc, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
-    const float i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j], cp = cprev[j];
+    const float i = gz[j], f = gz[H + j], gg = gz[2 * H + j], o = gz[3 * H + j], cp = cprev[j];
     const float tc = tanhf(f * cp + i * gg);
     const float dhj = dh[j] + dy[j];
     const float dcj = dc[j] + dhj * o * (1.0f - tc * tc);
-    dz[j] = dcj * gg * i * (1.0f - i);
-    dz[H + j] = dcj * cp * f * (1.0f - f);
-    dz[2 * H + j] = dcj * i * (1.0f - gg * gg);
-    dz[3 * H + j] = dhj * tc * o * (1.0f - o);
+    gz[j] = dcj * gg * i * (1.0f - i);
+    gz[H + j] = dcj * cp * f * (1.0f - f);
+    gz[2 * H + j] = dcj * i * (1.0f - gg * gg);
+    gz[3 * H + j] = dhj * tc * o * (1.0f - o);
     dc[j] = dcj * f;
     dh[j] = 0.0f;
   }
 }
 
-void gru_bwd_loop(CF g, CF hh, CF hp, CF dy, F dh, F dz, F dzn, F gs, int64_t H) {
+// gz: r, z, n on entry; hz: h_n on entry, r * d(n) on return.
+void gru_bwd_loop(F gz, F hz, CF hp, CF dy, F dh, F gs, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
-    const float rg = g[j], zg = g[H + j], ng = g[2 * H + j];
+    const float rg = gz[j], zg = gz[H + j], ng = gz[2 * H + j], hh = hz[j];
     const float dhj = dh[j] + dy[j];
     const float dn = dhj * (1.0f - zg) * (1.0f - ng * ng);
-    const float dr = dn * hh[j] * rg * (1.0f - rg), dzz = dhj * (hp[j] - ng) * zg * (1.0f - zg);
-    dz[j] = dr, dz[H + j] = dzz, dz[2 * H + j] = dn;
-    dzn[j] = dn * rg;
+    const float dr = dn * hh * rg * (1.0f - rg), dzz = dhj * (hp[j] - ng) * zg * (1.0f - zg);
+    gz[j] = dr, gz[H + j] = dzz, gz[2 * H + j] = dn;
+    hz[j] = dn * rg;
     gs[j] = dr, gs[H + j] = dzz, gs[2 * H + j] = dn * rg;
     dh[j] = dhj * zg;
   }
 }
 
-// Cho GRU, first half of the backward step: the candidate's cotangent, the source of d(r*h) = dn W_hn^T.
-void gru_cho_bwd_n_loop(CF g, CF dy, CF dh, F tmp, F dz, int64_t H) {
+// Cho GRU, first half of the backward step: the candidate's cotangent (over n, which is saved first), the source
+// of d(r*h) = dn W_hn^T.
+void gru_cho_bwd_n_loop(F gz, CF dy, CF dh, F tmp, F nsave, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
-    const float zg = g[H + j], ng = g[2 * H + j];
+    const float zg = gz[H + j], ng = gz[2 * H + j];
     const float dhj = dh[j] + dy[j];
     tmp[j] = dhj;
-    dz[2 * H + j] = dhj * (1.0f - zg) * (1.0f - ng * ng);
+    nsave[j] = ng;
+    gz[2 * H + j] = dhj * (1.0f - zg) * (1.0f - ng * ng);
   }
 }
 
 // Second half: with d(r*h) in drh, the r and z cotangents and the direct part of dh.
-void gru_cho_bwd_rz_loop(CF g, CF hp, CF drh, CF tmp, F dh, F dz, int64_t H) {
+void gru_cho_bwd_rz_loop(F gz, CF hp, CF drh, CF tmp, CF nsave, F dh, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
-    const float rg = g[j], zg = g[H + j], ng = g[2 * H + j], d = drh[j], dhj = tmp[j];
-    dz[j] = d * hp[j] * rg * (1.0f - rg);
-    dz[H + j] = dhj * (hp[j] - ng) * zg * (1.0f - zg);
+    const float rg = gz[j], zg = gz[H + j], ng = nsave[j], d = drh[j], dhj = tmp[j];
+    gz[j] = d * hp[j] * rg * (1.0f - rg);
+    gz[H + j] = dhj * (hp[j] - ng) * zg * (1.0f - zg);
     dh[j] = dhj * zg + d * rg;
   }
 }
 
-void elman_bwd_loop(CF hn, CF dy, F dh, F dz, int64_t H, bool relu) {
+// gz: the new h on entry, its pre-activation's cotangent on return.
+void elman_bwd_loop(F gz, CF dy, F dh, int64_t H, bool relu) {
   if (relu) {
-    for (int64_t j = 0; j < H; ++j) dz[j] = hn[j] > 0.0f ? dh[j] + dy[j] : 0.0f;
+    for (int64_t j = 0; j < H; ++j) gz[j] = gz[j] > 0.0f ? dh[j] + dy[j] : 0.0f;
   } else {
-    for (int64_t j = 0; j < H; ++j) dz[j] = (dh[j] + dy[j]) * (1.0f - hn[j] * hn[j]);
+    for (int64_t j = 0; j < H; ++j) gz[j] = (dh[j] + dy[j]) * (1.0f - gz[j] * gz[j]);
   }
   for (int64_t j = 0; j < H; ++j) dh[j] = 0.0f;
 }
@@ -557,24 +565,21 @@ void elman_bwd_loop(CF hn, CF dy, F dh, F dz, int64_t H, bool relu) {
 void bwd_row(const Bwd& b, int64_t t, int64_t n) {
   const int64_t H = b.s.H, G = b.s.G, row = t * b.s.N + n;
   if (!is_valid(b.valid, t, b.s.N, n)) return invalid_row(b, t, n);
-  const float* g = b.gates + row * G;
-  const float* e = b.extra + row * H;
   const float* dy = b.dys + row * H;
-  float* dz = b.dzx + row * G;
+  float* gz = b.dzx + row * G;
   switch (b.s.kind) {
-    case kLstm: return lstm_bwd_loop(g, e, dy, b.dh + n * H, b.dc + n * H, dz, H);
-    case kGru:
-      return gru_bwd_loop(g, e, b.hs_prev + row * H, dy, b.dh + n * H, dz, b.dzh_n + row * H, b.gs + n * G, H);
-    case kGruCho: return gru_cho_bwd_n_loop(g, dy, b.dh + n * H, b.tmp + n * H, dz, H);
-    default: return elman_bwd_loop(g, dy, b.dh + n * H, dz, H, b.s.kind == kElmanRelu);
+    case kLstm: return lstm_bwd_loop(gz, b.extra + row * H, dy, b.dh + n * H, b.dc + n * H, H);
+    case kGru: return gru_bwd_loop(gz, b.dzh_n + row * H, b.hs_prev + row * H, dy, b.dh + n * H, b.gs + n * G, H);
+    case kGruCho: return gru_cho_bwd_n_loop(gz, dy, b.dh + n * H, b.tmp + n * H, b.nsave + n * H, H);
+    default: return elman_bwd_loop(gz, dy, b.dh + n * H, H, b.s.kind == kElmanRelu);
   }
 }
 
 void gru_cho_bwd_rz(const Bwd& b, int64_t t, int64_t n) {
   const int64_t H = b.s.H, row = t * b.s.N + n;
   if (!is_valid(b.valid, t, b.s.N, n)) return;
-  gru_cho_bwd_rz_loop(b.gates + row * b.s.G, b.hs_prev + row * H, b.drh + n * H, b.tmp + n * H, b.dh + n * H,
-                      b.dzx + row * b.s.G, H);
+  gru_cho_bwd_rz_loop(b.dzx + row * b.s.G, b.hs_prev + row * H, b.drh + n * H, b.tmp + n * H, b.nsave + n * H,
+                      b.dh + n * H, H);
 }
 
 void end_bwd_step(const Bwd& b, Shard sh, int64_t t) {
@@ -663,9 +668,8 @@ void weight_grads(const Sizes& s, const float* x, const float* w_ih, const float
 }
 
 ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, ffi::AnyBuffer valid,
-                   ffi::AnyBuffer resets, ffi::AnyBuffer hs_prev, ffi::AnyBuffer gates, ffi::AnyBuffer extra,
-                   ffi::AnyBuffer dys,
-                   ffi::AnyBuffer dh_t, ffi::AnyBuffer dc_t, ffi::Result<ffi::AnyBuffer> dx,
+                   ffi::AnyBuffer resets, ffi::AnyBuffer hs_prev, ffi::AnyBuffer /*gates: the dzx output's buffer*/,
+                   ffi::AnyBuffer extra, ffi::AnyBuffer dys, ffi::AnyBuffer dh_t, ffi::AnyBuffer dc_t, ffi::Result<ffi::AnyBuffer> dx,
                    ffi::Result<ffi::AnyBuffer> dw_ih, ffi::Result<ffi::AnyBuffer> dw_hh,
                    ffi::Result<ffi::AnyBuffer> db_ih, ffi::Result<ffi::AnyBuffer> db_hh,
                    ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::AnyBuffer> dc0,
@@ -678,13 +682,14 @@ ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
   std::memcpy(dh, dh_t.typed_data<float>(), sizeof(float) * N * H);
   float* dc = dc0->typed_data<float>();
   std::memcpy(dc, dc_t.typed_data<float>(), sizeof(float) * N * H);
-  std::vector<float> gs(kind == kGru ? N * G : 0), tmp(N * H), drh(kind == kGruCho ? N * H : 0);
+  std::vector<float> gs(kind == kGru ? N * G : 0), tmp(N * H), nsave(kind == kGruCho ? N * H : 0),
+      drh(kind == kGruCho ? N * H : 0);
   std::vector<bf16> srcb(use_bf16 ? N * G : 0);
   Bwd b{s, valid.element_count() ? valid.typed_data<uint8_t>() : nullptr,
         resets.element_count() ? resets.typed_data<uint8_t>() : nullptr, dys.typed_data<float>(),
-        hs_prev.typed_data<float>(), gates.typed_data<float>(), extra.typed_data<float>(), dzx->typed_data<float>(),
+        hs_prev.typed_data<float>(), extra.typed_data<float>(), dzx->typed_data<float>(),
         kind == kGru ? dzh_n->typed_data<float>() : nullptr, dh, kind == kLstm ? dc : nullptr, gs.data(), tmp.data(),
-        drh.data(), use_bf16 ? srcb.data() : nullptr};
+        nsave.data(), drh.data(), use_bf16 ? srcb.data() : nullptr};
   Packs packs;
   run_shards(N, [&](Shard sh) { backward_shard(b, w_hh.typed_data<float>(), sh, &packs); });
   auto grads = [&] {
@@ -734,8 +739,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnBackward, rnn_bwd,
                                   .Arg<ffi::AnyBuffer>()  // valid
                                   .Arg<ffi::AnyBuffer>()  // resets
                                   .Arg<ffi::AnyBuffer>()  // hs_prev
-                                  .Arg<ffi::AnyBuffer>()  // gates
-                                  .Arg<ffi::AnyBuffer>()  // extra
+                                  .Arg<ffi::AnyBuffer>()  // gates (aliased to dzx)
+                                  .Arg<ffi::AnyBuffer>()  // extra (aliased to dzh_n for the GRU)
                                   .Arg<ffi::AnyBuffer>()  // dys
                                   .Arg<ffi::AnyBuffer>()  // dh (final carry's cotangent)
                                   .Arg<ffi::AnyBuffer>()  // dc
@@ -746,8 +751,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnBackward, rnn_bwd,
                                   .Ret<ffi::AnyBuffer>()  // db_hh
                                   .Ret<ffi::AnyBuffer>()  // dh0
                                   .Ret<ffi::AnyBuffer>()  // dc0
-                                  .Ret<ffi::AnyBuffer>()  // dzx [T, N, G] (workspace)
-                                  .Ret<ffi::AnyBuffer>()  // dzh_n [T, N, H] (GRU) or [0] (workspace)
+                                  .Ret<ffi::AnyBuffer>()  // dzx [T, N, G]: the gates' buffer, worked in place
+                                  .Ret<ffi::AnyBuffer>()  // dzh_n [T, N, H]: the GRU's extras' buffer, or [0]
                                   .Attr<int64_t>("kind")
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("bf16"));
