@@ -421,3 +421,19 @@ def test_cli_info_names_the_backend_per_cell(capsys):
     assert out.startswith("rnnjax ") and "native kernels: " in out
     assert "  lstm(peepholes=True), float32 compute: backend='auto' runs xla (native cannot run it: the cell 'lstm' " \
            "has no native kernel with these settings" in out
+
+
+def test_dtype_auto_is_bfloat16_only_where_the_native_kernels_run_it(monkeypatch):
+    from rnnjax import native
+    from rnnjax.recipes import flags
+
+    assert flags.resolve_dtype("float32", "lstm") == "float32"
+    assert flags.resolve_dtype("bfloat16", "mingru") == "bfloat16"
+    assert flags.resolve_dtype("auto", "mingru") == "float32"  # linear cells run on XLA, where bf16 is slower
+    monkeypatch.setattr(native, "status", lambda: native.Status(True, "loaded"))
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}))
+    assert flags.resolve_dtype("auto", "lstm") == "bfloat16"
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    assert flags.resolve_dtype("auto", "lstm") == "float32"
+    monkeypatch.setattr(native, "status", lambda: native.Status(False, "not built"))
+    assert flags.resolve_dtype("auto", "gru") == "float32"

@@ -22,7 +22,7 @@ from rnnjax.recipes.flags import OPTIMISATION, Flag, in_range, non_negative_floa
 DEFAULTS = dict(
     text=None, cell="lstm", layers=1, hidden=512, embed=64, batch=64, seq_len=8, lr=5e-3, warmup=None, end_lr=0.0,
     weight_decay=0.01, clip=1.0, dropout=0.0, residual=False, layer_norm=False, block=False, accumulate=1, seed=0,
-    population=None, dtype="float32",
+    population=None, dtype="auto",
 )
 # Run options of its own (the prompt's default depends on the text: the opening of its first line,
 # or "ROMEO:" on the bundled corpus).
@@ -151,7 +151,8 @@ def model_config(s: dict, vocab_size: int) -> dict:
     block = bool(s.get("block"))
     return dict(vocab_size=vocab_size, cell=s["cell"], layers=s["layers"], hidden=s["hidden"],
                 embed=s["hidden"] if block else s["embed"], dropout=s["dropout"], residual=bool(s["residual"]),
-                layer_norm=bool(s["layer_norm"]), block=block, dtype=s.get("dtype", "float32"))
+                layer_norm=bool(s["layer_norm"]), block=block,
+                dtype=flags.resolve_dtype(s.get("dtype", "float32"), s["cell"]))
 
 
 def _check_cell(cell: str) -> None:

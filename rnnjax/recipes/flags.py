@@ -119,10 +119,28 @@ ACCUMULATE = Flag("accumulate", positive(int),
                   "gradient accumulation: micro-batches per update (must divide --batch)", "optimisation")
 OPTIMISATION = (LR, WARMUP, END_LR, WEIGHT_DECAY, CLIP, ACCUMULATE)
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 DTYPE = Flag("dtype", str, "compute dtype: bfloat16 runs the matrix products on bfloat16 operands with float32 "
-             "accumulation, keeping gates, carries and the master weights float32 (the mixed-precision policy)",
-             "optimisation", choices=DTYPES)
+             "accumulation, keeping gates, carries and the master weights float32 (the mixed-precision policy); "
+             "auto (the default): bfloat16 where the native CPU kernels run the cell on this CPU's bfloat16 "
+             "instructions (python -m rnnjax info), else float32", "optimisation", choices=DTYPES)
+
+
+def resolve_dtype(name: str, cell: str) -> str:
+    """``--dtype``, with ``auto`` resolved for the named cell of :data:`rnnjax.models.CELLS` on this machine:
+    bfloat16 where ``unroll``'s ``"auto"`` backend runs it natively in bfloat16 (where it trained faster to a
+    loss at least as good: docs/guides/tasks.md), else float32."""
+    if name != "auto":
+        return name
+    import jax.numpy as jnp
+
+    from rnnjax import backend
+    from rnnjax.models import CELLS
+
+    if cell not in CELLS:
+        return "float32"
+    factory, options = CELLS[cell]
+    return "bfloat16" if backend.describe(factory(8, **options), jnp.bfloat16).startswith("native") else "float32"
 
 
 def jax_dtype(name: str):
