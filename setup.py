@@ -7,6 +7,7 @@ without them and rnnjax runs on XLA (``python -m rnnjax info`` says why).
 
 import importlib.metadata
 import importlib.util
+import os
 import pathlib
 import platform
 import sys
@@ -15,23 +16,25 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 
-def _package_file(distribution: str, name: str) -> pathlib.Path:
+def _package_file(distribution: str, suffix: str) -> pathlib.Path:
     for file in importlib.metadata.files(distribution) or []:
-        if file.name == name:
+        if str(file).replace("\\", "/").endswith(suffix):
             return pathlib.Path(file.locate()).resolve()
-    raise FileNotFoundError(f"{name} is not in the installed {distribution}")
+    raise FileNotFoundError(f"{suffix} is not in the installed {distribution}")
 
 
 class OptionalBuildExt(build_ext):
-    """Builds the kernels where it can, and otherwise says why and goes on."""
+    """Builds the kernels where it can, and otherwise says why and goes on (``RNNJAX_NATIVE=0`` skips them)."""
 
     def build_extension(self, ext):
         try:
+            if os.environ.get("RNNJAX_NATIVE") == "0":
+                raise RuntimeError("RNNJAX_NATIVE=0 is set")
             if sys.platform != "linux" or platform.machine() != "x86_64":
                 raise RuntimeError(f"the kernels are built for x86-64 Linux only, not {sys.platform}/"
                                    f"{platform.machine()}")
             jaxlib = pathlib.Path(importlib.util.find_spec("jaxlib").submodule_search_locations[0])
-            dnnl_header = _package_file("onednn-devel-cpu-gomp", "dnnl.hpp")
+            dnnl_header = _package_file("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp")
             dnnl_library = _package_file("onednn-cpu-gomp", "libdnnl.so.3")
             ext.include_dirs += [str(jaxlib / "include"), str(dnnl_header.parents[2])]
             ext.library_dirs += [str(dnnl_library.parent)]
@@ -44,6 +47,7 @@ class OptionalBuildExt(build_ext):
 kernels = Extension(
     "rnnjax.native._rnn_kernels",
     sources=["rnnjax/native/rnn_kernels.cc"],
+    optional=True,  # a build that fails (or is skipped) installs rnnjax without it
     language="c++",
     extra_compile_args=["-std=c++17", "-O3", "-g0", "-ffast-math", "-march=x86-64-v3", "-fopenmp", "-Wno-return-type"],
     extra_link_args=["-fopenmp", "-l:libdnnl.so.3", "-lstdc++"],
