@@ -7,18 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells.base import (
-    Cell,
-    Linear,
-    carry_dtype,
-    check_size,
-    compute_dtype,
-    gate_blocks,
-    init_config,
-    linear_cell,
-    matmul,
-    state_dtype,
-)
+from rnnjax.cells import base as policy  # the mixed-precision policy's helpers
+from rnnjax.cells.base import Cell, Linear, check_size, gate_blocks, init_config, linear_cell
 from rnnjax.types import Array, InitSpec
 
 
@@ -52,7 +42,7 @@ def rglru(hidden_size: int, *, c: float = 8.0, min_rad: float = 0.9, max_rad: fl
     (:mod:`rnnjax.cells.base`, "Mixed precision").
     """
     fn = "rnnjax.cells.rglru"
-    dtype = compute_dtype(fn, dtype)
+    dtype = policy.compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     if not 0.0 < min_rad < max_rad < 1.0:
         raise ValueError(f"{fn}: expected 0 < min_rad < max_rad < 1, got min_rad={min_rad}, max_rad={max_rad}. "
@@ -70,13 +60,13 @@ def rglru(hidden_size: int, *, c: float = 8.0, min_rad: float = 0.9, max_rad: fl
         return RGLRUParams(w, jnp.zeros((3 * H,), cfg.dtype), a_param.astype(cfg.dtype))
 
     def initial_carry(params: RGLRUParams, batch_shape=()) -> Array:
-        return jnp.zeros((*tuple(batch_shape), H), state_dtype(carry_dtype(params.w.dtype, dtype)))
+        return jnp.zeros((*tuple(batch_shape), H), policy.state_dtype(policy.carry_dtype(params.w.dtype, dtype)))
 
     def project(params: RGLRUParams, xs: Array) -> Array:
-        return matmul(xs, params.w, dtype) + params.b
+        return policy.matmul(xs, params.w, dtype) + params.b
 
     def coefficients(params: RGLRUParams, px: Array):
-        k = px.astype(state_dtype(px.dtype))
+        k = px.astype(policy.state_dtype(px.dtype))
         r, i, v = jax.nn.sigmoid(k[..., :H]), jax.nn.sigmoid(k[..., H:2 * H]), k[..., 2 * H:]
         log_a = -c * r * jax.nn.softplus(params.a_param.astype(k.dtype))
         return jnp.exp(log_a), jnp.sqrt(-jnp.expm1(2 * log_a)) * (i * v)
