@@ -71,6 +71,8 @@ def parse_hlo(text: str) -> dict[str, dict]:
 def compiled_matmul_flops(text: str) -> int:
     """The FLOPs of every matrix product a compiled module runs (its optimised HLO text, after XLA's
     dead-code elimination): loop bodies times their known trip counts, the larger branch of a conditional."""
+    if 'custom_call_target="rnnjax_rnn_' in text:
+        raise ValueError(f"{PROG}: the program runs rnnjax's native kernels, whose products are not in its HLO")
     instructions = parse_hlo(text)
     own: dict[str, int] = collections.Counter()  # matmul FLOPs of each computation's own instructions
     for ins in instructions.values():

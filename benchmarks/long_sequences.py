@@ -33,7 +33,7 @@ def _setting(T: int, remat: str, batch: int, features: int, hidden: int, run: bo
     k = None if remat == "none" else (round(T**0.5) if remat == "sqrt" else int(remat))
 
     def loss(p, x):
-        return jnp.sum(rnnjax.unroll(cell, p, x, remat=k)[1])
+        return jnp.sum(rnnjax.unroll(cell, p, x, remat=k, backend="xla")[1])  # remat is an XLA-path option
 
     grad = jax.jit(jax.grad(loss))
     start = time.perf_counter()

@@ -127,7 +127,7 @@ def profile_compiled(compiled, args, steps: int, feedback=None) -> dict:
 def _rnnjax_step(cfg: Config):
     from benchmarks import impls
 
-    runner = impls.rnnjax_impl(cfg)
+    runner = impls.rnnjax_impl(cfg, backend="xla")  # a profile of XLA's ops: the native kernels are one op
     runner()  # compiles
     runner()
     call = runner._call

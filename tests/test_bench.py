@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks import cli, config, impls, report, timing
 from benchmarks.config import Config
+from rnnjax import native
 
 
 def test_quick_run_writes_consistent_json_lines(tmp_path, capsys):
@@ -31,6 +32,9 @@ def test_quick_run_writes_consistent_json_lines(tmp_path, capsys):
             assert row["memory_kind"] == "xla-planned" and row["memory_bytes"] > 0 and row["compile_s"] > 0
             # The products counted in each compiled program: a forward pass runs exactly the analytic
             # count's; rnnjax's gradients with respect to the parameters only run 5 of its 6 per step.
+            if row["matmul_flops"] is None:  # the native kernels' products are not in the HLO
+                assert row["impl"] == "rnnjax" and native.available() and row["matmul_gflops"] is None
+                continue
             assert row["matmul_gflops"] == pytest.approx(row["matmul_flops"] / row["median_s"] / 1e9, rel=1e-12)
             if row["mode"] == "fwd":
                 assert row["matmul_flops"] == row["flops"]
@@ -66,8 +70,9 @@ def test_lstm_flops_match_a_hand_count():
     (["--cell", "lsmt"], "rnnjax-bench: error: unknown cell 'lsmt' in --cell; expected one of: lstm, gru, "
                          "elman, layer_norm_lstm, layer_norm_gru, jordan, gru_cho."),
     (["--compare", "torch,pytorch"], "rnnjax-bench: error: unknown implementation 'pytorch' in --compare; "
-                                     "expected one of: rnnjax, rnnjax-autodiff, rnnjax-fused, rnnjax-hoisted, "
-                                     "rnnjax-inloop, torch, flax, flax-lstmcell, haiku, equinox."),
+                                     "expected one of: rnnjax, rnnjax-native, rnnjax-xla, rnnjax-autodiff, "
+                                     "rnnjax-fused, rnnjax-hoisted, rnnjax-inloop, torch, torch-amp, flax, "
+                                     "flax-lstmcell, haiku, equinox."),
     (["--mode", "fwd,backward"], "rnnjax-bench: error: unknown mode 'backward' in --mode; "
                                  "expected one of: fwd, fwdbwd, train."),
     (["--rounds", "3"], "rnnjax-bench: error: --rounds must be >= 5 for a measurement (got 3); "
