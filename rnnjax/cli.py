@@ -12,7 +12,7 @@ flags and the flags every run shares (budget, evaluation, output, populations an
 hands the parsed values to :func:`rnnjax.engine.train`, which shows a progress bar, evaluates a few
 times, and writes into ``--out``: ``config.json``, ``metrics.jsonl`` (one JSON object per
 evaluation), ``loss.png``, the task's own files and ``checkpoints/`` (Orbax; the latest and the
-best). Ctrl-C saves a checkpoint and exits; ``--resume`` continues exactly where the last checkpoint
+best). Ctrl-C (or SIGTERM) saves a checkpoint and exits; ``--resume`` continues exactly where the last checkpoint
 left off. ``eval`` and ``generate`` read the task from the run's ``config.json``; ``g2p`` pronounces
 words with a g2p model (greedy or beam search, N-best, an attention heat map) or scores a split.
 

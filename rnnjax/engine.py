@@ -334,33 +334,41 @@ def _print_members(members: list[dict], history: list[dict], kept: int) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Ctrl-C
+# Ctrl-C and SIGTERM
 
 
 class Interrupt:
-    """First Ctrl-C: ask the loop to save and stop. Second: the usual KeyboardInterrupt."""
+    """First Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and ``kill`` send): ask the loop to save
+    and stop; ``signal_name`` says which came. A second one: the usual KeyboardInterrupt."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.signal_name = None
+        self.previous = {}
 
     def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-        except ValueError:  # not the main thread: no handler
-            self.previous = None
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread: no handler
+                pass
         return self
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nrnnjax: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",
-              file=sys.stderr)
+        self.signal_name = signal.Signals(signum).name
+        what = ("", "Ctrl-C") if signum == signal.SIGINT else (f"{self.signal_name} received: ", self.signal_name)
+        print(f"\nrnnjax: {what[0]}stopping after this step and saving a checkpoint ({what[1]} again to quit at "
+              "once)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            if previous is not None:
+                signal.signal(sig, previous)
 
 
 # ----------------------------------------------------------------------------
@@ -487,6 +495,7 @@ class _Setup:
     progress: dict | None = None  # a resumed run's progress (history, elapsed time, early stopping)
     curve: list = field(default_factory=list)  # [step, mean training loss] every 10 steps
     kept: int = 0  # the best member at the latest evaluation
+    stopped_by: str | None = None  # the signal that stopped the run ("SIGINT", "SIGTERM"), if one did
 
 
 def _set_up(job: Job, plan: Plan) -> _Setup:
@@ -663,7 +672,8 @@ class Display:
 
 
 def _fit(job: Job, plan: Plan, setup: _Setup, ckpt, seconds, display: Display, early):
-    """:func:`rnnjax.train.fit` on the set-up state, sharded over ``plan.devices``; Ctrl-C saves and stops."""
+    """:func:`rnnjax.train.fit` on the set-up state, sharded over ``plan.devices``; Ctrl-C or SIGTERM saves
+    and stops."""
     from rnnjax import train
 
     train_step, state, batches, carry = setup.train_step, setup.state, job.batches, setup.carry
@@ -684,6 +694,7 @@ def _fit(job: Job, plan: Plan, setup: _Setup, ckpt, seconds, display: Display, e
                 should_stop=lambda: interrupt.requested, max_consecutive_skipped=MAX_SKIPPED,
                 progress=setup.progress)
         finally:
+            setup.stopped_by = interrupt.signal_name
             display.bar.close()
             ckpt.wait()
 
@@ -718,9 +729,10 @@ def _report(job: Job, plan: Plan, setup: _Setup, result, early) -> int | None:
         setup.kept = best_record["member"] if best_record else setup.kept
         _print_members(members, history, setup.kept)
     if result.stop_reason == "interrupted":
-        print(f"rnnjax: interrupted; checkpoint of step {step} saved in {str(plan.out / 'checkpoints')!r}. Resume "
-              f"with: {plan.cmd} --out {plan.out} --resume", file=sys.stderr)
-        return 130
+        term = setup.stopped_by == "SIGTERM"
+        print(f"rnnjax: {'stopped by SIGTERM' if term else 'interrupted'}; checkpoint of step {step} saved in "
+              f"{str(plan.out / 'checkpoints')!r}. Resume with: {plan.cmd} --out {plan.out} --resume", file=sys.stderr)
+        return 128 + signal.SIGTERM if term else 130
     if result.stop_reason == "not_finite":
         print(f"rnnjax: error: the gradients were not finite for {MAX_SKIPPED} steps in a row (skipped, never "
               f"applied) at step {step}; the last good parameters are saved. Fix: lower --lr (now "
@@ -764,8 +776,8 @@ def _test_metrics(job: Job, plan: Plan, setup: _Setup, ckpt, result) -> dict | N
 def run(job: Job, plan: Plan) -> Outcome:
     """Trains ``job`` as ``plan`` says with :func:`rnnjax.train.fit`: a progress bar (loss, throughput,
     ETA), the validation metrics at each evaluation, Orbax checkpoints (latest and best),
-    ``metrics.jsonl``, ``loss.png``; Ctrl-C saves and stops (status 130). Then ``job.finish`` on the best
-    parameters."""
+    ``metrics.jsonl``, ``loss.png``; Ctrl-C saves and stops (status 130), SIGTERM too (status 143).
+    Then ``job.finish`` on the best parameters."""
     from rnnjax import checkpoint, train
 
     setup = _set_up(job, plan)
