@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 RUN_MARKER = "rnnjax_run"  # in every config.json written by rnnjax
+LOCK = "rnnjax.lock"  # held (flock) by the run writing a directory; names its process
 WARMUP = 50  # default warmup steps (a tenth of a shorter --steps run)
 MAX_SKIPPED = 25  # non-finite steps in a row that stop a run
 NO_HORIZON = 10 ** 9  # the schedule's horizon while a time budget has not yet fixed it
@@ -72,7 +73,7 @@ def check_out(out_arg: str, *, resume: bool, overwrite: bool, cmd: str,
     if out.exists() and not out.is_dir():
         raise UsageError(f"{cmd}: --out {out_arg!r} is a file; expected a directory for the run. "
                          "Fix: choose another --out.")
-    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    existing = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     config = read_config(out) if existing else None
     if resume:
         if not existing:
@@ -100,6 +101,55 @@ def check_out(out_arg: str, *, resume: bool, overwrite: bool, cmd: str,
                          f"{': ' + ', '.join(foreign[:5]) if foreign else ''}; nothing was deleted. "
                          "Fix: choose another --out.")
     return out, None
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/rnnjax.lock`` while a run writes the directory; the file names
+    the process. The kernel drops the lock when its process dies, however it dies, so a lock file
+    left by a killed run blocks nothing."""
+
+    def __init__(self, out: Path, cmd: str, out_arg: str):
+        self.path, self.cmd, self.out_arg, self.fd = out / LOCK, cmd, out_arg, None
+
+    def acquire(self) -> RunLock:
+        """Takes the lock (a :class:`UsageError` naming the other process when a live run holds it). A
+        directory where no lock file can be written is left to the checks that report it."""
+        import fcntl
+
+        while self.fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                return self
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise UsageError(f"{self.cmd}: --out {self.out_arg!r} is being written by another run (process "
+                                 f"{holder}); two runs in one directory would overwrite each other's checkpoints. "
+                                 "Fix: wait for it to finish or stop it, or choose another --out.") from None
+            if _same_file(fd, self.path):  # not unlinked by a run that just finished
+                self.fd = fd
+            else:
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}, `{self.cmd}`\n".encode())
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def clear_run(out: Path, run_files: tuple[str, ...]) -> None:
@@ -840,7 +890,19 @@ def train(recipe, given: dict, request: dict) -> Outcome:
     (:func:`plan_run`), lets the recipe prepare its :class:`Job`, checks the population and devices,
     writes ``config.json`` (everything that can fail on bad input fails before), trains (:func:`run`)
     and hands a finished run's outcome to the job's ``after``. ``request["devices"]``: data-parallel over that
-    many local devices (None: as many as divide the batch)."""
+    many local devices (None: as many as divide the batch). The whole time it holds the directory's
+    :class:`RunLock`: a second run into the same ``--out`` is refused while this one lives."""
+    cmd, out = f"rnnjax train {recipe.name}", Path(request["out"]).expanduser()
+    lock = RunLock(out, cmd, request["out"])
+    try:
+        if out.is_dir():  # before anything reads it: a live run there may be rewriting it
+            lock.acquire()
+        return _train(recipe, given, request, lock)
+    finally:
+        lock.release()
+
+
+def _train(recipe, given: dict, request: dict, lock: RunLock) -> Outcome:
     plan = plan_run(recipe, given, request)
     job = recipe.prepare(plan)
     s = plan.settings
@@ -854,6 +916,7 @@ def train(recipe, given: dict, request: dict) -> Outcome:
     config["options"] = plan.options
     write_config(plan.out, config, overwrite=request.get("overwrite", False), cmd=plan.cmd, out_arg=request["out"],
                  run_files=recipe.run_files)
+    lock.acquire()  # a new directory: made just now
     job.meta = {"task": recipe.name, "settings": s, **job.meta}
     outcome = run(job, plan)
     if outcome.status == 0 and job.after is not None:

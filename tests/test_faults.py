@@ -44,3 +44,27 @@ def test_sigterm_saves_stops_and_resumes_exactly(text, reference, tmp_path, caps
     assert f"resuming at step {stopped}" in capsys.readouterr().err
     assert runs.same_state(reference, run)
     assert runs.metrics_steps(run) == [20, 40, 60, 80]
+
+
+def test_a_second_run_into_a_live_runs_directory_is_refused_and_a_dead_runs_lock_blocks_nothing(
+        text, tmp_path, capsys):
+    run = tmp_path / "run"
+    proc = runs.start(runs.train_args(text, run, 5000, "--save-every-steps", "5"), tmp_path / "cache")
+    try:
+        runs.wait_for_checkpoint(run, proc, 5)
+        refused = (f"rnnjax: error: rnnjax train charlm: --out {str(run)!r} is being written by another run (process "
+                   f"{proc.pid}, `rnnjax train charlm`); two runs in one directory would overwrite each other's "
+                   "checkpoints. Fix: wait for it to finish or stop it, or choose another --out.\n")
+        for again in (["--resume"], ["--overwrite"], []):
+            assert cli.main(runs.train_args(text, run, 20, *again)) == 2
+            assert capsys.readouterr().err == refused
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert (run / "rnnjax.lock").read_text() == f"{proc.pid}, `rnnjax train charlm`\n"  # left by the dead run
+
+    killed_at = checkpoint.open_run(run)[1]
+    assert cli.main(["train", "charlm", "--out", str(run), "--resume", "--steps", str(killed_at + 2)]) == 0
+    assert f"resuming at step {killed_at}" in capsys.readouterr().err
+    assert runs.steps_on_disk(run)[-1] == killed_at + 2 and not (run / "rnnjax.lock").exists()
