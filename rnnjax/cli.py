@@ -287,5 +287,5 @@ def _quiet_libraries():
     import logging
     import warnings
 
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every save
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax logs every save, and internals on errors
     warnings.filterwarnings("ignore", module="orbax")

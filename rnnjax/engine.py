@@ -202,18 +202,29 @@ def write_config(out: Path, config: dict, *, overwrite: bool, cmd: str, out_arg:
 
 
 def resume_point(out: Path, cmd: str) -> tuple[int, dict]:
-    """The latest checkpoint of the run in ``out`` and its meta (a UsageError when there is none or it is
-    unfinished)."""
+    """The newest checkpoint of the run in ``out`` whose meta can be read, and its meta (a UsageError when
+    there is none or it is unfinished). :func:`run` falls back further if its arrays cannot be read."""
     from rnnjax import checkpoint
 
     try:
-        probe, step = checkpoint.open_run(out, fn=f"{cmd} --resume", which="latest")
-        try:
-            return step, probe.read_meta(step)
-        finally:
-            probe.close()
+        probe, _ = checkpoint.open_run(out, fn=f"{cmd} --resume", which="latest")
+    except checkpoint.DamagedCheckpoint:
+        probe = checkpoint.Checkpointer(out, read_only=True)
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
+    try:
+        for step in reversed(probe.steps()):
+            try:
+                return step, probe.read_meta(step)
+            except checkpoint.DamagedCheckpoint:
+                continue
+            except checkpoint.CheckpointError as e:
+                raise UsageError(str(e)) from None
+    finally:
+        probe.close()
+    raise UsageError(f"{cmd} --resume: no checkpoint in {str(checkpoint.checkpoint_dir(out))!r} can be read (all are "
+                     "damaged; they are left as they are). Fix: restore one from a backup, or start afresh with "
+                     "--overwrite.")
 
 
 def write_json(path: Path, obj) -> None:
@@ -587,16 +598,13 @@ def _set_up(job: Job, plan: Plan) -> _Setup:
 def _restore(ckpt, job: Job, plan: Plan, setup: _Setup) -> float | None:
     """On ``--resume``: the checkpoint's state, carry, progress and curve into ``setup``, the batches
     positioned at its step; returns the seconds left of the budget."""
-    import jax
-
     from rnnjax import checkpoint, train
 
     seconds = plan.seconds
     if plan.resume_step is None:
         return seconds
     try:
-        state, carry, meta = ckpt.restore(plan.resume_step, jax.eval_shape(lambda: setup.state),
-                                          jax.eval_shape(lambda: setup.carry) if setup.carry is not None else None)
+        state, carry, meta = _restore_readable(ckpt, plan, setup)
     except checkpoint.CheckpointError as e:
         ckpt.close()
         raise UsageError(f"{plan.cmd} --resume: {e}") from None
@@ -611,6 +619,34 @@ def _restore(ckpt, job: Job, plan: Plan, setup: _Setup) -> float | None:
     setup.state, setup.carry = state, carry
     job.batches.position = step0
     return seconds
+
+
+def _restore_readable(ckpt, plan: Plan, setup: _Setup):
+    """``(state, carry, meta)`` of the newest readable checkpoint at or before ``plan.resume_step``. Damaged
+    newer ones are said so and moved aside (``<step>.damaged``, kept for the user), out of the way of the
+    checkpoints this run will save."""
+    import jax
+
+    from rnnjax import checkpoint
+
+    steps = ckpt.steps()
+    damaged = {s: "its meta (meta/) cannot be read" for s in steps if s > plan.resume_step}  # see resume_point
+    abstract = jax.eval_shape(lambda: setup.state)
+    abstract_carry = jax.eval_shape(lambda: setup.carry) if setup.carry is not None else None
+    for step in reversed([s for s in steps if s <= plan.resume_step]):
+        try:
+            restored = ckpt.restore(step, abstract, abstract_carry)
+        except checkpoint.DamagedCheckpoint as e:
+            damaged[e.step] = f"{e.what} cannot be read"
+            continue
+        for bad in sorted(damaged, reverse=True):
+            moved = ckpt.set_aside(bad)
+            print(f"rnnjax: the checkpoint at step {bad} is damaged ({damaged[bad]}); resuming from step {step}, the "
+                  f"newest readable one. The damaged one is kept, moved to {str(moved)!r}.", file=sys.stderr)
+        return restored
+    raise checkpoint.CheckpointError(f"no checkpoint in {str(ckpt.directory)!r} can be read (steps "
+                                     f"{', '.join(map(str, steps))} are all damaged; they are left as they are). "
+                                     "Fix: restore one from a backup, or start afresh with --overwrite.")
 
 
 def _early_stopping(plan: Plan, progress: dict | None):
