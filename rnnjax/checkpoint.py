@@ -33,6 +33,7 @@ without deleting it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -61,6 +62,19 @@ class DamagedCheckpoint(CheckpointError):
     def __init__(self, message: str, step: int, what: str):
         super().__init__(message)
         self.step, self.what = step, what
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (e.g. the disk is full); the complete ones are kept."""
+
+
+def _why_not_written(error: BaseException) -> str:
+    """Why a write failed, in the user's words: a full disk, else the error's class and first line."""
+    text = str(error).strip()
+    if getattr(error, "errno", None) == errno.ENOSPC or "RESOURCE_EXHAUSTED" in text or "No space left" in text:
+        return "the disk is full (no space left on device)"
+    first = text.splitlines()[0][:160] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 DAMAGED_SUFFIX = ".damaged"  # a damaged checkpoint moved aside by --resume keeps its files under <step>.damaged
@@ -166,6 +180,7 @@ class Checkpointer:
         ocp = _ocp()
         _install_hook()
         self.directory = checkpoint_dir(directory).absolute()  # Orbax wants absolute paths
+        self._saving = None  # the step of the latest save begun
         self.best_metric = best_metric
         self.read_only = read_only
         pp = ocp.checkpoint_managers
@@ -239,14 +254,32 @@ class Checkpointer:
         json.dumps(meta)  # fail here, not in a background thread
         if step in self._manager.all_steps():
             return False
-        self._manager.save(int(step), args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
-            meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        try:  # Orbax first waits for the previous background save: its error, if any, comes here
+            self._manager.save(int(step), args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+                meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001 - reported as one line, with what is kept
+            raise self._write_failed(e) from None
+        self._saving = int(step)
         return True
 
     def wait(self) -> None:
-        """Waits for a background save to finish (and raises its error, if any)."""
-        self._manager.wait_until_finished()
+        """Waits for a background save to finish (a :class:`CheckpointWriteError` when it failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_failed(e) from None
+
+    def _write_failed(self, error: BaseException) -> CheckpointWriteError:
+        try:
+            kept = sorted(s for s in (_step_of(p) for p in self.directory.iterdir()) if s is not None)
+        except OSError:
+            kept = []
+        what = f"step {', '.join(map(str, kept))}" if kept else "none"
+        return CheckpointWriteError(
+            f"a checkpoint (step {self._saving} or later) could not be written in {str(self.directory)!r}: "
+            f"{_why_not_written(error)}; the complete checkpoints are kept ({what}; an unfinished one is cleared "
+            "on --resume)")
 
     def close(self) -> None:
         self._manager.close()

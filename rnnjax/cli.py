@@ -278,6 +278,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return 2
+    except engine.RunError as e:
+        print(f"rnnjax: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rnnjax: interrupted", file=sys.stderr)
         return 130
@@ -288,4 +291,5 @@ def _quiet_libraries():
     import warnings
 
     logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax logs every save, and internals on errors
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Orbax's abandoned writes after a failed save
     warnings.filterwarnings("ignore", module="orbax")

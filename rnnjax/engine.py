@@ -49,6 +49,10 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
+class RunError(Exception):
+    """A run that cannot go on (e.g. the disk is full): printed as one line, exit status 1."""
+
+
 # ----------------------------------------------------------------------------
 # Run directories
 
@@ -234,9 +238,18 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
+    """Replaces ``path`` with ``history`` (one JSON object a line) in one step: when writing fails (a
+    full disk) the previous file stays whole and a :class:`RunError` says so."""
+    from rnnjax.checkpoint import _why_not_written
+
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"{path.name} could not be written in {str(path.parent)!r}: {_why_not_written(e)}; the "
+                       "previous one is kept whole") from None
 
 
 # ----------------------------------------------------------------------------
@@ -785,6 +798,14 @@ def _fit(job: Job, plan: Plan, setup: _Setup, ckpt, seconds, display: Display, e
             ckpt.wait()
 
 
+def _close_after_failure(ckpt) -> None:
+    """Closes ``ckpt`` after a failed write; a background save's error, raised again, is the one reported."""
+    try:
+        ckpt.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def _plot(job: Job, plan: Plan, history: list, curve: list) -> None:
     if not history or plan.no_plot:
         return
@@ -871,7 +892,12 @@ def run(job: Job, plan: Plan) -> Outcome:
     seconds = _restore(ckpt, job, plan, setup)
     early = _early_stopping(plan, setup.progress)
     print(_start_line(job, plan, setup, seconds), file=sys.stderr)
-    result = _fit(job, plan, setup, ckpt, seconds, Display(job, plan, setup), early)
+    try:
+        result = _fit(job, plan, setup, ckpt, seconds, Display(job, plan, setup), early)
+    except (checkpoint.CheckpointWriteError, RunError) as e:
+        _close_after_failure(ckpt)
+        raise RunError(f"{plan.cmd}: {e}. The run stopped. Fix: free space on the disk (or copy the run "
+                       f"elsewhere), then resume with: {plan.cmd} --out {plan.out} --resume") from None
     _plot(job, plan, result.history, setup.curve)
     status = _report(job, plan, setup, result, early)
     params = result.state.params

@@ -4,10 +4,14 @@ repetitions are in ``tests/faults/`` (run on their own, see docs/guides/training
 
 from __future__ import annotations
 
+import errno
 import gc
+import json
+import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -162,3 +166,67 @@ def test_resume_continues_from_the_newest_readable_checkpoint_and_keeps_the_dama
     assert _files(moved) == damaged
     assert runs.same_state(reference, run)  # 40 -> 80 again, bit for bit
     assert runs.metrics_steps(run) == [20, 40, 60, 80]
+
+
+# ----------------------------------------------------------------------------
+# A full disk
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_stops_the_run_in_one_line_keeping_checkpoints_and_metrics(text, reference, tmp_path, capfd):
+    """A real full disk: a 400 KiB tmpfs (root only), then room again and --resume."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "400k"):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        run = disk / "run"
+        assert cli.main(runs.train_args(text, run, 80, "--save-every-steps", "5")) == 1
+        gc.collect()
+        time.sleep(0.2)
+        err = capfd.readouterr().err
+        kept = runs.steps_on_disk(run)
+        assert kept and kept[-1] < 80
+        line = (f"rnnjax: error: rnnjax train charlm: a checkpoint (step {kept[-1] + 5} or later) could not be written "
+                f"in {str(run / 'checkpoints')!r}: the disk is full (no space left on device); the complete "
+                f"checkpoints are kept (step {', '.join(map(str, kept))}; an unfinished one is cleared on --resume). "
+                f"The run stopped. Fix: free space on the disk (or copy the run elsewhere), then resume with: "
+                f"rnnjax train charlm --out {run} --resume\n")
+        assert err.endswith(line) and "Traceback" not in err and "RESOURCE_EXHAUSTED" not in err
+        records = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]  # whole lines only
+        assert [r["step"] for r in records] == [s for s in (20, 40, 60) if s <= kept[-1]]
+        assert checkpoint.open_run(run)[1] == kept[-1] and runs.final_state(run)[0]["step"] == kept[-1]
+
+        assert subprocess.run(["mount", "-o", "remount,size=8m", str(disk)]).returncode == 0  # room again
+        assert cli.main(["train", "charlm", "--out", str(run), "--resume"]) == 0
+        assert runs.same_state(reference, run)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_metrics_that_cannot_be_written_stop_the_run_and_the_file_stays_whole(text, tmp_path, capsys, monkeypatch):
+    """ENOSPC on the third write of metrics.jsonl (patched): the second one's content stays."""
+    run, writes, real = tmp_path / "run", [], Path.write_text
+
+    def write_text(self, data, *args, **kwargs):
+        if self.name == "metrics.jsonl.tmp":
+            writes.append(data)
+            if len(writes) == 3:
+                real(self, data[:10], *args, **kwargs)  # a partial write, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert cli.main(runs.train_args(text, run, 80)) == 1
+    assert capsys.readouterr().err.endswith(
+        f"rnnjax: error: rnnjax train charlm: metrics.jsonl could not be written in {str(run)!r}: the disk is full (no "
+        "space left on device); the previous one is kept whole. The run stopped. Fix: free space on the disk (or copy "
+        f"the run elsewhere), then resume with: rnnjax train charlm --out {run} --resume\n")
+    assert (run / "metrics.jsonl").read_text() == writes[1] and not (run / "metrics.jsonl.tmp").exists()
+    assert runs.metrics_steps(run) == [20] and checkpoint.open_run(run)[1] == 20
