@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rnnjax import checkpoint, cli
@@ -230,3 +231,90 @@ def test_metrics_that_cannot_be_written_stop_the_run_and_the_file_stays_whole(te
         f"the run elsewhere), then resume with: rnnjax train charlm --out {run} --resume\n")
     assert (run / "metrics.jsonl").read_text() == writes[1] and not (run / "metrics.jsonl.tmp").exists()
     assert runs.metrics_steps(run) == [20] and checkpoint.open_run(run)[1] == 20
+
+
+# ----------------------------------------------------------------------------
+# Bad data values
+
+TS = """@problemName Tiny
+@univariate true
+@classLabel true a b
+@data
+1,2,3,4:a
+2,3,4,5:b
+1,2,?,4:a
+2,3,4,5:b
+"""
+
+
+@pytest.mark.parametrize("value", ["inf", "-Infinity", "1e39"])  # 1e39 overflows float32
+def test_classify_refuses_infinite_features_naming_their_position(tmp_path, capsys, value):
+    train = tmp_path / "Tiny_TRAIN.ts"
+    train.write_text(TS.replace("2,3,4,5:b\n1,2,?", f"2,3,4,5:b\n1,{value},?"), encoding="utf-8")
+    shutil.copy(train, tmp_path / "Tiny_TEST.ts")
+    out = tmp_path / "run"
+    assert cli.main(["train", "classify", "--dataset", str(train), "--steps", "2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"rnnjax: error: rnnjax train classify: rnnjax.data.read_ts: {str(train)!r}, line 7: dimension 1, value 2 is "
+        f"{value!r}, which is not a finite float32 number. Fix: correct the value, or write ? for a missing one\n")
+    assert not out.exists()
+
+
+def test_classify_reads_nan_and_question_marks_as_missing_values_and_fills_them(tmp_path):
+    from rnnjax import data
+
+    path = tmp_path / "Tiny_TRAIN.ts"
+    path.write_text(TS.replace("1,2,?,4", "1,NaN,?,4"), encoding="utf-8")
+    d = data.read_ts(path)
+    assert np.isnan(d["x"][2, 1:3, 0]).all()  # missing, as the .ts format defines them
+    np.testing.assert_array_equal(data.fill_missing(d["x"], d["lengths"])[2, :, 0], [1, 1, 1, 4])
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_forecast_refuses_a_non_finite_series_naming_the_step(tmp_path, capsys, monkeypatch, value):
+    from rnnjax import data
+
+    series = np.sin(np.arange(400, dtype=np.float32) / 7.0)
+    series[123] = value
+    monkeypatch.setattr(data, "load_series", lambda name: {"values": series, "period": 48, "name": name,
+                                                           "description": "a test series"})
+    out = tmp_path / "run"
+    assert cli.main(["train", "forecast", "--dataset", "taylor", "--steps", "2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"rnnjax: error: rnnjax train forecast: the series 'taylor' has a non-finite value ({value}) at step 123 of "
+        "400; expected finite values. Fix: fill or drop its missing values first.\n")
+    assert not out.exists()
+    with pytest.raises(ValueError) as e:
+        data.sliding_windows(np.stack([np.zeros_like(series), series], axis=1), 8, 2)
+    assert str(e.value) == (f"rnnjax.data.sliding_windows: expected finite values, got {value} at step 123, feature 1 "
+                            "of the series. Fix: fill or drop missing values first (e.g. interpolate them, or "
+                            "rnnjax.data.fill_missing).")
+    x, y = data.sliding_windows(series, 8, 2, stop=120)  # the part before it is fine
+    assert np.isfinite(x).all() and x.shape == (111, 8, 1)
+
+
+def test_a_text_with_a_byte_order_mark_and_crlf_trains_exactly_as_its_plain_twin(text, tmp_path):
+    """A BOM is dropped and CRLF read as LF (as Windows editors write them): same vocabulary, same model."""
+    plain = text.read_text(encoding="utf-8")
+    windows = tmp_path / "windows.txt"
+    windows.write_bytes(b"\xef\xbb\xbf" + plain.replace("\n", "\r\n").encode("utf-8"))
+    for name, path in (("plain", text), ("windows", windows)):
+        assert cli.main(["train", "charlm", "--text", str(path), "--steps", "4", "--evals", "1", *runs.TINY,
+                         "--out", str(tmp_path / name), "--no-plot"]) == 0
+    assert runs.final_state(tmp_path / "plain")[0]["vocab"] == runs.final_state(tmp_path / "windows")[0]["vocab"]
+    assert runs.same_state(tmp_path / "plain", tmp_path / "windows")
+
+
+def test_a_single_two_megabyte_line_works(tmp_path, capsys):
+    """No line structure is assumed: one long line is a text like any other (100 MB works the same way,
+    given the memory: 4 bytes per character for the ids)."""
+    rng = np.random.default_rng(0)
+    words = np.array("to be or not that is the question".split())
+    line = " ".join(rng.choice(words, 400_000))[:2_000_000]
+    path = tmp_path / "one_line.txt"
+    path.write_text(line, encoding="utf-8")
+    out = tmp_path / "run"
+    assert cli.main(["train", "charlm", "--text", str(path), "--steps", "2", "--evals", "1", *runs.TINY,
+                     "--out", str(out), "--no-plot"]) == 0
+    assert "1,800,000 train / 200,000 validation characters" in capsys.readouterr().err
+    assert runs.final_state(out)[0]["vocab"] == sorted(set(line))
