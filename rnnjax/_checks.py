@@ -58,6 +58,28 @@ def require_choice(fn: str, name: str, value, choices, *, fix: str | None = "pas
     return value
 
 
+def _given(x) -> str:
+    """What a value is, for an error message: its type, and its dtype or a short repr."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None:
+        return f"{type(x).__name__} of dtype {dtype}"
+    text = repr(x)
+    return f"{type(x).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def as_float_array(fn: str, name: str, x, shape: str):
+    """``x`` as a JAX array of a floating-point dtype; a TypeError naming ``fn``, the expected ``shape``
+    and what was given for anything else (strings, objects, complex, bool or integer values)."""
+    try:
+        x = jnp.asarray(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: expected {name}, a floating-point array {shape}, got {_given(x)}. Fix: pass "
+                        f"numbers as a float array, e.g. jnp.asarray({name}, jnp.float32) (text goes through a "
+                        "vocabulary and rnnjax.layers.embedding first).") from None
+    require_float(fn, name, x)
+    return x
+
+
 def require_float(fn: str, name: str, x) -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         hint = " (token ids go through rnnjax.layers.embedding first)" if jnp.issubdtype(x.dtype, jnp.integer) else ""

@@ -23,14 +23,21 @@ one is completely written, so a crash never leaves a run without its last
 good checkpoint. Errors (:class:`CheckpointError`, a ``ValueError``) name the
 directory, what was expected and the fix for a missing directory, one with
 no checkpoint, an unfinished (partial) save, damaged files, a directory of
-another program, and a state that does not fit the model asked for.
+another program, and a state that does not fit the model asked for. A
+damaged checkpoint (:class:`DamagedCheckpoint`: a file truncated, zeroed or
+missing) is reported in one line naming the part that cannot be read and the
+readable checkpoints, never with Orbax's or TensorStore's internals;
+:meth:`Checkpointer.set_aside` moves one out of the way (``<step>.damaged``)
+without deleting it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -46,6 +53,54 @@ _TMP = ".orbax-checkpoint-tmp"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unfinished, damaged, foreign or does not fit."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files cannot be read (truncated, zeroed, missing); ``step`` says which, ``what``
+    which part (``"its parameters (params/)"``)."""
+
+    def __init__(self, message: str, step: int, what: str):
+        super().__init__(message)
+        self.step, self.what = step, what
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (e.g. the disk is full); the complete ones are kept."""
+
+
+def _why_not_written(error: BaseException) -> str:
+    """Why a write failed, in the user's words: a full disk, else the error's class and first line."""
+    text = str(error).strip()
+    if getattr(error, "errno", None) == errno.ENOSPC or "RESOURCE_EXHAUSTED" in text or "No space left" in text:
+        return "the disk is full (no space left on device)"
+    first = text.splitlines()[0][:160] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+DAMAGED_SUFFIX = ".damaged"  # a damaged checkpoint moved aside by --resume keeps its files under <step>.damaged
+
+
+def _ignore_closed_loop(previous):
+    """``sys.unraisablehook`` without Orbax's leftovers: when one read of a damaged checkpoint fails,
+    Orbax closes its event loop while TensorStore's other reads are still running, and their
+    callbacks then raise ``RuntimeError: Event loop is closed`` in TensorStore's threads; its other
+    read coroutines are dropped with their errors (TensorStore reprs). Both are reported as
+    unraisable, after the real error, which :class:`DamagedCheckpoint` already says in one line.
+    Everything else goes to ``previous``."""
+
+    def hook(unraisable):
+        closed_loop = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+        code = getattr(unraisable.object, "cr_code", None)  # an abandoned Orbax coroutine's failed read
+        if not (closed_loop or (code is not None and "orbax" in code.co_filename)):
+            previous(unraisable)
+
+    hook.rnnjax = True
+    return hook
+
+
+def _install_hook() -> None:
+    if not getattr(sys.unraisablehook, "rnnjax", False):
+        sys.unraisablehook = _ignore_closed_loop(sys.unraisablehook)
 
 
 def _ocp():
@@ -123,7 +178,9 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep_best: int = 1, best_metric: str = "val_loss",
                  async_save: bool = True, read_only: bool = False):
         ocp = _ocp()
+        _install_hook()
         self.directory = checkpoint_dir(directory).absolute()  # Orbax wants absolute paths
+        self._saving = None  # the step of the latest save begun
         self.best_metric = best_metric
         self.read_only = read_only
         pp = ocp.checkpoint_managers
@@ -169,8 +226,8 @@ class Checkpointer:
         ocp = _ocp()
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way
-            raise self._damaged(step, e) from None
+        except Exception:  # noqa: BLE001 - any failure to read is reported the same way
+            raise self._damaged(step, "meta") from None
         if not isinstance(meta, dict) or meta.get(META_KEY) != FORMAT:
             raise CheckpointError(
                 f"rnnjax.checkpoint: step {step} in {str(self.directory)!r} is not an rnnjax checkpoint (its meta "
@@ -197,14 +254,32 @@ class Checkpointer:
         json.dumps(meta)  # fail here, not in a background thread
         if step in self._manager.all_steps():
             return False
-        self._manager.save(int(step), args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
-            meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        try:  # Orbax first waits for the previous background save: its error, if any, comes here
+            self._manager.save(int(step), args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+                meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001 - reported as one line, with what is kept
+            raise self._write_failed(e) from None
+        self._saving = int(step)
         return True
 
     def wait(self) -> None:
-        """Waits for a background save to finish (and raises its error, if any)."""
-        self._manager.wait_until_finished()
+        """Waits for a background save to finish (a :class:`CheckpointWriteError` when it failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_failed(e) from None
+
+    def _write_failed(self, error: BaseException) -> CheckpointWriteError:
+        try:
+            kept = sorted(s for s in (_step_of(p) for p in self.directory.iterdir()) if s is not None)
+        except OSError:
+            kept = []
+        what = f"step {', '.join(map(str, kept))}" if kept else "none"
+        return CheckpointWriteError(
+            f"a checkpoint (step {self._saving} or later) could not be written in {str(self.directory)!r}: "
+            f"{_why_not_written(error)}; the complete checkpoints are kept ({what}; an unfinished one is cleared "
+            "on --resume)")
 
     def close(self) -> None:
         self._manager.close()
@@ -217,21 +292,58 @@ class Checkpointer:
 
     # -- restoring ---------------------------------------------------------------------------------
 
-    def _damaged(self, step, error) -> CheckpointError:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return CheckpointError(
-            f"rnnjax.checkpoint: the checkpoint at step {step} in {str(self.directory)!r} could not be read "
-            f"({type(error).__name__}: {first[:200]}); its files are damaged or incomplete. Fix: restore the "
-            f"folder from a backup, or move {str(self.directory / str(step))!r} away to use an older checkpoint.")
+    def readable(self, step: int) -> bool:
+        """Whether every item of checkpoint ``step`` (meta, parameters, training state) can be read."""
+        ocp = _ocp()
+        try:
+            self.read_meta(step)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(), train=ocp.args.StandardRestore()))
+        except Exception:  # noqa: BLE001
+            return False
+        return True
+
+    def _damaged(self, step: int, item: str) -> DamagedCheckpoint:
+        """The one-line error for checkpoint ``step`` whose ``item`` cannot be read, naming the readable
+        checkpoints (checked now) and leaving the damaged one where it is."""
+        what = {"meta": "its meta (meta/)", "params": "its parameters (params/)",
+                "train": "its training state (train/)"}[item]
+        others = [s for s in reversed(self.steps()) if s != step and self.readable(s)]
+        where = str(self.directory / str(step))
+        if others:
+            fix = (f"readable checkpoints: step {', '.join(map(str, others))}. Fix: use step {others[0]} (rnnjax "
+                   f"eval/generate --step {others[0]}; rnnjax train --resume falls back to it by itself), or restore "
+                   f"{where!r} from a backup")
+        else:
+            fix = f"no other checkpoint is readable. Fix: restore {where!r} from a backup, or train again"
+        return DamagedCheckpoint(
+            f"rnnjax.checkpoint: the checkpoint at step {step} in {str(self.directory)!r} is damaged: {what} cannot "
+            f"be read (a file in it is truncated, zeroed or missing); {fix}.", step, what)
+
+    def set_aside(self, step: int) -> Path:
+        """Moves damaged checkpoint ``step`` to ``<step>.damaged`` in the same folder (kept, not deleted),
+        out of the way of new checkpoints; returns its new path."""
+        target = self.directory / f"{step}{DAMAGED_SUFFIX}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}{DAMAGED_SUFFIX}{n}"
+        os.replace(self.directory / str(step), target)
+        self._manager.reload()
+        return target
 
     def _check_fits(self, step: int, item: str, target, what: str) -> None:
         """Compares the saved arrays' tree, shapes and dtypes with ``target``'s."""
-        try:
-            saved = self._manager.item_metadata(step)[item]
-        except Exception as e:  # noqa: BLE001
-            raise self._damaged(step, e) from None
+        from etils import epath
+
+        try:  # this item's alone: another damaged item must not stop reading this one
+            saved = _ocp().StandardCheckpointHandler().metadata(epath.Path(self.directory / str(step) / item))
+        except Exception:  # noqa: BLE001
+            raise self._damaged(step, item) from None
         if saved is None:
-            raise self._damaged(step, FileNotFoundError(f"no {item!r} item"))
+            raise self._damaged(step, item)
         saved_tree = getattr(saved, "tree", saved)
         want = {_describe(p): _as_stored(x) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
         have = {_describe(p): x for p, x in jax.tree_util.tree_flatten_with_path(_plain(saved_tree))[0]}
@@ -266,11 +378,21 @@ class Checkpointer:
             r = self._manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(_abstract(abstract_state.params)),
                 train=ocp.args.StandardRestore(_abstract(train_target))))
-        except Exception as e:  # noqa: BLE001
-            raise self._damaged(step, e) from None
+        except Exception:  # noqa: BLE001
+            raise self._damaged(step, "params" if self._unreadable("params", step) else "train") from None
         t = r.train
         state = type(abstract_state)(t["step"], r.params, t["opt_state"], t["key"])
         return state, t["carry"], meta
+
+    def _unreadable(self, item: str, step: int) -> bool:
+        ocp = _ocp()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
+        except Exception:  # noqa: BLE001
+            return True
+        return False
 
     def restore_params(self, step: int, abstract_params):
         """``(params, meta)`` of checkpoint ``step``, without the optimiser state."""
@@ -280,8 +402,8 @@ class Checkpointer:
         try:
             r = self._manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(_abstract(abstract_params))))
-        except Exception as e:  # noqa: BLE001
-            raise self._damaged(step, e) from None
+        except Exception:  # noqa: BLE001
+            raise self._damaged(step, "params") from None
         return r.params, meta
 
 

@@ -13,7 +13,7 @@ flags and the flags every run shares (budget, evaluation, output, populations an
 hands the parsed values to :func:`rnnjax.engine.train`, which shows a progress bar, evaluates a few
 times, and writes into ``--out``: ``config.json``, ``metrics.jsonl`` (one JSON object per
 evaluation), ``loss.png``, the task's own files and ``checkpoints/`` (Orbax; the latest and the
-best). Ctrl-C saves a checkpoint and exits; ``--resume`` continues exactly where the last checkpoint
+best). Ctrl-C (or SIGTERM) saves a checkpoint and exits; ``--resume`` continues exactly where the last checkpoint
 left off. ``eval`` and ``generate`` read the task from the run's ``config.json``; ``g2p`` pronounces
 words with a g2p model (greedy or beam search, N-best, an attention heat map) or scores a split.
 
@@ -290,6 +290,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return 2
+    except engine.RunError as e:
+        print(f"rnnjax: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rnnjax: interrupted", file=sys.stderr)
         return 130
@@ -299,5 +302,6 @@ def _quiet_libraries():
     import logging
     import warnings
 
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every save
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax logs every save, and internals on errors
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Orbax's abandoned writes after a failed save
     warnings.filterwarnings("ignore", module="orbax")

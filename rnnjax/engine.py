@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 RUN_MARKER = "rnnjax_run"  # in every config.json written by rnnjax
+LOCK = "rnnjax.lock"  # held (flock) by the run writing a directory; names its process
 WARMUP = 50  # default warmup steps (a tenth of a shorter --steps run)
 MAX_SKIPPED = 25  # non-finite steps in a row that stop a run
 NO_HORIZON = 10 ** 9  # the schedule's horizon while a time budget has not yet fixed it
@@ -46,6 +47,10 @@ OPTIONS = dict(evals=5, patience=None, min_delta=0.0, save_every_steps=None, sav
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
+
+
+class RunError(Exception):
+    """A run that cannot go on (e.g. the disk is full): printed as one line, exit status 1."""
 
 
 # ----------------------------------------------------------------------------
@@ -72,7 +77,7 @@ def check_out(out_arg: str, *, resume: bool, overwrite: bool, cmd: str,
     if out.exists() and not out.is_dir():
         raise UsageError(f"{cmd}: --out {out_arg!r} is a file; expected a directory for the run. "
                          "Fix: choose another --out.")
-    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    existing = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     config = read_config(out) if existing else None
     if resume:
         if not existing:
@@ -100,6 +105,55 @@ def check_out(out_arg: str, *, resume: bool, overwrite: bool, cmd: str,
                          f"{': ' + ', '.join(foreign[:5]) if foreign else ''}; nothing was deleted. "
                          "Fix: choose another --out.")
     return out, None
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/rnnjax.lock`` while a run writes the directory; the file names
+    the process. The kernel drops the lock when its process dies, however it dies, so a lock file
+    left by a killed run blocks nothing."""
+
+    def __init__(self, out: Path, cmd: str, out_arg: str):
+        self.path, self.cmd, self.out_arg, self.fd = out / LOCK, cmd, out_arg, None
+
+    def acquire(self) -> RunLock:
+        """Takes the lock (a :class:`UsageError` naming the other process when a live run holds it). A
+        directory where no lock file can be written is left to the checks that report it."""
+        import fcntl
+
+        while self.fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                return self
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise UsageError(f"{self.cmd}: --out {self.out_arg!r} is being written by another run (process "
+                                 f"{holder}); two runs in one directory would overwrite each other's checkpoints. "
+                                 "Fix: wait for it to finish or stop it, or choose another --out.") from None
+            if _same_file(fd, self.path):  # not unlinked by a run that just finished
+                self.fd = fd
+            else:
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}, `{self.cmd}`\n".encode())
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def clear_run(out: Path, run_files: tuple[str, ...]) -> None:
@@ -152,18 +206,29 @@ def write_config(out: Path, config: dict, *, overwrite: bool, cmd: str, out_arg:
 
 
 def resume_point(out: Path, cmd: str) -> tuple[int, dict]:
-    """The latest checkpoint of the run in ``out`` and its meta (a UsageError when there is none or it is
-    unfinished)."""
+    """The newest checkpoint of the run in ``out`` whose meta can be read, and its meta (a UsageError when
+    there is none or it is unfinished). :func:`run` falls back further if its arrays cannot be read."""
     from rnnjax import checkpoint
 
     try:
-        probe, step = checkpoint.open_run(out, fn=f"{cmd} --resume", which="latest")
-        try:
-            return step, probe.read_meta(step)
-        finally:
-            probe.close()
+        probe, _ = checkpoint.open_run(out, fn=f"{cmd} --resume", which="latest")
+    except checkpoint.DamagedCheckpoint:
+        probe = checkpoint.Checkpointer(out, read_only=True)
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
+    try:
+        for step in reversed(probe.steps()):
+            try:
+                return step, probe.read_meta(step)
+            except checkpoint.DamagedCheckpoint:
+                continue
+            except checkpoint.CheckpointError as e:
+                raise UsageError(str(e)) from None
+    finally:
+        probe.close()
+    raise UsageError(f"{cmd} --resume: no checkpoint in {str(checkpoint.checkpoint_dir(out))!r} can be read (all are "
+                     "damaged; they are left as they are). Fix: restore one from a backup, or start afresh with "
+                     "--overwrite.")
 
 
 def write_json(path: Path, obj) -> None:
@@ -173,9 +238,18 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
+    """Replaces ``path`` with ``history`` (one JSON object a line) in one step: when writing fails (a
+    full disk) the previous file stays whole and a :class:`RunError` says so."""
+    from rnnjax.checkpoint import _why_not_written
+
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"{path.name} could not be written in {str(path.parent)!r}: {_why_not_written(e)}; the "
+                       "previous one is kept whole") from None
 
 
 # ----------------------------------------------------------------------------
@@ -334,33 +408,41 @@ def _print_members(members: list[dict], history: list[dict], kept: int) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Ctrl-C
+# Ctrl-C and SIGTERM
 
 
 class Interrupt:
-    """First Ctrl-C: ask the loop to save and stop. Second: the usual KeyboardInterrupt."""
+    """First Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and ``kill`` send): ask the loop to save
+    and stop; ``signal_name`` says which came. A second one: the usual KeyboardInterrupt."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.signal_name = None
+        self.previous = {}
 
     def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-        except ValueError:  # not the main thread: no handler
-            self.previous = None
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread: no handler
+                pass
         return self
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nrnnjax: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",
-              file=sys.stderr)
+        self.signal_name = signal.Signals(signum).name
+        what = ("", "Ctrl-C") if signum == signal.SIGINT else (f"{self.signal_name} received: ", self.signal_name)
+        print(f"\nrnnjax: {what[0]}stopping after this step and saving a checkpoint ({what[1]} again to quit at "
+              "once)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            if previous is not None:
+                signal.signal(sig, previous)
 
 
 # ----------------------------------------------------------------------------
@@ -487,6 +569,7 @@ class _Setup:
     progress: dict | None = None  # a resumed run's progress (history, elapsed time, early stopping)
     curve: list = field(default_factory=list)  # [step, mean training loss] every 10 steps
     kept: int = 0  # the best member at the latest evaluation
+    stopped_by: str | None = None  # the signal that stopped the run ("SIGINT", "SIGTERM"), if one did
 
 
 def _set_up(job: Job, plan: Plan) -> _Setup:
@@ -528,16 +611,13 @@ def _set_up(job: Job, plan: Plan) -> _Setup:
 def _restore(ckpt, job: Job, plan: Plan, setup: _Setup) -> float | None:
     """On ``--resume``: the checkpoint's state, carry, progress and curve into ``setup``, the batches
     positioned at its step; returns the seconds left of the budget."""
-    import jax
-
     from rnnjax import checkpoint, train
 
     seconds = plan.seconds
     if plan.resume_step is None:
         return seconds
     try:
-        state, carry, meta = ckpt.restore(plan.resume_step, jax.eval_shape(lambda: setup.state),
-                                          jax.eval_shape(lambda: setup.carry) if setup.carry is not None else None)
+        state, carry, meta = _restore_readable(ckpt, plan, setup)
     except checkpoint.CheckpointError as e:
         ckpt.close()
         raise UsageError(f"{plan.cmd} --resume: {e}") from None
@@ -552,6 +632,34 @@ def _restore(ckpt, job: Job, plan: Plan, setup: _Setup) -> float | None:
     setup.state, setup.carry = state, carry
     job.batches.position = step0
     return seconds
+
+
+def _restore_readable(ckpt, plan: Plan, setup: _Setup):
+    """``(state, carry, meta)`` of the newest readable checkpoint at or before ``plan.resume_step``. Damaged
+    newer ones are said so and moved aside (``<step>.damaged``, kept for the user), out of the way of the
+    checkpoints this run will save."""
+    import jax
+
+    from rnnjax import checkpoint
+
+    steps = ckpt.steps()
+    damaged = {s: "its meta (meta/) cannot be read" for s in steps if s > plan.resume_step}  # see resume_point
+    abstract = jax.eval_shape(lambda: setup.state)
+    abstract_carry = jax.eval_shape(lambda: setup.carry) if setup.carry is not None else None
+    for step in reversed([s for s in steps if s <= plan.resume_step]):
+        try:
+            restored = ckpt.restore(step, abstract, abstract_carry)
+        except checkpoint.DamagedCheckpoint as e:
+            damaged[e.step] = f"{e.what} cannot be read"
+            continue
+        for bad in sorted(damaged, reverse=True):
+            moved = ckpt.set_aside(bad)
+            print(f"rnnjax: the checkpoint at step {bad} is damaged ({damaged[bad]}); resuming from step {step}, the "
+                  f"newest readable one. The damaged one is kept, moved to {str(moved)!r}.", file=sys.stderr)
+        return restored
+    raise checkpoint.CheckpointError(f"no checkpoint in {str(ckpt.directory)!r} can be read (steps "
+                                     f"{', '.join(map(str, steps))} are all damaged; they are left as they are). "
+                                     "Fix: restore one from a backup, or start afresh with --overwrite.")
 
 
 def _early_stopping(plan: Plan, progress: dict | None):
@@ -663,7 +771,8 @@ class Display:
 
 
 def _fit(job: Job, plan: Plan, setup: _Setup, ckpt, seconds, display: Display, early):
-    """:func:`rnnjax.train.fit` on the set-up state, sharded over ``plan.devices``; Ctrl-C saves and stops."""
+    """:func:`rnnjax.train.fit` on the set-up state, sharded over ``plan.devices``; Ctrl-C or SIGTERM saves
+    and stops."""
     from rnnjax import train
 
     train_step, state, batches, carry = setup.train_step, setup.state, job.batches, setup.carry
@@ -684,8 +793,17 @@ def _fit(job: Job, plan: Plan, setup: _Setup, ckpt, seconds, display: Display, e
                 should_stop=lambda: interrupt.requested, max_consecutive_skipped=MAX_SKIPPED,
                 progress=setup.progress)
         finally:
+            setup.stopped_by = interrupt.signal_name
             display.bar.close()
             ckpt.wait()
+
+
+def _close_after_failure(ckpt) -> None:
+    """Closes ``ckpt`` after a failed write; a background save's error, raised again, is the one reported."""
+    try:
+        ckpt.close()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _plot(job: Job, plan: Plan, history: list, curve: list) -> None:
@@ -718,9 +836,10 @@ def _report(job: Job, plan: Plan, setup: _Setup, result, early) -> int | None:
         setup.kept = best_record["member"] if best_record else setup.kept
         _print_members(members, history, setup.kept)
     if result.stop_reason == "interrupted":
-        print(f"rnnjax: interrupted; checkpoint of step {step} saved in {str(plan.out / 'checkpoints')!r}. Resume "
-              f"with: {plan.cmd} --out {plan.out} --resume", file=sys.stderr)
-        return 130
+        term = setup.stopped_by == "SIGTERM"
+        print(f"rnnjax: {'stopped by SIGTERM' if term else 'interrupted'}; checkpoint of step {step} saved in "
+              f"{str(plan.out / 'checkpoints')!r}. Resume with: {plan.cmd} --out {plan.out} --resume", file=sys.stderr)
+        return 128 + signal.SIGTERM if term else 130
     if result.stop_reason == "not_finite":
         print(f"rnnjax: error: the gradients were not finite for {MAX_SKIPPED} steps in a row (skipped, never "
               f"applied) at step {step}; the last good parameters are saved. Fix: lower --lr (now "
@@ -764,8 +883,8 @@ def _test_metrics(job: Job, plan: Plan, setup: _Setup, ckpt, result) -> dict | N
 def run(job: Job, plan: Plan) -> Outcome:
     """Trains ``job`` as ``plan`` says with :func:`rnnjax.train.fit`: a progress bar (loss, throughput,
     ETA), the validation metrics at each evaluation, Orbax checkpoints (latest and best),
-    ``metrics.jsonl``, ``loss.png``; Ctrl-C saves and stops (status 130). Then ``job.finish`` on the best
-    parameters."""
+    ``metrics.jsonl``, ``loss.png``; Ctrl-C saves and stops (status 130), SIGTERM too (status 143).
+    Then ``job.finish`` on the best parameters."""
     from rnnjax import checkpoint, train
 
     setup = _set_up(job, plan)
@@ -773,7 +892,12 @@ def run(job: Job, plan: Plan) -> Outcome:
     seconds = _restore(ckpt, job, plan, setup)
     early = _early_stopping(plan, setup.progress)
     print(_start_line(job, plan, setup, seconds), file=sys.stderr)
-    result = _fit(job, plan, setup, ckpt, seconds, Display(job, plan, setup), early)
+    try:
+        result = _fit(job, plan, setup, ckpt, seconds, Display(job, plan, setup), early)
+    except (checkpoint.CheckpointWriteError, RunError) as e:
+        _close_after_failure(ckpt)
+        raise RunError(f"{plan.cmd}: {e}. The run stopped. Fix: free space on the disk (or copy the run "
+                       f"elsewhere), then resume with: {plan.cmd} --out {plan.out} --resume") from None
     _plot(job, plan, result.history, setup.curve)
     status = _report(job, plan, setup, result, early)
     params = result.state.params
@@ -828,7 +952,19 @@ def train(recipe, given: dict, request: dict) -> Outcome:
     (:func:`plan_run`), lets the recipe prepare its :class:`Job`, checks the population and devices,
     writes ``config.json`` (everything that can fail on bad input fails before), trains (:func:`run`)
     and hands a finished run's outcome to the job's ``after``. ``request["devices"]``: data-parallel over that
-    many local devices (None: as many as divide the batch)."""
+    many local devices (None: as many as divide the batch). The whole time it holds the directory's
+    :class:`RunLock`: a second run into the same ``--out`` is refused while this one lives."""
+    cmd, out = f"rnnjax train {recipe.name}", Path(request["out"]).expanduser()
+    lock = RunLock(out, cmd, request["out"])
+    try:
+        if out.is_dir():  # before anything reads it: a live run there may be rewriting it
+            lock.acquire()
+        return _train(recipe, given, request, lock)
+    finally:
+        lock.release()
+
+
+def _train(recipe, given: dict, request: dict, lock: RunLock) -> Outcome:
     plan = plan_run(recipe, given, request)
     job = recipe.prepare(plan)
     s = plan.settings
@@ -842,6 +978,7 @@ def train(recipe, given: dict, request: dict) -> Outcome:
     config["options"] = plan.options
     write_config(plan.out, config, overwrite=request.get("overwrite", False), cmd=plan.cmd, out_arg=request["out"],
                  run_files=recipe.run_files)
+    lock.acquire()  # a new directory: made just now
     job.meta = {"task": recipe.name, "settings": s, **job.meta}
     outcome = run(job, plan)
     if outcome.status == 0 and job.after is not None:

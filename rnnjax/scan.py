@@ -142,14 +142,13 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
     if not isinstance(cell, Cell):
         raise TypeError(f"{fn}: expected an rnnjax.cells.Cell, got {type(cell).__name__}. "
                         "Fix: build one with a factory such as rnnjax.cells.lstm(hidden_size).")
-    xs = jnp.asarray(xs)
+    xs = _checks.as_float_array(fn, "xs", xs, "[*batch, T, F]")
     if xs.ndim < 2:
         raise ValueError(
             f"{fn}: expected xs of rank >= 2, [*batch, T, F] (or [T, *batch, F] with time_major=True), "
             f"got shape {tuple(xs.shape)}. Fix: a single sequence is [T, F]; a single step goes "
             "through rnnjax.step instead."
         )
-    _checks.require_float(fn, "xs", xs)
     _checks.require_features(fn, "xs", xs, cell.input_size(params))
     xs_t = xs if time_major else jnp.moveaxis(xs, -2, 0)
     T, batch_shape = xs_t.shape[0], tuple(xs_t.shape[1:-1])
@@ -286,8 +285,7 @@ def step(cell: Cell, params: Params, carry: Carry, x: Array, *, reset: Array | N
     cell's initial carry, starting a new sequence in that batch slot.
     """
     fn = "rnnjax.step"
-    x = jnp.asarray(x)
-    _checks.require_float(fn, "x", x)
+    x = _checks.as_float_array(fn, "x", x, "[*batch, F]")
     _checks.require_features(fn, "x", x, cell.input_size(params))
     batch_shape = tuple(x.shape[:-1])
     zero_carry = cell.initial_carry(params, batch_shape)

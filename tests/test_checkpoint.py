@@ -134,12 +134,11 @@ def test_damaged_foreign_and_mismatched_checkpoints(tmp_path, trained):
             f.write_bytes(b"garbage")
     with pytest.raises(CheckpointError) as e:
         checkpoint.restore_params(tmp_path / "run", jax.eval_shape(model.init, jax.random.key(0)))
-    msg = str(e.value)
-    assert msg.startswith(f"rnnjax.checkpoint: the checkpoint at step 3 in {str(tmp_path / 'run' / 'checkpoints')!r} "
-                          "could not be read (")
-    assert msg.endswith(f"); its files are damaged or incomplete. Fix: restore the folder from a backup, or move "
-                        f"{str(step_dir)!r} away to use an older checkpoint.")
+    damaged = (f"rnnjax.checkpoint: the checkpoint at step 3 in {str(tmp_path / 'run' / 'checkpoints')!r} is "
+               "damaged: {} cannot be read (a file in it is truncated, zeroed or missing); no other checkpoint is "
+               f"readable. Fix: restore {str(step_dir)!r} from a backup, or train again.")
+    assert str(e.value) == damaged.format("its parameters (params/)")
     # A damaged meta is reported the same way, by every entry point.
     (step_dir / "meta" / "metadata").write_text("{not json", encoding="utf-8")
-    with pytest.raises(CheckpointError, match=re.escape("could not be read (")):
+    with pytest.raises(CheckpointError, match=re.escape(damaged.format("its meta (meta/)"))):
         checkpoint.open_run(tmp_path / "run")

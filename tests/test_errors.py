@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import rnnjax
@@ -70,6 +71,32 @@ CASES = {
         TypeError, lambda: rnnjax.unroll(CELL, PARAMS, XS.astype(jnp.int32)),
         "rnnjax.unroll: expected a floating-point xs, got dtype int32 (token ids go through "
         "rnnjax.layers.embedding first). Fix: pass xs.astype(jnp.float32)."),
+    "string xs": (
+        TypeError, lambda: rnnjax.unroll(CELL, PARAMS, "hello"),
+        "rnnjax.unroll: expected xs, a floating-point array [*batch, T, F], got str 'hello'. Fix: pass numbers as a "
+        "float array, e.g. jnp.asarray(xs, jnp.float32) (text goes through a vocabulary and rnnjax.layers.embedding "
+        "first)."),
+    "object xs": (
+        TypeError, lambda: rnnjax.unroll(CELL, PARAMS, np.full((4, 7, 5), object())),
+        "rnnjax.unroll: expected xs, a floating-point array [*batch, T, F], got ndarray of dtype object. Fix: pass "
+        "numbers as a float array, e.g. jnp.asarray(xs, jnp.float32) (text goes through a vocabulary and "
+        "rnnjax.layers.embedding first)."),
+    "complex xs": (
+        TypeError, lambda: rnnjax.unroll(CELL, PARAMS, XS.astype(jnp.complex64)),
+        "rnnjax.unroll: expected a floating-point xs, got dtype complex64. Fix: pass xs.astype(jnp.float32)."),
+    "string x in step": (
+        TypeError, lambda: rnnjax.step(CELL, PARAMS, CELL.initial_carry(PARAMS, ()), "hello"),
+        "rnnjax.step: expected x, a floating-point array [*batch, F], got str 'hello'. Fix: pass numbers as a float "
+        "array, e.g. jnp.asarray(x, jnp.float32) (text goes through a vocabulary and rnnjax.layers.embedding "
+        "first)."),
+    "object x in step": (
+        TypeError, lambda: rnnjax.step(CELL, PARAMS, CELL.initial_carry(PARAMS, ()), [None] * 5),
+        "rnnjax.step: expected x, a floating-point array [*batch, F], got list [None, None, None, None, None]. Fix: "
+        "pass numbers as a float array, e.g. jnp.asarray(x, jnp.float32) (text goes through a vocabulary and "
+        "rnnjax.layers.embedding first)."),
+    "complex x in step": (
+        TypeError, lambda: rnnjax.step(CELL, PARAMS, CELL.initial_carry(PARAMS, ()), jnp.zeros(5, jnp.complex64)),
+        "rnnjax.step: expected a floating-point x, got dtype complex64. Fix: pass x.astype(jnp.float32)."),
     "mask of the wrong shape": (
         ValueError, lambda: rnnjax.unroll(CELL, PARAMS, XS, mask=jnp.ones((4, 6), bool)),
         "rnnjax.unroll: expected mask of shape (4, 7) (xs without its feature axis), got shape (4, 6). Fix: pass "

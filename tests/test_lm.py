@@ -383,11 +383,10 @@ def test_cli_generate_and_eval_bad_checkpoints(tmp_path, capsys):
     (corrupt / "meta").mkdir()
     (corrupt / "meta" / "metadata").write_text("{truncated", encoding="utf-8")
     assert cli.main(["generate", "--checkpoint", str(tmp_path / "corrupt")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"rnnjax: error: rnnjax.checkpoint: the checkpoint at step 12 in "
-                          f"{str(tmp_path / 'corrupt' / 'checkpoints')!r} could not be read (")
-    assert err.endswith(f"its files are damaged or incomplete. Fix: restore the folder from a backup, or move "
-                        f"{str(corrupt)!r} away to use an older checkpoint.\n")
+    assert capsys.readouterr().err == (
+        f"rnnjax: error: rnnjax.checkpoint: the checkpoint at step 12 in {str(tmp_path / 'corrupt' / 'checkpoints')!r} "
+        "is damaged: its meta (meta/) cannot be read (a file in it is truncated, zeroed or missing); no other "
+        f"checkpoint is readable. Fix: restore {str(corrupt)!r} from a backup, or train again.\n")
     assert _snapshot(tmp_path / "corrupt")  # untouched: still there
 
 

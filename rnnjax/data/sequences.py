@@ -102,6 +102,15 @@ def split(n: int, fraction: float, *, seed: int = 0, labels=None) -> tuple[np.nd
     return np.setdiff1d(np.arange(n), held), held
 
 
+def first_non_finite(x) -> tuple[tuple[int, ...], float] | None:
+    """The index and value of the first NaN or infinite element of ``x`` (row-major order), or None."""
+    bad = np.argwhere(~np.isfinite(x))
+    if not len(bad):
+        return None
+    index = tuple(int(i) for i in bad[0])
+    return index, float(x[index])
+
+
 def sliding_windows(series, window: int, horizon: int, *, start: int = 0, stop: int | None = None,
                     stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Windows of a series ``[T]`` or ``[T, F]``: inputs ``x [N, window, F]`` (the ``window`` values
@@ -115,6 +124,12 @@ def sliding_windows(series, window: int, horizon: int, *, start: int = 0, stop: 
     if window < 1 or horizon < 1 or not len(origins):
         raise ValueError(f"{fn}: no window of {window} inputs and {horizon} targets fits in steps [{start}, "
                          f"{stop}) of a series of {len(s)}. Fix: use a shorter window or horizon.")
+    found = first_non_finite(s[start:stop])
+    if found is not None:
+        (t, f), value = found
+        raise ValueError(f"{fn}: expected finite values, got {value} at step {start + t}"
+                         f"{f', feature {f}' if s.shape[1] > 1 else ''} of the series. Fix: fill or drop missing "
+                         "values first (e.g. interpolate them, or rnnjax.data.fill_missing).")
     x = s[origins[:, None] - window + np.arange(window)]
     y = s[origins[:, None] + np.arange(horizon), 0]
     return x, y

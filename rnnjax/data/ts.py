@@ -31,18 +31,27 @@ def _error(path, line_no: int, what: str, fix: str) -> ValueError:
     return ValueError(f"{FN}: {str(path)!r}, line {line_no}: {what}. Fix: {fix}")
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _parse_values(text: str, path, line_no: int, dim: int) -> list[float]:
+    """The values of one dimension: ``?`` and ``NaN`` are missing (NaN, filled later); infinite values,
+    or ones beyond float32's range, are refused with their position (they would train on ``inf``)."""
     values = []
-    for v in text.split(","):
+    for i, v in enumerate(text.split(",")):
         v = v.strip()
         if v == "?" or v.lower() == "nan":
             values.append(np.nan)
             continue
         try:
-            values.append(float(v))
+            x = float(v)
         except ValueError:
             raise _error(path, line_no, f"dimension {dim + 1} has {v!r}, which is not a number or '?' (missing)",
                          "correct the value, or write ? for a missing one") from None
+        if not abs(x) <= _FLOAT32_MAX:
+            raise _error(path, line_no, f"dimension {dim + 1}, value {i + 1} is {v!r}, which is not a finite "
+                                        "float32 number", "correct the value, or write ? for a missing one")
+        values.append(x)
     return values
 
 

@@ -52,6 +52,11 @@ def _windows(s: dict, cmd: str) -> Windows:
     except ValueError as e:
         raise UsageError(f"{cmd}: {e}") from None
     values, period = series["values"], series["period"]
+    found = data.first_non_finite(values)
+    if found is not None:  # never scaled or trained on silently
+        raise UsageError(f"{cmd}: the series {s['dataset']!r} has a non-finite value ({found[1]}) at step "
+                         f"{found[0][0]} of {len(values)}; expected finite values. Fix: fill or drop its missing "
+                         "values first.")
     W, Hz, n = s["window"], s["horizon"], len(series["values"])
     test_start = int(round(n * (1 - s["test_fraction"])))
     val_start = int(round(test_start * (1 - s["val_fraction"])))
