@@ -21,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -669,7 +670,8 @@ void weight_grads(const Sizes& s, const float* x, const float* w_ih, const float
 
 ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, ffi::AnyBuffer valid,
                    ffi::AnyBuffer resets, ffi::AnyBuffer hs_prev, ffi::AnyBuffer /*gates: the dzx output's buffer*/,
-                   ffi::AnyBuffer extra, ffi::AnyBuffer dys, ffi::AnyBuffer dh_t, ffi::AnyBuffer dc_t, ffi::Result<ffi::AnyBuffer> dx,
+                   ffi::AnyBuffer extra, ffi::AnyBuffer dys, ffi::AnyBuffer dh_t, ffi::AnyBuffer dc_t,
+                   ffi::Result<ffi::AnyBuffer> dx,
                    ffi::Result<ffi::AnyBuffer> dw_ih, ffi::Result<ffi::AnyBuffer> dw_hh,
                    ffi::Result<ffi::AnyBuffer> db_ih, ffi::Result<ffi::AnyBuffer> db_hh,
                    ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::AnyBuffer> dc0,
@@ -709,50 +711,26 @@ ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnForward, rnn_fwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // x [T, N, F]
-                                  .Arg<ffi::AnyBuffer>()  // w_ih [F, G]
-                                  .Arg<ffi::AnyBuffer>()  // w_hh [H, G]
-                                  .Arg<ffi::AnyBuffer>()  // b_ih [G]
-                                  .Arg<ffi::AnyBuffer>()  // b_hh [G]
-                                  .Arg<ffi::AnyBuffer>()  // h0 [N, H]
-                                  .Arg<ffi::AnyBuffer>()  // c0 [N, H]
-                                  .Arg<ffi::AnyBuffer>()  // valid [T, N] or [0]
-                                  .Arg<ffi::AnyBuffer>()  // resets [T, N] or [0]
-                                  .Ret<ffi::AnyBuffer>()  // ys [T, N, H]
-                                  .Ret<ffi::AnyBuffer>()  // h [N, H]
-                                  .Ret<ffi::AnyBuffer>()  // c [N, H]
-                                  .Ret<ffi::AnyBuffer>()  // hs_prev [T, N, H] (or [0] without save)
-                                  .Ret<ffi::AnyBuffer>()  // gates [T, N, G] (or [0])
-                                  .Ret<ffi::AnyBuffer>()  // extra [T, N, H] (or [0]; [0] for Elman)
-                                  .Attr<int64_t>("kind")
-                                  .Attr<bool>("reverse")
-                                  .Attr<bool>("bf16")
-                                  .Attr<bool>("save"));
+namespace {
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnBackward, rnn_bwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // w_ih
-                                  .Arg<ffi::AnyBuffer>()  // w_hh
-                                  .Arg<ffi::AnyBuffer>()  // valid
-                                  .Arg<ffi::AnyBuffer>()  // resets
-                                  .Arg<ffi::AnyBuffer>()  // hs_prev
-                                  .Arg<ffi::AnyBuffer>()  // gates (aliased to dzx)
-                                  .Arg<ffi::AnyBuffer>()  // extra (aliased to dzh_n for the GRU)
-                                  .Arg<ffi::AnyBuffer>()  // dys
-                                  .Arg<ffi::AnyBuffer>()  // dh (final carry's cotangent)
-                                  .Arg<ffi::AnyBuffer>()  // dc
-                                  .Ret<ffi::AnyBuffer>()  // dx
-                                  .Ret<ffi::AnyBuffer>()  // dw_ih
-                                  .Ret<ffi::AnyBuffer>()  // dw_hh
-                                  .Ret<ffi::AnyBuffer>()  // db_ih
-                                  .Ret<ffi::AnyBuffer>()  // db_hh
-                                  .Ret<ffi::AnyBuffer>()  // dh0
-                                  .Ret<ffi::AnyBuffer>()  // dc0
-                                  .Ret<ffi::AnyBuffer>()  // dzx [T, N, G]: the gates' buffer, worked in place
-                                  .Ret<ffi::AnyBuffer>()  // dzh_n [T, N, H]: the GRU's extras' buffer, or [0]
-                                  .Attr<int64_t>("kind")
-                                  .Attr<bool>("reverse")
-                                  .Attr<bool>("bf16"));
+// A binding of `args` buffer arguments then `rets` buffer results (each in the order of the handler's parameters,
+// which name and shape them), then the attributes every call takes.
+template <int args, int rets, typename Binding>
+auto buffers(Binding binding) {
+  if constexpr (args > 0) {
+    return buffers<args - 1, rets>(std::move(binding).template Arg<ffi::AnyBuffer>());
+  } else if constexpr (rets > 0) {
+    return buffers<0, rets - 1>(std::move(binding).template Ret<ffi::AnyBuffer>());
+  } else {
+    return std::move(binding).template Attr<int64_t>("kind").template Attr<bool>("reverse").template Attr<bool>("bf16");
+  }
+}
+
+}  // namespace
+
+// x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets -> ys, h, c, hs_prev, gates, extra
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnForward, rnn_fwd, (buffers<9, 6>(ffi::Ffi::Bind()).Attr<bool>("save")));
+
+// x, w_ih, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc -> dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0,
+// dzx, dzh_n
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnBackward, rnn_bwd, (buffers<11, 9>(ffi::Ffi::Bind())));
