@@ -169,11 +169,10 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
 
     batch_size = math.prod(batch_shape)
     method = _parallel_method(fn, cell, parallel, remat, batch_size, T)  # validates parallel= first
-    chosen = backends.choose(fn, backend, backends.Request(cell, _compute_dtype(cell, params, xs), remat,
-                                                           jax.default_backend()))
+    dtype = _compute_dtype(cell, params, xs)
+    chosen = backends.choose(fn, backend, backends.Request(cell, dtype, remat, jax.default_backend()))
     if chosen is not None:
-        bf16 = _compute_dtype(cell, params, xs) == jnp.bfloat16
-        carry, ys = chosen.run(cell, params, xs_t, carry, valid, resets, reverse=reverse, bf16=bf16)
+        carry, ys = chosen.run(cell, params, xs_t, carry, valid, resets, reverse=reverse, bf16=dtype == jnp.bfloat16)
         return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
     if method is not None:
         carry, ys = parallel_unroll(cell, params, xs_t, carry, zero_carry, valid, resets, reverse, method)
