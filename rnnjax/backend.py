@@ -51,11 +51,14 @@ class Backend(NamedTuple):
 
 
 # CPU features under which "auto" prefers the native kernels. Measured with ``rnnjax-bench --compare
-# rnnjax-native,rnnjax-xla,torch`` (docs, Performance): oneDNN's AVX-512 GEMMs run the recurrent products at
-# 1.5-3x XLA's rate on AMD EPYC (Zen 5); on AVX2-only CPUs the kernels run but were not measured against XLA.
-NATIVE_FLOAT32_FLAGS = ("avx512f",)
-# bf16 products: oneDNN uses the CPU's bf16 dot-product or AMX instructions; without them it emulates bf16.
+# rnnjax-native,rnnjax-xla,torch`` (docs, Performance): on AMD EPYC Zen 5 (AVX-512) oneDNN runs the recurrent
+# products at 1.5-3x XLA's rate; on AMD EPYC Zen 3 (AVX2 only) the kernels run LSTM and GRU at 0.9-2.3x the XLA
+# path (C1, C2, C4). The kernels load only on x86-64-v3 CPUs, so every CPU that loads them has avx2.
+NATIVE_FLOAT32_FLAGS = ("avx512f", "avx2")
+# bf16 products: oneDNN uses the CPU's bf16 dot-product or AMX instructions; without them it emulates bf16 with
+# AVX-512, and without AVX-512 (e.g. AMD Zen 3) oneDNN 3.2 has no bfloat16 matmul at all.
 NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
+NATIVE_BFLOAT16_NEEDS = ("avx512f", "avx512bw")
 
 
 def _native_unsupported(request: Request) -> str | None:
@@ -68,6 +71,10 @@ def _native_unsupported(request: Request) -> str | None:
         return "remat recomputes steps in the backward pass, which the native kernels do not"
     if jnp.dtype(request.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         return f"the native kernels compute in float32 or bfloat16, not {jnp.dtype(request.dtype).name}"
+    missing = [flag for flag in NATIVE_BFLOAT16_NEEDS if flag not in native.cpu_flags()]
+    if jnp.dtype(request.dtype) == jnp.dtype(jnp.bfloat16) and missing:
+        return f"bfloat16 products need AVX-512 (oneDNN has no bfloat16 matmul for this CPU, which lacks " \
+               f"{', '.join(missing)})"
     state = native.status()
     return None if state.available else state.reason
 

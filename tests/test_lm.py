@@ -430,7 +430,7 @@ def test_dtype_auto_is_bfloat16_only_where_the_native_kernels_run_it(monkeypatch
     assert flags.resolve_dtype("bfloat16", "mingru") == "bfloat16"
     assert flags.resolve_dtype("auto", "mingru") == "float32"  # linear cells run on XLA, where bf16 is slower
     monkeypatch.setattr(native, "status", lambda: native.Status(True, "loaded"))
-    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"}))
     assert flags.resolve_dtype("auto", "lstm") == "bfloat16"
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
     assert flags.resolve_dtype("auto", "lstm") == "float32"

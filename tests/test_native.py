@@ -92,6 +92,19 @@ def test_native_inference_path_crosses_chunks(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_native_small_batch_of_wide_products(kind):
+    """16 rows of 256 units: on CPUs without oneDNN's blocked matmul (AVX2) the kernels run such a batch as one
+    team whose products use every core (elsewhere as row shards); either way it equals the XLA path."""
+    cell = cells.lstm(256) if kind == "lstm" else cells.gru(256)
+    params = cell.init(jax.random.key(10), F)
+    xs = jax.random.normal(jax.random.key(11), (16, 6, F))
+    carry = cell.initial_carry(params, (16,))
+    kw = dict(lengths=jnp.arange(16) % 7, resets=jax.random.bernoulli(jax.random.key(12), 0.2, (16, 6)))
+    _close(_loss_and_grads(cell, params, xs, carry, "native", **kw), _loss_and_grads(cell, params, xs, carry, "xla",
+                                                                                      **kw), tol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_native_under_vmap(kind):
     """vmap over inputs folds into the kernel's batch; per-example gradients and vmapped params (a population)
     run one call per slice; both equal the XLA path."""
@@ -187,6 +200,22 @@ def test_second_order_gradients_go_through_the_xla_reference(kind):
     _close(jax.grad(gradient_norm, argnums=(0, 1))(params, xs, "native"), want, tol=2e-5)
 
 
+def test_native_bfloat16_needs_avx512(monkeypatch):
+    """Without AVX-512 oneDNN has no bfloat16 matmul: "native" says so, "auto" runs the XLA policy."""
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "bmi2"}))
+    cell = cells.lstm(8, dtype=jnp.bfloat16)
+    params = cell.init(jax.random.key(0), F)
+    xs = jax.random.normal(jax.random.key(1), (3, T, F))
+    with pytest.raises(ValueError, match=r"cannot run this call: bfloat16 products need AVX-512 \(oneDNN has no "
+                                         r"bfloat16 matmul for this CPU, which lacks avx512f, avx512bw\)"):
+        rnnjax.unroll(cell, params, xs, backend="native")
+    assert backend.choose("f", "auto", backend.Request(cell, jnp.bfloat16, None, "cpu")) is None
+    _close(rnnjax.unroll(cell, params, xs), rnnjax.unroll(cell, params, xs, backend="xla"))
+    assert backend.choose("f", "auto", backend.Request(cells.lstm(8), jnp.float32, None, "cpu")) is not None
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw"} <= native.cpu_flags(),
+                    reason="oneDNN's bfloat16 matmul needs AVX-512 (test_native_bfloat16_needs_avx512)")
 @pytest.mark.parametrize("kind", CELLS)
 def test_native_bfloat16_policy_equals_the_xla_policy(kind):
     """dtype=bfloat16 (float32 params): bf16 products with float32 accumulation and state in both backends, so

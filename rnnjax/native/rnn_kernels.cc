@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -89,6 +90,17 @@ class Packs {
   std::vector<std::pair<memory::desc, memory>> packed_;
 };
 
+bool is_brgemm(const dnnl::matmul::primitive_desc& pd) { return std::string(pd.impl_info_str()).rfind("brg", 0) == 0; }
+
+// Where oneDNN has no blocked ("brgemm") matmul for the CPU (oneDNN 3.2 on AVX2 CPUs, e.g. AMD Zen 3), it runs
+// float32 products on its jit sgemm, which re-packs B at every call: there the weight is a plain copy whose rows are padded by 16
+// elements, since rows a power of two bytes apart (G = 1,024 or 4,096 floats) alias in the cache and measured at
+// half the speed (32x256x1024: 29 against 58 GFLOP/s on one Zen 3 core; 8x512x2048: 16 against 34).
+memory::desc padded_weights(int64_t K, int64_t N, memory::data_type dt, bool batched) {
+  const int64_t ld = N + 16;
+  return batched ? memory::desc({1, K, N}, dt, {K * ld, ld, 1}) : memory::desc({K, N}, dt, {ld, 1});
+}
+
 // C[M, N] (+)= A[M, K] B[K, N] (+ bias[N]), C float32 with leading dim ldc (or a Batch of them). With `packed`, B
 // is reordered once into oneDNN's preferred layout (for products run at every step); otherwise it is read in
 // place. Each Matmul has its own stream, so threads running their own Matmuls need no lock; called inside an
@@ -118,13 +130,16 @@ class Matmul {
       ops.append_sum(1.0f);
       attr.set_post_ops(ops);
     }
-    dnnl::matmul::primitive_desc pd;
-    if (bias != nullptr) {
-      pd = dnnl::matmul::primitive_desc(eng, a_md, b_md, bias_md, c_md, attr);
-      args_[DNNL_ARG_BIAS] = memory(bias_md, eng, const_cast<float*>(bias));
-    } else {
-      pd = dnnl::matmul::primitive_desc(eng, a_md, b_md, c_md, attr);
+    auto make_pd = [&] {
+      return bias != nullptr ? dnnl::matmul::primitive_desc(eng, a_md, b_md, bias_md, c_md, attr)
+                             : dnnl::matmul::primitive_desc(eng, a_md, b_md, c_md, attr);
+    };
+    auto pd = make_pd();
+    if (packed && !use_bf16 && !is_brgemm(pd)) {  // see padded_weights
+      b_md = padded_weights(K, N, dt, batch.count > 0);
+      pd = make_pd();
     }
+    if (bias != nullptr) args_[DNNL_ARG_BIAS] = memory(bias_md, eng, const_cast<float*>(bias));
     prim_ = dnnl::matmul(pd);
     a_mem_ = memory(pd.src_desc(), eng, DNNL_MEMORY_NONE);
     c_mem_ = memory(pd.dst_desc(), eng, DNNL_MEMORY_NONE);
@@ -194,17 +209,6 @@ void on_one_thread(Fn fn) {
   omp_set_num_threads(saved);
 }
 
-// Runs shard(Shard) on loop_threads(N) threads. With one, the shard runs on the calling thread with OpenMP's thread
-// count set to 1 meanwhile: a team of one is not an active parallel region, so oneDNN would otherwise fork all the
-// cores for every tiny per-step product (B = 1), and wait for them at every step.
-template <typename Fn>
-void run_shards(int64_t N, Fn shard) {
-  const int nt = loop_threads(N);
-  if (nt == 1) return on_one_thread([&] { shard(Shard{0, N}); });
-#pragma omp parallel num_threads(nt)
-  shard(shard_of(N, omp_get_num_threads(), omp_get_thread_num()));
-}
-
 struct Sizes {
   int64_t T, N, F, H, G;  // G: the gate width, gates * H
   int64_t kind;
@@ -215,6 +219,34 @@ Sizes sizes_of(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w_hh, int64_t kind
   auto xd = x.dimensions();
   auto wd = w_hh.dimensions();
   return Sizes{xd[0], xd[1], xd[2], wd[0], wd[1], kind, reverse, use_bf16};
+}
+
+// oneDNN's blocked ("brgemm") matmul, which keeps a packed weight, needs AVX-512; without it (oneDNN 3.2 on AVX2)
+// each product runs oneDNN's jit sgemm, which packs its B anew at every call. There, a batch of fewer than
+// kTeamRows rows runs as one shard whose products use all the cores (oneDNN splits each one): thin per-thread
+// products would each pack the whole weight. Measured on a 2-core AMD Zen 3, LSTM B=16 T=512 H=512: forward 19.0k
+// against 16.5k tokens/s, forward and backward 6.3k against 4.8k; at B=64 row shards stay faster (86-100k against
+// 60k forward). The team synchronises at every step, so only products of at least kTeamWork multiply-adds per step (about 0.1 ms
+// on one core) run that way: smaller ones stay on row shards, which never wait for each other, also when the
+// process has more threads than cores (pytest -n 2 on 2 cores).
+constexpr int64_t kTeamRows = 32, kTeamWork = int64_t(1) << 22;
+
+bool has_blocked_matmul() {
+  static const bool yes = dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core;
+  return yes;
+}
+
+// Runs shard(Shard) on loop_threads(N) threads. With one, the shard runs on the calling thread with OpenMP's thread
+// count set to 1 meanwhile: a team of one is not an active parallel region, so oneDNN would otherwise fork all the
+// cores for every tiny per-step product (B = 1), and wait for them at every step.
+template <typename Fn>
+void run_shards(const Sizes& s, Fn shard) {
+  const int64_t N = s.N;
+  const int nt = loop_threads(N);
+  if (nt == 1) return on_one_thread([&] { shard(Shard{0, N}); });
+  if (N < kTeamRows && N * s.H * s.G >= kTeamWork && !has_blocked_matmul()) return shard(Shard{0, N});
+#pragma omp parallel num_threads(nt)
+  shard(shard_of(N, omp_get_num_threads(), omp_get_thread_num()));
 }
 
 inline int64_t time_at(const Sizes& s, int64_t step) { return s.reverse ? s.T - 1 - step : step; }
@@ -462,7 +494,7 @@ ffi::Error rnn_fwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
         save ? hs_prev->typed_data<float>() : nullptr, save ? gates->typed_data<float>() : nullptr,
         save ? extra->typed_data<float>() : nullptr, h, kind == kLstm ? c : nullptr, use_bf16 ? hb.data() : nullptr,
         &packs};
-  run_shards(N, [&](Shard sh) { forward_shard(f, sh); });
+  run_shards(s, [&](Shard sh) { forward_shard(f, sh); });
   return ffi::Error::Success();
 }
 
@@ -693,7 +725,7 @@ ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
         kind == kGru ? dzh_n->typed_data<float>() : nullptr, dh, kind == kLstm ? dc : nullptr, gs.data(), tmp.data(),
         nsave.data(), drh.data(), use_bf16 ? srcb.data() : nullptr};
   Packs packs;
-  run_shards(N, [&](Shard sh) { backward_shard(b, w_hh.typed_data<float>(), sh, &packs); });
+  run_shards(s, [&](Shard sh) { backward_shard(b, w_hh.typed_data<float>(), sh, &packs); });
   auto grads = [&] {
     weight_grads(s, x.typed_data<float>(), w_ih.typed_data<float>(), dzx->typed_data<float>(),
                  kind == kGru ? dzh_n->typed_data<float>() : nullptr, hs_prev.typed_data<float>(),
