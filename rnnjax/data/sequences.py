@@ -251,12 +251,12 @@ def pad_groups(sequences: dict, fixed: dict, batch_size: int = 1) -> list[dict]:
     return out
 
 
-class LengthBatches:
+class LengthBatches(ExampleBatches):
     """Shuffled training batches of variable-length examples, each batch cut from one length group of
     :func:`pad_groups` (padded to the group's length, masked by ``lengths``). Each epoch shuffles the
     examples within each group and the order of all batches; a group's remainder (fewer than a batch)
     waits for the next epoch's shuffle. Batch ``i`` depends only on ``(seed, i)``: set ``position`` to
-    resume."""
+    resume (``__next__`` as :class:`ExampleBatches`)."""
 
     def __init__(self, sequences: dict, fixed: dict, batch_size: int, *, seed: int = 0, position: int = 0):
         n = len(next(iter(sequences.values())))
@@ -266,7 +266,7 @@ class LengthBatches:
         self.groups = pad_groups(sequences, fixed, batch_size)
         self.batch_size, self.seed, self.position = int(batch_size), seed, int(position)
         self.per_epoch = sum(len(g["lengths"]) // batch_size for g in self.groups)
-        self._epoch, self._order = None, None
+        self._cached, self._order = None, None
 
     def _epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         rng = np.random.default_rng([self.seed, 2, epoch])
@@ -279,15 +279,7 @@ class LengthBatches:
 
     def batch(self, i: int) -> dict:
         epoch, k = divmod(i, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, self._epoch_batches(epoch)
+        if epoch != self._cached:
+            self._cached, self._order = epoch, self._epoch_batches(epoch)
         g, idx = self._order[k]
         return {key: value[idx] for key, value in self.groups[g].items()}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        b = self.batch(self.position)
-        self.position += 1
-        return b
