@@ -1,4 +1,5 @@
-"""Sequence metrics (NumPy/Python): edit distance, phoneme (token) and word error rates."""
+"""Sequence metrics (NumPy/Python): edit distance, phoneme (token) and word error rates, macro-F1 of a
+classifier, and entity (span) F1 of BIO tags."""
 
 from __future__ import annotations
 
@@ -42,3 +43,58 @@ def error_rates(predictions: Sequence[Sequence], references: Sequence[Sequence[S
         errors += best[0] != 0
     return {"per": edits / max(ref_tokens, 1), "wer": errors / len(predictions), "edits": edits,
             "ref_tokens": ref_tokens, "errors": errors, "items": len(predictions)}
+
+
+def macro_f1(y_true: Sequence, y_pred: Sequence) -> float:
+    """The unweighted mean over classes of each class's F1 ``2 TP / (2 TP + FP + FN)``, over the classes
+    that occur in ``y_true`` or ``y_pred`` (scikit-learn's ``f1_score(average="macro")``)."""
+    if len(y_true) != len(y_pred) or not len(y_true):
+        raise ValueError(f"rnnjax.metrics.macro_f1: expected as many predictions as labels, at least one, got "
+                         f"{len(y_pred)} predictions and {len(y_true)} labels.")
+    pairs = list(zip(y_true, y_pred))
+    scores = []
+    for c in set(y_true) | set(y_pred):
+        tp = sum(t == c and p == c for t, p in pairs)
+        wrong = sum((t == c) != (p == c) for t, p in pairs)  # false positives and false negatives
+        scores.append(2 * tp / (2 * tp + wrong))
+    return sum(scores) / len(scores)
+
+
+def is_bio(tags) -> bool:
+    """Whether every tag is ``O`` or ``B-TYPE``/``I-TYPE`` (the BIO/IOB2 scheme) and one is not ``O``."""
+    tags = set(tags)
+    return any(t != "O" for t in tags) and all(t == "O" or (t[:2] in ("B-", "I-") and len(t) > 2) for t in tags)
+
+
+def bio_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """The entities ``(type, start, end)`` (``end`` exclusive) of one sentence's BIO tags, read as the
+    CoNLL evaluation script (conlleval) reads them: ``B-X`` starts an entity, ``I-X`` continues one of
+    type X and starts one after ``O`` or another type (an ill-formed ``I-`` is not dropped)."""
+    spans, start, kind = [], 0, None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, typ = (tag[0], tag[2:]) if tag[:2] in ("B-", "I-") else ("O", "")
+        if kind is not None and (prefix != "I" or typ != kind):
+            spans.append((kind, start, i))
+            kind = None
+        if prefix != "O" and kind is None:
+            start, kind = i, typ
+    return spans
+
+
+def span_f1(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict:
+    """Exact-match entity precision, recall and F1 (micro-averaged over all entities, as conlleval) of
+    predicted BIO tag sequences against the true ones, sentence by sentence (:func:`bio_spans`). Returns
+    ``{"precision", "recall", "f1", "true_entities", "predicted_entities", "correct_entities"}`` (0 where
+    a ratio has nothing to count)."""
+    if len(true_tags) != len(pred_tags):
+        raise ValueError(f"rnnjax.metrics.span_f1: expected one predicted sequence per true one, got "
+                         f"{len(pred_tags)} and {len(true_tags)}.")
+    n_true = n_pred = correct = 0
+    for t, p in zip(true_tags, pred_tags):
+        ts, ps = set(bio_spans(t)), set(bio_spans(p))
+        n_true, n_pred, correct = n_true + len(ts), n_pred + len(ps), correct + len(ts & ps)
+    precision = correct / n_pred if n_pred else 0.0
+    recall = correct / n_true if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "true_entities": n_true, "predicted_entities": n_pred,
+            "correct_entities": correct}

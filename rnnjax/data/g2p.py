@@ -98,6 +98,11 @@ class Symbols:
                              f"Fix: remove or replace them.")
         return np.array([self._index[s] for s in seq], np.int32)
 
+    def lookup(self, seq, default: int) -> np.ndarray:
+        """Ids of ``seq``, with ``default`` for the symbols not in the vocabulary (an unknown token)."""
+        n = len(self.specials)
+        return np.array([i if (i := self._index.get(s, default)) >= n else default for s in seq], np.int32)
+
     def decode(self, ids) -> list[str]:
         table = self.specials + self.symbols
         return [table[i] for i in np.asarray(ids).reshape(-1).tolist() if i >= len(self.specials)]

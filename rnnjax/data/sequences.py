@@ -208,3 +208,78 @@ class GeneratedBatches:
         b = self.batch(self.position)
         self.position += 1
         return b
+
+
+SHORTEST_BUCKET = 8
+
+
+def length_buckets(lengths, batch_size: int = 1) -> list[tuple[int, np.ndarray]]:
+    """Examples grouped by length: ``(padded length, indices)`` per group, shortest first. An example goes
+    to the smallest power of two (at least 8) that holds it, so there are few shapes to compile and
+    little padding; a group with fewer than ``batch_size`` examples joins the next longer one (the
+    longest joins the one before), so every example is in a group that fills a batch."""
+    lengths = np.asarray(lengths)
+    sizes = np.maximum(SHORTEST_BUCKET, 2 ** np.ceil(np.log2(np.maximum(lengths, 1)))).astype(np.int64)
+    groups = [[int(s), np.flatnonzero(sizes == s)] for s in np.unique(sizes)]
+    merged = []
+    for size, idx in groups:
+        if merged and len(merged[-1][1]) < batch_size:
+            idx = np.concatenate([merged.pop()[1], idx])
+        merged.append([size, idx])
+    if len(merged) > 1 and len(merged[-1][1]) < batch_size:
+        size, idx = merged.pop()
+        merged[-1] = [size, np.concatenate([merged[-1][1], idx])]
+    return [(size, np.sort(idx)) for size, idx in merged]
+
+
+def pad_groups(sequences: dict, fixed: dict, batch_size: int = 1) -> list[dict]:
+    """The examples padded group by group (:func:`length_buckets`): one dict per group with each ragged
+    array of ``sequences`` (lists of ``[T_i]`` arrays of equal lengths per example, e.g. token ids and
+    their tags) zero-padded to ``[n, padded length]``, each array of ``fixed`` (one value per example,
+    e.g. a label) indexed, and ``lengths``."""
+    first = next(iter(sequences.values()))
+    lengths = np.array([len(s) for s in first], np.int32)
+    out = []
+    for size, idx in length_buckets(lengths, batch_size):
+        group = {"lengths": lengths[idx], **{k: np.asarray(v)[idx] for k, v in fixed.items()}}
+        for k, seqs in sequences.items():
+            padded = np.zeros((len(idx), size), np.int32)
+            for row, i in enumerate(idx):
+                padded[row, :lengths[i]] = seqs[i]
+            group[k] = padded
+        out.append(group)
+    return out
+
+
+class LengthBatches(ExampleBatches):
+    """Shuffled training batches of variable-length examples, each batch cut from one length group of
+    :func:`pad_groups` (padded to the group's length, masked by ``lengths``). Each epoch shuffles the
+    examples within each group and the order of all batches; a group's remainder (fewer than a batch)
+    waits for the next epoch's shuffle. Batch ``i`` depends only on ``(seed, i)``: set ``position`` to
+    resume (``__next__`` as :class:`ExampleBatches`)."""
+
+    def __init__(self, sequences: dict, fixed: dict, batch_size: int, *, seed: int = 0, position: int = 0):
+        n = len(next(iter(sequences.values())))
+        if not 1 <= batch_size <= n:
+            raise ValueError(f"rnnjax.data.LengthBatches: batch_size must be in [1, {n}] (the number of examples), "
+                             f"got {batch_size}. Fix: pass a smaller batch size.")
+        self.groups = pad_groups(sequences, fixed, batch_size)
+        self.batch_size, self.seed, self.position = int(batch_size), seed, int(position)
+        self.per_epoch = sum(len(g["lengths"]) // batch_size for g in self.groups)
+        self._cached, self._order = None, None
+
+    def _epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, 2, epoch])
+        batches = []
+        for g, group in enumerate(self.groups):
+            idx = rng.permutation(len(group["lengths"]))
+            B = self.batch_size
+            batches += [(g, idx[i * B:(i + 1) * B]) for i in range(len(idx) // B)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def batch(self, i: int) -> dict:
+        epoch, k = divmod(i, self.per_epoch)
+        if epoch != self._cached:
+            self._cached, self._order = epoch, self._epoch_batches(epoch)
+        g, idx = self._order[k]
+        return {key: value[idx] for key, value in self.groups[g].items()}

@@ -34,6 +34,7 @@ def model_flags(*names: str) -> tuple[Flag, ...]:
         "cell": flags.cell(),
         "layers": Flag("layers", positive(int), "stacked recurrent layers"),
         "hidden": Flag("hidden", positive(int), "hidden units per layer (and direction)"),
+        "embed": Flag("embed", positive(int), "token embedding width"),
         "bidirectional": Flag("bidirectional", "bool", "read each sequence in both directions"),
         "dropout": Flag("dropout", in_range(0, 1), "dropout between layers and before the readout"),
         "pooling": Flag("pooling", str, f"how outputs are pooled over the valid steps: {', '.join(POOLINGS)}"),
@@ -100,13 +101,13 @@ def sums_over(fn: Callable, arrays: dict, params, size: int = EVAL_BATCH) -> dic
     return total
 
 
-def predict_all(fn: Callable, arrays: dict, params, size: int = EVAL_BATCH) -> np.ndarray:
-    """``fn(params, chunk)`` over every example of ``arrays``, concatenated."""
+def predict_all(fn: Callable, arrays: dict, params, size: int = EVAL_BATCH):
+    """``fn(params, chunk)`` over every example of ``arrays``, concatenated (each array of a dict of outputs)."""
     outs = []
     n = len(next(iter(arrays.values())))
     for chunk in _chunks(arrays, size):
-        outs.append(np.asarray(fn(params, {k: jnp.asarray(v) for k, v in chunk.items() if k != "weight"})))
-    return np.concatenate(outs)[:n]
+        outs.append(fn(params, {k: jnp.asarray(v) for k, v in chunk.items() if k != "weight"}))
+    return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:n], *outs)
 
 
 def print_test_metrics(outcome) -> int:
