@@ -1,6 +1,7 @@
 """Data sets and batching. Loaders return NumPy arrays; nothing here needs a network."""
 
 from rnnjax.data import synthetic
+from rnnjax.data.anomaly import ANOMALY, load_anomaly, read_series_csv
 from rnnjax.data.datasets import CLASSIFICATION, SERIES, load_classification, load_digits, load_series
 from rnnjax.data.sequences import (
     BatchesView,
@@ -29,6 +30,7 @@ from rnnjax.data.text import (
 from rnnjax.data.ts import read_ts
 
 __all__ = [
+    "ANOMALY",
     "CLASSIFICATION",
     "SERIES",
     "BatchesView",
@@ -37,10 +39,12 @@ __all__ = [
     "Scaler",
     "fill_missing",
     "first_non_finite",
+    "load_anomaly",
     "load_classification",
     "load_digits",
     "load_series",
     "pad_sequences",
+    "read_series_csv",
     "read_ts",
     "sliding_windows",
     "split",

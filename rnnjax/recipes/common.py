@@ -56,11 +56,11 @@ SHIFT = Flag("shift", non_negative_int, "augment the training images: shift each
 
 
 def task_recipe(name: str, help: str, description: str, *, defaults: dict, steps: int, prepare, task_flags=(),
-                model=("cell", "layers", "hidden", "bidirectional", "dropout")) -> Recipe:
+                model=("cell", "layers", "hidden", "bidirectional", "dropout"), run_files=RUN_FILES) -> Recipe:
     """The :class:`~rnnjax.recipes.Recipe` of a sequence task: a budget of ``steps`` by default, its
-    ``task_flags``, the ``model`` flags named, the training flags, and the run files they all write."""
+    ``task_flags``, the ``model`` flags named, the training flags, and the files its runs write."""
     return Recipe(name=name, help=help, description=description, defaults=defaults, budget={"steps": steps},
-                  run_files=RUN_FILES, flags=(*task_flags, *model_flags(*model), *training_flags()), prepare=prepare)
+                  run_files=run_files, flags=(*task_flags, *model_flags(*model), *training_flags()), prepare=prepare)
 
 
 def model_or_usage(cmd: str, build: Callable):
