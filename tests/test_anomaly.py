@@ -116,11 +116,19 @@ def test_cli_anomaly_ranks_planted_spikes_first_and_eval_reproduces_it(tmp_path,
     assert cli.main(["eval", "--checkpoint", str(out)]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["test_auroc"] == m["test_auroc"] and again["zscore_auroc"] == m["zscore_auroc"]
-    _planted(csv, labels=False)  # no labels: scores and the plot, no AUROC
-    assert cli.main(["train", "anomaly", *args, "--steps", "1", "--evals", "1", "--out", str(tmp_path / "u")]) == 0
-    m = json.loads(capsys.readouterr().out)
-    assert "test_auroc" not in m and "test_anomalies" not in m
-    assert (tmp_path / "u" / "scores.csv").read_text().startswith("step,part,value,score,rolling_zscore,")
+    _planted(csv, labels=False)  # the run's file, now without labels: no AUROC
+    assert cli.main(["eval", "--checkpoint", str(out)]) == 0
+    unlabelled = json.loads(capsys.readouterr().out)
+    assert "test_auroc" not in unlabelled and "test_anomalies" not in unlabelled
+    assert unlabelled["test_mse"] == m["test_mse"]
+
+
+def test_scores_csv_without_labels(tmp_path):
+    values = np.array([1.0, 2.5, -3.0])
+    ser = anomaly.Series(values, None, values, 1.0, 1, 2, "s", "")
+    anomaly.write_scores(tmp_path / "s.csv", ser, {"test": np.array([np.nan, 0.5, 2.0]), "zscore": np.zeros(3)})
+    assert (tmp_path / "s.csv").read_text() == ("step,part,value,score,rolling_zscore\n0,fit,1,,0\n"
+                                                "1,validation,2.5,0.5,0\n2,test,-3,2,0\n")
 
 
 def test_cli_anomaly_bad_input_exits_2_with_one_line(tmp_path, capsys):

@@ -74,19 +74,11 @@ class Series(NamedTuple):
     description: str
 
 
-def _load(s: dict, cmd: str) -> dict:
-    try:
-        return data.load_anomaly(s["dataset"], value_column=s["value_column"], label_column=s["label_column"])
-    except ImportError as e:
-        raise UsageError(str(e)) from None
-    except ValueError as e:
-        raise UsageError(f"{cmd}: {e}") from None
-
-
 def _series(s: dict, cmd: str) -> Series:
     if s["inputs"] not in INPUTS:
         raise UsageError(f"{cmd}: unknown --inputs {s['inputs']!r}; expected one of {', '.join(INPUTS)}.")
-    d = _load(s, cmd)
+    d = common.load_or_usage(cmd, lambda: data.load_anomaly(s["dataset"], value_column=s["value_column"],
+                                                           label_column=s["label_column"]))
     v, W = d["values"], s["window"]
     n = len(v)
     test_start = int(round(n * s["train_fraction"]))
@@ -209,7 +201,8 @@ def plot_anomalies(ser: Series, scores: dict, path: Path, title: str) -> None:
         part = score[ser.test_start:]
         lo, hi = np.nanmin(part), np.nanmax(part)
         color, lw, label = styles[name]
-        bottom.plot(t, (score - lo) / (hi - lo if hi > lo else 1.0), color=color, lw=lw, label=label)
+        bottom.plot(t, (score - lo) / (hi - lo if hi > lo else 1.0), color=color, lw=lw, label=label,
+                    zorder=3 if name == "test" else 2)  # the model's on top
     bottom.set_ylim(-0.05, 1.05)
     bottom.set_ylabel("score (test range = [0, 1])", fontsize=8)
     bottom.set_xlabel("step")

@@ -1,4 +1,4 @@
-"""What the sequence tasks (classify, digits, forecast, adding, copy) share: their flags and defaults,
+"""What the sequence tasks (classify, digits, forecast, anomaly, adding, copy) share: their flags and defaults,
 evaluation over a whole data set in fixed-size chunks, the test metrics printed after a run, and
 ``rnnjax eval`` on one of their runs."""
 
@@ -68,6 +68,16 @@ def model_or_usage(cmd: str, build: Callable):
     try:
         return build()
     except (ValueError, TypeError) as e:
+        raise UsageError(f"{cmd}: {e}") from None
+
+
+def load_or_usage(cmd: str, load: Callable):
+    """``load()``, a missing package (ImportError) or bad data (ValueError) as a :class:`UsageError`."""
+    try:
+        return load()
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:
         raise UsageError(f"{cmd}: {e}") from None
 
 
