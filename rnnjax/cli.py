@@ -2,7 +2,8 @@
 
     rnnjax train charlm [--text FILE] [--cell lstm] [--layers 1] [--hidden 256] [--minutes M | --steps N]
                         [--out DIR] [--resume | --overwrite] ...
-    rnnjax train g2p|classify|digits|forecast|adding|copy|textclass|tag [--steps N | --minutes M] [--out DIR] ...
+    rnnjax train g2p|classify|digits|forecast|anomaly|adding|copy|textclass|tag
+                 [--steps N | --minutes M] [--out DIR] ...
     rnnjax eval --checkpoint DIR [--text FILE]
     rnnjax generate --checkpoint DIR [--prompt "ROMEO:"] [--length 500] [--temperature 0.8] [WORD ...]
     rnnjax g2p --checkpoint DIR WORD ... [--nbest N] [--beam K] [--heatmap PNG] [--eval dev|test]

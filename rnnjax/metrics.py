@@ -1,5 +1,6 @@
 """Sequence metrics (NumPy/Python): edit distance, phoneme (token) and word error rates, macro-F1 of a
-classifier, and entity (span) F1 of BIO tags."""
+classifier, entity (span) F1 of BIO tags, and the ranking metrics of anomaly scores (AUROC, best F1), by
+scikit-learn."""
 
 from __future__ import annotations
 
@@ -98,3 +99,43 @@ def span_f1(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "true_entities": n_true, "predicted_entities": n_pred,
             "correct_entities": correct}
+
+
+def _binary(fn: str, labels, scores):
+    import numpy as np
+
+    labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(f"rnnjax.metrics.{fn}: expected labels and scores of the same shape [T], got "
+                         f"{list(labels.shape)} and {list(scores.shape)}.")
+    if not np.isin(labels, (0, 1)).all() or len(np.unique(labels)) < 2:
+        raise ValueError(f"rnnjax.metrics.{fn}: expected 0/1 labels with both classes present, got the values "
+                         f"{sorted(set(labels.tolist()))[:5]}. Fix: score a part that holds normal and anomalous "
+                         "steps.")
+    return labels.astype(int), scores
+
+
+def auroc(labels, scores) -> float:
+    """The area under the ROC curve of ``scores`` (higher: more anomalous) against 0/1 ``labels``
+    (scikit-learn's ``roc_auc_score``): the chance that an anomalous step scores above a normal one,
+    ties counting half."""
+    from rnnjax.data.datasets import require
+
+    labels, scores = _binary("auroc", labels, scores)
+    return float(require("sklearn.metrics", "rnnjax.metrics.auroc", "AUROC").roc_auc_score(labels, scores))
+
+
+def best_f1(labels, scores) -> tuple[float, float]:
+    """``(F1, threshold)``: the best F1 of flagging the steps whose score is at least a threshold, over
+    all thresholds (from scikit-learn's ``precision_recall_curve``)."""
+    import numpy as np
+
+    from rnnjax.data.datasets import require
+
+    labels, scores = _binary("best_f1", labels, scores)
+    metrics = require("sklearn.metrics", "rnnjax.metrics.best_f1", "best F1")
+    precision, recall, thresholds = metrics.precision_recall_curve(labels, scores)
+    p, r = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
+    i = int(np.argmax(f1))
+    return float(f1[i]), float(thresholds[i])

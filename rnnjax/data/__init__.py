@@ -1,6 +1,7 @@
 """Data sets and batching. Loaders return NumPy arrays; nothing here needs a network."""
 
 from rnnjax.data import synthetic
+from rnnjax.data.anomaly import ANOMALY, load_anomaly, read_series_csv
 from rnnjax.data.datasets import CLASSIFICATION, SERIES, load_classification, load_digits, load_series
 from rnnjax.data.labelled import read_conll, read_labelled, token_vocabulary, tokenize
 from rnnjax.data.sequences import (
@@ -33,6 +34,7 @@ from rnnjax.data.text import (
 from rnnjax.data.ts import read_ts
 
 __all__ = [
+    "ANOMALY",
     "CLASSIFICATION",
     "SERIES",
     "BatchesView",
@@ -43,6 +45,7 @@ __all__ = [
     "fill_missing",
     "first_non_finite",
     "length_buckets",
+    "load_anomaly",
     "load_classification",
     "load_digits",
     "load_series",
@@ -50,6 +53,7 @@ __all__ = [
     "pad_sequences",
     "read_conll",
     "read_labelled",
+    "read_series_csv",
     "read_ts",
     "sliding_windows",
     "split",

@@ -61,8 +61,9 @@ def require(module: str, fn: str, what: str):
 
 
 def _unknown(fn: str, name: str, known) -> ValueError:
+    path = {"classification": ", or the path of a UCR/UEA _TRAIN.ts file", "anomaly": ", or the path of a CSV file"}
     return ValueError(f"{fn}: unknown dataset {name!r}; known: {', '.join(known)}. Fix: pass one of those"
-                      + (", or the path of a UCR/UEA _TRAIN.ts file." if fn.endswith("classification") else "."))
+                      + path.get(fn.rsplit("_", 1)[-1], "") + ".")
 
 
 def _sktime_data(fn: str, folder: str, name: str) -> Path:

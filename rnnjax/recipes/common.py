@@ -1,4 +1,4 @@
-"""What the sequence tasks (classify, digits, forecast, adding, copy) share: their flags and defaults,
+"""What the sequence tasks (classify, digits, forecast, anomaly, adding, copy) share: their flags and defaults,
 evaluation over a whole data set in fixed-size chunks, the test metrics printed after a run, and
 ``rnnjax eval`` on one of their runs."""
 
@@ -57,11 +57,11 @@ SHIFT = Flag("shift", non_negative_int, "augment the training images: shift each
 
 
 def task_recipe(name: str, help: str, description: str, *, defaults: dict, steps: int, prepare, task_flags=(),
-                model=("cell", "layers", "hidden", "bidirectional", "dropout")) -> Recipe:
+                model=("cell", "layers", "hidden", "bidirectional", "dropout"), run_files=RUN_FILES) -> Recipe:
     """The :class:`~rnnjax.recipes.Recipe` of a sequence task: a budget of ``steps`` by default, its
-    ``task_flags``, the ``model`` flags named, the training flags, and the run files they all write."""
+    ``task_flags``, the ``model`` flags named, the training flags, and the files its runs write."""
     return Recipe(name=name, help=help, description=description, defaults=defaults, budget={"steps": steps},
-                  run_files=RUN_FILES, flags=(*task_flags, *model_flags(*model), *training_flags()), prepare=prepare)
+                  run_files=run_files, flags=(*task_flags, *model_flags(*model), *training_flags()), prepare=prepare)
 
 
 def model_or_usage(cmd: str, build: Callable):
@@ -69,6 +69,16 @@ def model_or_usage(cmd: str, build: Callable):
     try:
         return build()
     except (ValueError, TypeError) as e:
+        raise UsageError(f"{cmd}: {e}") from None
+
+
+def load_or_usage(cmd: str, load: Callable):
+    """``load()``, a missing package (ImportError) or bad data (ValueError) as a :class:`UsageError`."""
+    try:
+        return load()
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:
         raise UsageError(f"{cmd}: {e}") from None
 
 

@@ -87,7 +87,9 @@ def _baselines(w: Windows, s: dict) -> dict:
     return {"seasonal_naive": x_te[:, idx, 0], "ridge": ridge, "ridge_lambda": lam}
 
 
-def _loss(model, autoregressive: bool):
+def forecast_loss(model, autoregressive: bool):
+    """The training loss of a forecaster: MSE of the direct forecast, or of the next value at every step
+    (``autoregressive``, teacher forcing) of ``batch["x"] [B, W, 1]`` followed by ``batch["y"] [B, H]``."""
     def loss_fn(params, batch, key):
         if autoregressive:  # teacher forcing: the true values in, the next value out, at every step
             seq = jnp.concatenate([batch["x"][..., 0], batch["y"]], axis=-1)
@@ -144,7 +146,7 @@ def prepare(plan: engine.Plan) -> engine.Job:
 
     return engine.Job(
         model_name=model.name, after=common.print_test_metrics, init=model.init,
-        loss_fn=_loss(model, s["mode"] == "autoregressive"),
+        loss_fn=forecast_loss(model, s["mode"] == "autoregressive"),
         batches=data.ExampleBatches({"x": x_tr, "y": y_tr}, s["batch"], seed=s["seed"]), evaluate=evaluate,
         finish=_finisher(model, w, s),
         describe=f"{s['dataset']} ({w.description}): {Hz} steps ahead from windows of {s['window']}; "
