@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from rnnjax._checks import require_choice
 from rnnjax.recipes.flags import Flag
 
-NAMES = ("charlm", "g2p", "classify", "digits", "forecast", "adding", "copy")
+NAMES = ("charlm", "g2p", "classify", "digits", "forecast", "adding", "copy", "music")
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png")
 
 
