@@ -20,11 +20,11 @@ from rnnjax.recipes import common
 from rnnjax.recipes.flags import Flag, positive
 
 # Defaults measured on the 2-core CPU this project is developed on (docs/guides/tasks.md, Music).
-DEFAULTS = {**common.TASK_DEFAULTS, "data": None, "step": 1.0, "cell": "gru", "hidden": 256, "batch": 16,
-            "dropout": 0.3, "weight_decay": 0.01}
+DEFAULTS = {**common.TASK_DEFAULTS, "data": None, "step": 1.0, "cell": "gru", "hidden": 128, "batch": 16,
+            "dropout": 0.2, "weight_decay": 0.01}
 SPLIT_SEED = 0  # the pieces' split never moves with --seed: every run is scored on the same test pieces
 FRACTIONS = (0.6, 0.2, 0.2)  # train, validation, test: the proportions of the JSB benchmark's 229/76/77
-BUCKET = 16  # training batches are cut to the longest piece in them, rounded up to this many steps
+BUCKET = 32  # training batches are cut to the longest piece in them, rounded up to this many steps
 SMOOTHING = np.r_[np.geomspace(1e-4, 0.5, 40), 0.6, 0.7, 0.8, 0.9, 1.0]  # the repeat baseline's choices
 SAMPLE_STEPS = 64  # what a finished run samples into sample.mid, and `rnnjax generate`'s default --length
 RUN_FILES = (*common.RUN_FILES, "prediction.png", "sample.mid", "sample.png")
@@ -340,7 +340,7 @@ RECIPE = common.task_recipe(
     "instead. A fixed seed splits the pieces 60/20/20 into training, validation and test. The test loss, in nats "
     "per step, is compared with independent per-pitch frequencies and with repeating the previous step (smoothed "
     "towards the frequencies, the smoothing chosen on validation).",
-    defaults=DEFAULTS, steps=3000, prepare=prepare,
+    defaults=DEFAULTS, steps=2000, prepare=prepare,
     task_flags=(Flag("data", str, "a folder of score files (MusicXML, MIDI, Humdrum) to read instead of the Bach "
                                   "chorales; every part of each", "task", metavar="DIR"),
                 Flag("step", positive(float), "the quantisation step in quarter notes: 1 (a quarter note, as the "
