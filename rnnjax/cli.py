@@ -2,10 +2,10 @@
 
     rnnjax train charlm [--text FILE] [--cell lstm] [--layers 1] [--hidden 256] [--minutes M | --steps N]
                         [--out DIR] [--resume | --overwrite] ...
-    rnnjax train g2p|classify|digits|forecast|anomaly|adding|copy|textclass|tag
+    rnnjax train g2p|classify|digits|forecast|anomaly|adding|copy|textclass|tag|music
                  [--steps N | --minutes M] [--out DIR] ...
     rnnjax eval --checkpoint DIR [--text FILE]
-    rnnjax generate --checkpoint DIR [--prompt "ROMEO:"] [--length 500] [--temperature 0.8] [WORD ...]
+    rnnjax generate --checkpoint DIR [--prompt "ROMEO:"] [--length 500] [--temperature 0.8] [--midi FILE] [WORD ...]
     rnnjax g2p --checkpoint DIR WORD ... [--nbest N] [--beam K] [--heatmap PNG] [--eval dev|test]
     rnnjax info
 
@@ -162,14 +162,21 @@ def _decoding_args(p) -> None:
 def _generate_parser(commands) -> None:
     from rnnjax.recipes.charlm import OPTIONS, sampling_flags
 
-    gen = commands.add_parser("generate", help="sample from a trained model: continue text, or pronounce words",
-                              description="Continue a prompt with a model trained by `rnnjax train charlm`, or "
-                                          "pronounce WORDs with one trained by `rnnjax train g2p`.")
+    gen = commands.add_parser("generate", help="sample from a trained model: continue text, pronounce words, or "
+                                               "compose music",
+                              description="Continue a prompt with a model trained by `rnnjax train charlm`, "
+                                          "pronounce WORDs with one trained by `rnnjax train g2p`, or sample a piece "
+                                          "with one trained by `rnnjax train music` (a MIDI file and its piano roll "
+                                          "as a PNG).")
     _checkpoint_args(gen)
     gen.add_argument("words", nargs="*", metavar="WORD", help="g2p: words to pronounce")
     gen.add_argument("--prompt", default=None, help="text to continue (default: the run's prompt)")
-    gen.add_argument("--length", type=non_negative_int, default=500,
-                     help="characters to generate (default: %(default)s)")
+    gen.add_argument("--length", type=non_negative_int, default=None,
+                     help=f"characters to generate (default: {OPTIONS['sample_length']}); music: steps (default: "
+                          "64)")
+    gen.add_argument("--midi", metavar="FILE", default=None,
+                     help="music: the MIDI file to write (default: generated.mid in the run directory); the piano "
+                          "roll goes beside it as a PNG")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     for flag in sampling_flags(None, option=False):
         _add_flag(gen, flag, OPTIONS[flag.dest])
@@ -259,7 +266,7 @@ def generate_command(args) -> int:
     recipe, config = _run_recipe(args, "rnnjax generate")
     if recipe.generate is None:
         raise UsageError(f"rnnjax generate: {args.checkpoint!r} is a run of `rnnjax train {recipe.name}`, which "
-                         "generates nothing. Fix: use rnnjax eval on it, or point at a charlm or g2p run.")
+                         "generates nothing. Fix: use rnnjax eval on it, or point at a charlm, g2p or music run.")
     return recipe.generate(args, config or {})
 
 

@@ -65,7 +65,7 @@ def test_cli_classify_end_to_end_test_metrics_match_the_best_checkpoint(tmp_path
     assert cli.main(["generate", "--checkpoint", str(out)]) == 2
     assert capsys.readouterr().err == (
         f"rnnjax: error: rnnjax generate: {str(out)!r} is a run of `rnnjax train classify`, which generates nothing. "
-        "Fix: use rnnjax eval on it, or point at a charlm or g2p run.\n")
+        "Fix: use rnnjax eval on it, or point at a charlm, g2p or music run.\n")
 
 
 def test_cli_task_bad_input_exits_2_with_one_line(tmp_path, capsys):

@@ -49,7 +49,7 @@ SERIES = {
 PIP_NAMES = {"sklearn": "scikit-learn"}
 
 
-def require(module: str, fn: str, what: str):
+def require(module: str, fn: str, what: str, *, extra: str = EXTRA):
     """``importlib.import_module(module)``, or an ImportError naming the package and the extra."""
     try:
         return importlib.import_module(module)
@@ -57,7 +57,7 @@ def require(module: str, fn: str, what: str):
         top = module.split(".")[0]
         package = PIP_NAMES.get(top, top)
         raise ImportError(f"{fn}: {what} needs the package {package!r}, which is not installed. Fix: pip install "
-                          f"'rnnjax[{EXTRA}]' (or pip install {package}).") from None
+                          f"'rnnjax[{extra}]' (or pip install {package}).") from None
 
 
 def _unknown(fn: str, name: str, known) -> ValueError:

@@ -317,7 +317,8 @@ def generate_text(args, config: dict) -> int:
     prompt_ids = encode_prompt(vocab, prompt, cmd)
     _check_sampling(cmd, o, vocab.size)
     sample, _ = _sampler(model, vocab, o, prompt_ids, 0)
-    print(sample(params, jax.random.key(args.seed), args.length))
+    length = args.length if args.length is not None else OPTIONS["sample_length"]
+    print(sample(params, jax.random.key(args.seed), length))
     return 0
 
 
