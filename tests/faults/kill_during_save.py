@@ -26,7 +26,7 @@ from tests.faults import runs
 STEPS = 80
 
 
-def _kill_while_saving(proc, run: Path, rng: random.Random, timeout: float = 180.0) -> bool:
+def _kill_while_saving(proc, run: Path, rng: random.Random, timeout: float = 900.0) -> bool:
     """Kills ``proc`` a random 0-30 ms after an unfinished checkpoint appears; False if it ended first."""
     d, deadline = run / "checkpoints", time.monotonic() + timeout
     while time.monotonic() < deadline:
