@@ -32,7 +32,7 @@ from rnnjax import cells, decode, layers
 from rnnjax.models import generate, language_model
 
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, database=None,
+settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True, database=None,
                           suppress_health_check=_QUIET)
 settings.register_profile("long", max_examples=2000, deadline=None, database=None, suppress_health_check=_QUIET)
 PROFILE = settings.get_profile(os.environ.get("RNNJAX_HYPOTHESIS", "ci"))
