@@ -144,9 +144,8 @@ def _check_start(fn: str, start, carry, context) -> Array:
 def _call(fn: str, step_fn, carry, tokens, context, vocab_size: int | None = None):
     carry, logits = step_fn(carry, tokens, context)
     if vocab_size is not None and logits.shape[-1] != vocab_size:
-        raise ValueError(f"{fn}: step_fn returned logits of shape {tuple(logits.shape)}, expected vocab_size = "
-                         f"{vocab_size} of them in the last axis. Fix: pass the model's vocabulary size as "
-                         "vocab_size.")
+        raise ValueError(f"{fn}: expected step_fn's logits to hold vocab_size = {vocab_size} entries in the last "
+                         f"axis, got shape {tuple(logits.shape)}. Fix: pass the model's vocabulary size as vocab_size.")
     return carry, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
