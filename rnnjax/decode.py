@@ -20,7 +20,8 @@ def check_sampling(fn: str, temperature: float, top_k: int | None, top_p: float 
     if not is_number(temperature) or temperature < 0:
         raise ValueError(f"{fn}: temperature must be a number >= 0 (0 means greedy), got {temperature!r}. "
                          "Fix: pass e.g. temperature=0.8.")
-    require_int(fn, "top_k", top_k, high=vocab_size, why="the vocabulary size", optional=True)
+    require_int(fn, "top_k", top_k, high=vocab_size, why="the vocabulary size", optional=True,
+                fix="pass e.g. top_k=40, or None.")
     if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"{fn}: top_p must be None or a number in (0, 1], got {top_p!r}. "
                          "Fix: pass e.g. top_p=0.9, or None.")

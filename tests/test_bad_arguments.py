@@ -338,6 +338,8 @@ def test_stack_and_residual_block(name, data):
     if name == "rnnjax.layers.stack" and carry is not None and not stack_carry:
         return assert_refused(name, ["carry"], fn, **arrays_in, time_major=time_major)
     faults, batch, T = sequence_case(None, F, case, expected)
+    if faults == ["xs"]:  # T = 0: the stack's and block's own lengths and mask checks may come first
+        faults += ["lengths", "mask"]
     if faults:
         names = (name, "rnnjax.unroll")
         with pytest.raises((ValueError, TypeError)) as info:
@@ -515,7 +517,8 @@ def test_beam_search(data):
         "beam_width": type(beam_width) is int and 1 <= beam_width <= V,
         "nbest": type(beam_width) is int and 1 <= settings_["nbest"] <= beam_width,
         "start": is_kind(a, "int") and a.ndim == 1,
-        "carry": carry_ok(carry, jax.eval_shape(lambda: LM.initial_carry(LM_PARAMS, a.shape[:1]))),
+        "carry": carry_ok(carry, jax.eval_shape(lambda: LM.initial_carry(
+            LM_PARAMS, a.shape[:1] if is_kind(a, "int") and a.ndim == 1 else (B,)))),
     }
     faults = [name for name, ok in checks.items() if not ok]  # vocab_size V +- 1: refused when the step is traced
     fn = partial(decode.beam_search, BEAM_STEP)
