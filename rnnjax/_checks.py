@@ -67,16 +67,31 @@ def _given(x) -> str:
     return f"{type(x).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
 
+def as_array(fn: str, name: str, x, expected: str, fix: str):
+    """``jnp.asarray(x)``; a TypeError ``"{fn}: expected {name}, {expected}, got <what x is>. Fix: {fix}"``
+    for what JAX cannot hold (strings, objects, ragged lists) instead of JAX's own error."""
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: expected {name}, {expected}, got {_given(x)}. Fix: {fix}") from None
+
+
 def as_float_array(fn: str, name: str, x, shape: str):
     """``x`` as a JAX array of a floating-point dtype; a TypeError naming ``fn``, the expected ``shape``
     and what was given for anything else (strings, objects, complex, bool or integer values)."""
-    try:
-        x = jnp.asarray(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"{fn}: expected {name}, a floating-point array {shape}, got {_given(x)}. Fix: pass "
-                        f"numbers as a float array, e.g. jnp.asarray({name}, jnp.float32) (text goes through a "
-                        "vocabulary and rnnjax.layers.embedding first).") from None
+    x = as_array(fn, name, x, f"a floating-point array {shape}",
+                 f"pass numbers as a float array, e.g. jnp.asarray({name}, jnp.float32) (text goes through a "
+                 "vocabulary and rnnjax.layers.embedding first).")
     require_float(fn, name, x)
+    return x
+
+
+def as_int_array(fn: str, name: str, x, shape: str):
+    """``x`` as a JAX array of an integer dtype (not bool); a TypeError naming ``fn`` for anything else."""
+    fix = f"pass {name}.astype(jnp.int32) holding whole numbers."
+    x = as_array(fn, name, x, f"an integer array {shape}", fix)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{fn}: expected {name}, an integer array {shape}, got dtype {x.dtype}. Fix: {fix}")
     return x
 
 
@@ -99,29 +114,36 @@ def require_features(fn: str, name: str, x, expected: int) -> None:
         )
 
 
+def _leaf_type(leaf) -> str | None:
+    """``dtype[shape]`` of an array-like leaf (canonical, as JAX would hold it), None for what is not one."""
+    try:
+        shape, dtype = np.shape(leaf), jax.dtypes.canonicalize_dtype(jnp.result_type(leaf))
+    except (TypeError, ValueError):
+        return None
+    return f"{jnp.dtype(dtype).name}{list(shape)}"
+
+
 def tree_shapes(tree) -> str:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    shapes = [f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}" for leaf in leaves]
+    shapes = [_leaf_type(leaf) or _given(leaf) for leaf in leaves]
     return str(jax.tree_util.tree_unflatten(treedef, shapes)).replace("'", "")
 
 
 def require_like(fn: str, name: str, given, expected, fix: str) -> None:
-    """Checks that ``given`` has the structure, shapes and dtypes of ``expected`` (ShapeDtypeStructs)."""
+    """Checks that ``given`` has the structure, shapes and dtypes of ``expected`` (ShapeDtypeStructs);
+    leaves that are not arrays (strings, objects) are reported, not converted."""
     g_leaves, g_def = jax.tree_util.tree_flatten(given)
     e_leaves, e_def = jax.tree_util.tree_flatten(expected)
-    ok = g_def == e_def and all(
-        tuple(jnp.shape(g)) == tuple(e.shape) and jnp.result_type(g) == e.dtype for g, e in zip(g_leaves, e_leaves)
-    )
+    ok = g_def == e_def and all(_leaf_type(g) == _leaf_type(e) for g, e in zip(g_leaves, e_leaves))
     if not ok:
-        raise ValueError(
-            f"{fn}: {name} does not match: expected {tree_shapes(expected)}, "
-            f"got {tree_shapes(jax.tree_util.tree_map(jnp.asarray, given))}. Fix: {fix}"
-        )
+        raise ValueError(f"{fn}: {name} does not match: expected {tree_shapes(expected)}, "
+                         f"got {tree_shapes(given)}. Fix: {fix}")
 
 
 def lengths_to_mask(fn: str, lengths, batch_shape: tuple[int, ...], T: int):
     """Validates ``lengths`` and returns a time-major boolean mask ``[T, *B]``."""
-    lengths = jnp.asarray(lengths)
+    lengths = as_array(fn, "lengths", lengths, f"integers of shape {tuple(batch_shape)}",
+                       "pass lengths.astype(jnp.int32) holding whole numbers of valid steps.")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(
             f"{fn}: expected integer lengths, got dtype {lengths.dtype}. "
@@ -149,8 +171,8 @@ def lengths_to_mask(fn: str, lengths, batch_shape: tuple[int, ...], T: int):
 
 def check_mask(fn: str, mask, batch_shape: tuple[int, ...], T: int, time_major: bool, name: str = "mask"):
     """Validates a boolean ``mask`` and returns it time-major ``[T, *B]``."""
-    mask = jnp.asarray(mask)
     expected = (T, *batch_shape) if time_major else (*batch_shape, T)
+    mask = as_array(fn, name, mask, f"booleans of shape {expected}", f"pass {name}.astype(bool).")
     if tuple(mask.shape) != expected:
         raise ValueError(
             f"{fn}: expected {name} of shape {expected} (xs without its feature axis), "

@@ -9,18 +9,22 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rnnjax._checks import is_int, is_number, require_int
+from rnnjax._checks import as_array, is_int, is_number, require_int, tree_shapes
 from rnnjax.types import Array, PRNGKey
 
 
 def check_sampling(fn: str, temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> None:
     """Validates sampling settings (all static Python values)."""
     if not is_number(temperature) or temperature < 0:
-        raise ValueError(f"{fn}: temperature must be a number >= 0 (0 means greedy), got {temperature!r}.")
-    require_int(fn, "top_k", top_k, high=vocab_size, why="the vocabulary size", optional=True)
+        raise ValueError(f"{fn}: temperature must be a number >= 0 (0 means greedy), got {temperature!r}. "
+                         "Fix: pass e.g. temperature=0.8.")
+    require_int(fn, "top_k", top_k, high=vocab_size, why="the vocabulary size", optional=True,
+                fix="pass e.g. top_k=40, or None.")
     if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"{fn}: top_p must be None or a number in (0, 1], got {top_p!r}.")
+        raise ValueError(f"{fn}: top_p must be None or a number in (0, 1], got {top_p!r}. "
+                         "Fix: pass e.g. top_p=0.9, or None.")
 
 
 def sample_logits(key: PRNGKey, logits: Array, *, temperature: float = 1.0, top_k: int | None = None,
@@ -75,12 +79,20 @@ class Decoded(NamedTuple):
     finished: Array
 
 
-def check_decode(fn: str, max_length, eos_id, pad_id, vocab_size: int | None = None) -> None:
+def check_decode(fn: str, max_length, eos_id, pad_id, vocab_size: int | None = None,
+                 length_penalty: float = 0.0) -> None:
     require_int(fn, "max_length", max_length, why="the most tokens to generate, EOS included",
                 fix="pass e.g. max_length=32.")
+    if vocab_size is not None:
+        require_int(fn, "vocab_size", vocab_size, why="the number of logits step_fn returns",
+                    fix="pass the model's vocabulary size.")
+    if not is_number(length_penalty) or not np.isfinite(length_penalty):
+        raise ValueError(f"{fn}: length_penalty must be a finite number (0: raw log-probability, 1: per-token "
+                         f"mean), got {length_penalty!r}. Fix: pass e.g. length_penalty=0.0.")
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
         if not is_int(value) or value < 0 or (vocab_size is not None and value >= vocab_size):
-            raise ValueError(f"{fn}: {name} must be a token id in [0, {vocab_size}), got {value!r}.")
+            raise ValueError(f"{fn}: {name} must be a token id in [0, {vocab_size}), got {value!r}. "
+                             "Fix: pass the id the vocabulary gives that token.")
 
 
 def check_suppress(fn: str, suppress, vocab_size: int | None = None) -> tuple[int, ...]:
@@ -115,16 +127,26 @@ def _suppressed(fn: str, logp: Array, suppress: tuple[int, ...]) -> Array:
     return logp.at[..., jnp.asarray(suppress)].set(-jnp.inf)
 
 
-def _check_start(fn: str, start) -> Array:
-    start = jnp.asarray(start)
+def _check_start(fn: str, start, carry, context) -> Array:
+    """``start [B]`` integer tokens, with ``B`` first in every leaf of ``carry`` and ``context``."""
+    fix = "pass jnp.full((B,), bos_id)."
+    start = as_array(fn, "start", start, "tokens of shape [B] (integers)", fix)
     if start.ndim != 1 or not jnp.issubdtype(start.dtype, jnp.integer):
         raise ValueError(f"{fn}: expected start tokens of shape [B] (integers), got {start.dtype}"
-                         f"{list(start.shape)}. Fix: pass jnp.full((B,), bos_id).")
+                         f"{list(start.shape)}. Fix: {fix}")
+    for name, tree in (("carry", carry), ("context", context)):
+        B, leaves = start.shape[0], jax.tree_util.tree_leaves(tree)
+        if not all(np.ndim(leaf) >= 1 and np.shape(leaf)[0] == B for leaf in leaves):
+            raise ValueError(f"{fn}: expected a {name} whose every leaf has the batch dimension B = {B} of start "
+                             f"first, got {tree_shapes(tree)}. Fix: build the {name} for the same batch as start.")
     return start
 
 
-def _call(step_fn, carry, tokens, context):
+def _call(fn: str, step_fn, carry, tokens, context, vocab_size: int | None = None):
     carry, logits = step_fn(carry, tokens, context)
+    if vocab_size is not None and logits.shape[-1] != vocab_size:
+        raise ValueError(f"{fn}: expected step_fn's logits to hold vocab_size = {vocab_size} entries in the last "
+                         f"axis, got shape {tuple(logits.shape)}. Fix: pass the model's vocabulary size as vocab_size.")
     return carry, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -136,14 +158,14 @@ def _normalise(log_probs, lengths, length_penalty: float):
 
 def _sequential(fn: str, choose, step_fn, carry, start, context, max_length, eos_id, pad_id, length_penalty,
                 suppress):
-    start = _check_start(fn, start)
+    start = _check_start(fn, start, carry, context)
     B = start.shape[0]
 
     def cond(s):
         return (s["t"] < max_length) & ~jnp.all(s["done"])
 
     def body(s):
-        carry, logp = _call(step_fn, s["carry"], s["last"], context)
+        carry, logp = _call(fn, step_fn, s["carry"], s["last"], context)
         logp = _suppressed(fn, logp, suppress)
         tok = choose(s["t"], logp).astype(jnp.int32)
         done = s["done"]
@@ -171,7 +193,7 @@ def greedy(step_fn, carry, start, *, max_length: int, eos_id: int, context=None,
     PAD and BOS); the choice is among the others, whose log-probabilities
     are the model's own. Returns :class:`Decoded` with ``tokens [B, max_length]``."""
     fn = "rnnjax.decode.greedy"
-    check_decode(fn, max_length, eos_id, pad_id)
+    check_decode(fn, max_length, eos_id, pad_id, length_penalty=length_penalty)
     suppress = check_suppress(fn, suppress)
     return _sequential(fn, lambda t, logp: jnp.argmax(logp, axis=-1), step_fn, carry, start, context,
                        max_length, eos_id, pad_id, length_penalty, suppress)
@@ -217,13 +239,13 @@ def beam_search(step_fn, carry, start, *, beam_width: int, max_length: int, eos_
     shape, as every rnnjax cell does). Jittable with the settings static.
     """
     fn = "rnnjax.decode.beam_search"
-    check_decode(fn, max_length, eos_id, pad_id, vocab_size)
+    check_decode(fn, max_length, eos_id, pad_id, vocab_size, length_penalty)
     V = vocab_size
     suppress = check_suppress(fn, suppress, V)
     check_beam(fn, beam_width, V, suppress)
     require_int(fn, "nbest", nbest, high=beam_width, high_label=f"beam_width={beam_width}",
                 fix="ask for at most as many sequences as the beam holds.")
-    start = _check_start(fn, start)
+    start = _check_start(fn, start, carry, context)
     B, K = start.shape[0], beam_width
 
     def expand(x):
@@ -240,7 +262,7 @@ def beam_search(step_fn, carry, start, *, beam_width: int, max_length: int, eos_
 
     def body(s):
         t, done = s["t"], s["done"]
-        new_carry, logp = _call(step_fn, s["carry"], s["last"], context)  # [B, K, V]
+        new_carry, logp = _call(fn, step_fn, s["carry"], s["last"], context, V)  # [B, K, V]
         logp = _suppressed(fn, logp, suppress)
         stay = jnp.full((V,), -jnp.inf, jnp.float32).at[pad_id].set(0.0)
         logp = jnp.where(done[..., None], stay, logp)

@@ -57,7 +57,7 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
     if save_pointwise is None:
         save_pointwise = True
 
-    def forward(params, xs, carry, valid, resets):
+    def forward(params, xs, carry, valid, resets, save=True):
         w, b = rec.weights(params)
         pw = rec.pointwise_params(params)
         zero = cell.initial_carry(params, batch_shape)
@@ -70,26 +70,31 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
             px = x_t if hoist else cell.project(params, x_t)
             h = rec.read(c)
             hz = affine(h, w, b, rec.dtype)
-            if save_pointwise:
+            if save and save_pointwise:
                 (new_c, y), lin = jax.vjp(rec.pointwise, pw, c, px, hz)
                 saved = (h, lin)
             else:
                 new_c, y = rec.pointwise(pw, c, px, hz)
-                saved = (h, (c, None if hoist else px, hz))
+                saved = (h, (c, None if hoist else px, hz)) if save else None
             if v_t is not None:
                 new_c = where_batch(v_t, new_c, c)
                 y = jnp.where(v_t[..., None], y, jnp.zeros_like(y))
             return new_c, (y, saved)
 
-        carry, (ys, (hs, saved)) = jax.lax.scan(
+        carry, (ys, residuals) = jax.lax.scan(
             body, carry, (px_all if hoist else xs, valid, resets), reverse=reverse, unroll=unroll)
+        if not save:
+            return (carry, ys), None
+        hs, saved = residuals
         if not save_pointwise and hoist:
             saved = (saved[0], px_all, saved[2])
         return (carry, ys), (hs, saved)
 
     @jax.custom_vjp
     def run(params, xs, carry, valid, resets):
-        return forward(params, xs, carry, valid, resets)[0]
+        # Without differentiation nothing is saved: no linearisation per step (which jax.disable_jit's
+        # Python loop could not stack either).
+        return forward(params, xs, carry, valid, resets, save=False)[0]
 
     def run_fwd(params, xs, carry, valid, resets):
         out, saved = forward(params, xs, carry, valid, resets)

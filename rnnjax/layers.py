@@ -129,6 +129,10 @@ def bidirectional(forward: Cell, reverse: Cell | None = None, *, merge: str = "c
         if resets is not None:
             raise ValueError(f"{fn}: resets are not defined for a bidirectional layer (the backward pass would "
                              "cross the boundary from the other side). Fix: split the sequences and pass lengths.")
+        if carry is not None and not (isinstance(carry, (tuple, list)) and len(carry) == 2):
+            raise ValueError(f"{fn}: expected carry, a pair (forward_carry, backward_carry) or None, got "
+                             f"{_checks.tree_shapes(carry)}. Fix: build it with layer.initial_carry(params, "
+                             "batch_shape).")
         c_f, c_b = (None, None) if carry is None else carry
         opts = dict(lengths=lengths, mask=mask, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist,
                     backward=backward, parallel=parallel, backend=backend)
@@ -214,7 +218,11 @@ def stack(layers: Sequence[Cell | Layer], *, dropout: float = 0.0, variational: 
         return cast_output(h, dtype)
 
     def apply(params, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None, time_major=False):
-        xs = jnp.asarray(xs)
+        xs = _checks.as_float_array(fn, "xs", xs, "[*batch, T, F]")
+        if carry is not None and not (isinstance(carry, (tuple, list)) and len(carry) == len(layers)):
+            raise ValueError(f"{fn}: expected carry, a tuple of {len(layers)} carries (one per layer) or None, got "
+                             f"{_checks.tree_shapes(carry)}. Fix: build it with layer.initial_carry(params, "
+                             "batch_shape).")
         carries = (None,) * len(layers) if carry is None else carry
         valid = None
         if (residual or layer_norm) and (lengths is not None or mask is not None):
@@ -301,7 +309,8 @@ def residual_block(cell: Cell, *, mlp_expansion: int = 3, reverse: bool = False,
     def apply(params: BlockParams, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None,
               time_major=False):
         del key
-        xs = jnp.asarray(xs)
+        xs = _checks.as_float_array(fn, "xs", xs, "[*batch, T, D]")
+        _checks.require_features(fn, "xs", xs, D)
         carry, ys = scan.unroll(cell, params.cell, rms_norm(xs, params.norm_rnn, eps), carry=carry, lengths=lengths,
                                 mask=mask, resets=resets, reverse=reverse, time_major=time_major, remat=remat,
                                 parallel=parallel)
@@ -317,7 +326,8 @@ def residual_block(cell: Cell, *, mlp_expansion: int = 3, reverse: bool = False,
         if reverse:
             raise ValueError(f"{fn}: a reverse block reads the sequence from its end and cannot be stepped forward "
                              "in time. Fix: stream with reverse=False, or call apply on the whole sequence.")
-        x = jnp.asarray(x)
+        x = _checks.as_float_array(fn, "x", x, "[*batch, D]")
+        _checks.require_features(fn, "x", x, D)
         carry, y = scan.step(cell, params.cell, carry, rms_norm(x, params.norm_rnn, eps), reset=reset)
         return carry, mlp(params, x + y)
 
@@ -371,7 +381,7 @@ def dense(features: int, *, bias: bool = True, init: InitSpec = "uniform", param
         return DenseParams(w_init(k_w, (F, O), param_dtype), b_init(k_b, (O,), param_dtype) if bias else None)
 
     def apply(params: DenseParams, x: Array) -> Array:
-        x = jnp.asarray(x)
+        x = _checks.as_float_array(fn, "x", x, "[..., F]")
         _checks.require_features(fn, "x", x, params.w.shape[0])
         return cast_output(affine(x, params.w, params.b, dtype), dtype)
 
@@ -394,10 +404,7 @@ def embedding(vocab_size: int, features: int, *, param_dtype=jnp.float32, dtype=
         return jax.random.normal(key, (V, E), param_dtype)
 
     def apply(table: Array, ids: Array) -> Array:
-        ids = jnp.asarray(ids)
-        if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise TypeError(f"{fn}: expected integer token ids, got dtype {ids.dtype}. "
-                            "Fix: pass ids.astype(jnp.int32).")
+        ids = _checks.as_int_array(fn, "ids", ids, "of token ids [...]")
         if _checks.is_concrete(ids) and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
             raise ValueError(f"{fn}: token ids must be in [0, {V}), got values in [{int(ids.min())}, "
                              f"{int(ids.max())}]. Fix: map tokens through the model's vocabulary.")
@@ -411,13 +418,16 @@ def layer_norm(*, eps: float = 1e-5, param_dtype=jnp.float32, dtype=None) -> Mod
 
     Statistics are float32 (or wider); ``dtype`` is the output's dtype (None: what JAX's promotion gives).
     """
-    dtype = compute_dtype("rnnjax.layers.layer_norm", dtype)
+    fn = "rnnjax.layers.layer_norm"
+    dtype = compute_dtype(fn, dtype)
 
     def init_fn(key, input_size: int):
         del key
         return jnp.ones(input_size, param_dtype), jnp.zeros(input_size, param_dtype)
 
     def apply(params, x: Array) -> Array:
-        return cast_output(_layer_norm(jnp.asarray(x), params[0], params[1], eps), dtype)
+        x = _checks.as_float_array(fn, "x", x, "[..., F]")
+        _checks.require_features(fn, "x", x, params[0].shape[-1])
+        return cast_output(_layer_norm(x, params[0], params[1], eps), dtype)
 
     return Module(init_fn, apply, -1)

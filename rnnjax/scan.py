@@ -153,7 +153,7 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
     xs_t = xs if time_major else jnp.moveaxis(xs, -2, 0)
     T, batch_shape = xs_t.shape[0], tuple(xs_t.shape[1:-1])
     if T == 0:
-        raise ValueError(f"{fn}: xs has no time steps (T = 0, shape {tuple(xs.shape)}); expected T >= 1. "
+        raise ValueError(f"{fn}: expected xs with T >= 1 time steps, got shape {tuple(xs.shape)} (T = 0). "
                          "Fix: drop empty sequences before calling, or pad them to length 1 with lengths=0.")
 
     valid = valid_steps(fn, batch_shape, T, lengths=lengths, mask=mask, time_major=time_major)
@@ -291,7 +291,7 @@ def step(cell: Cell, params: Params, carry: Carry, x: Array, *, reset: Array | N
     _checks.require_like(fn, "carry", carry, jax.eval_shape(lambda: zero_carry),
                          f"build it with cell.initial_carry(params, batch_shape={batch_shape}).")
     if reset is not None:
-        reset = jnp.asarray(reset)
+        reset = _checks.as_array(fn, "reset", reset, f"booleans of shape {batch_shape}", "one boolean per sequence.")
         if tuple(reset.shape) != batch_shape or reset.dtype != jnp.bool_:
             raise ValueError(f"{fn}: expected a boolean reset of shape {batch_shape} (x without its feature "
                              f"axis), got {reset.dtype}{list(reset.shape)}. Fix: one boolean per sequence.")

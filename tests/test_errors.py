@@ -34,7 +34,7 @@ CASES = {
         "shape (5,). Fix: a single sequence is [T, F]; a single step goes through rnnjax.step instead."),
     "T = 0": (
         ValueError, lambda: rnnjax.unroll(CELL, PARAMS, jnp.zeros((4, 0, 5))),
-        "rnnjax.unroll: xs has no time steps (T = 0, shape (4, 0, 5)); expected T >= 1. Fix: drop empty sequences "
+        "rnnjax.unroll: expected xs with T >= 1 time steps, got shape (4, 0, 5) (T = 0). Fix: drop empty sequences "
         "before calling, or pad them to length 1 with lengths=0."),
     "lengths > T": (
         ValueError, lambda: rnnjax.unroll(CELL, PARAMS, XS, lengths=jnp.array([1, 2, 3, 8])),
@@ -166,7 +166,8 @@ CASES = {
         "the model's vocabulary."),
     "embedding float ids": (
         TypeError, lambda: layers.embedding(10, 4).apply(jnp.zeros((10, 4)), jnp.array([3.0])),
-        "rnnjax.layers.embedding: expected integer token ids, got dtype float32. Fix: pass ids.astype(jnp.int32)."),
+        "rnnjax.layers.embedding: expected ids, an integer array of token ids [...], got dtype float32. Fix: pass "
+        "ids.astype(jnp.int32) holding whole numbers."),
 }
 
 

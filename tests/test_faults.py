@@ -35,19 +35,12 @@ def reference(text, tmp_path_factory):
     step 40 (deleted by the run once a better one is saved) is copied aside as it appears, to
     ``reference/../step40``."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    watcher = threading.Thread(target=_copy_when_written, args=(out / "checkpoints" / "40", out.parent / "step40"))
+    watcher = threading.Thread(target=runs.copy_when_written, args=(out / "checkpoints" / "40", out.parent / "step40"))
     watcher.start()
     assert cli.main(runs.train_args(text, out)) == 0
     watcher.join()
     assert (out.parent / "step40").is_dir() and runs.steps_on_disk(out) == [80]
     return out
-
-
-def _copy_when_written(src: Path, dst: Path, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not src.is_dir() and time.monotonic() < deadline:  # Orbax renames a finished save into place
-        time.sleep(0.002)
-    shutil.copytree(src, dst)
 
 
 def test_sigterm_saves_stops_and_resumes_exactly(text, reference, tmp_path, capsys):
@@ -97,21 +90,6 @@ def test_a_second_run_into_a_live_runs_directory_is_refused_and_a_dead_runs_lock
 # ----------------------------------------------------------------------------
 # Damaged checkpoints
 
-DAMAGE = {"truncated": lambda b: b[:len(b) // 2], "zeroed": lambda b: bytes(len(b)), "deleted": None}
-
-
-def damage(path: Path, how: str) -> None:
-    if DAMAGE[how] is None:
-        path.unlink()
-    else:
-        path.write_bytes(DAMAGE[how](path.read_bytes()))
-
-
-def params_data_file(step_dir: Path) -> Path:
-    """The largest array data file of a checkpoint's parameters."""
-    return max((step_dir / "params" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
-
-
 @pytest.fixture
 def two_checkpoints(reference, tmp_path):
     """A copy of the reference run holding its checkpoints of steps 40 and 80 (as a run whose validation
@@ -134,7 +112,7 @@ def test_eval_and_generate_on_a_damaged_newest_checkpoint_say_so_in_one_clean_li
     run, step_dir = two_checkpoints, two_checkpoints / "checkpoints" / "80"
     unraisable = []  # what Python would print as tracebacks after the message (e.g. "Event loop is closed")
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}"))
-    damage(params_data_file(step_dir) if part == "params data" else step_dir / part, how)
+    runs.damage(runs.params_data_file(step_dir) if part == "params data" else step_dir / part, how)
     before = _files(run)
     what = "its meta (meta/)" if part.startswith("meta") else "its parameters (params/)"
     expected = (f"rnnjax: error: rnnjax.checkpoint: the checkpoint at step 80 in {str(run / 'checkpoints')!r} is "
@@ -156,7 +134,7 @@ def test_eval_and_generate_on_a_damaged_newest_checkpoint_say_so_in_one_clean_li
 def test_resume_continues_from_the_newest_readable_checkpoint_and_keeps_the_damaged_one(two_checkpoints, reference,
                                                                                          capsys):
     run = two_checkpoints
-    damage(run / "checkpoints" / "80" / "train" / "manifest.ocdbt", "truncated")
+    runs.damage(run / "checkpoints" / "80" / "train" / "manifest.ocdbt", "truncated")
     damaged = _files(run / "checkpoints" / "80")
     assert cli.main(["train", "charlm", "--out", str(run), "--resume", "--steps", "80"]) == 0
     err = capsys.readouterr().err

@@ -22,10 +22,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rnnjax import cells
 from rnnjax import layers as L
-from rnnjax._checks import require_int
+from rnnjax._checks import as_array, is_concrete, require_int
 from rnnjax.cells.base import Cell, affine, check_size, compute_dtype
 from rnnjax.decode import check_sampling, sample_logits
 from rnnjax.types import Array, PRNGKey
@@ -220,11 +221,20 @@ def generate(model: LanguageModel, params: LMParams, key: PRNGKey, prompt_ids, l
     (model, prompt shape, length, temperature, top_k, top_p).
     """
     fn = "rnnjax.models.generate"
-    prompt = jnp.asarray(prompt_ids)
+    fix = "start from at least one token (e.g. a newline)."
+    prompt = as_array(fn, "prompt_ids", prompt_ids, "integer ids [*batch, P]", fix)
     if prompt.ndim < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer) or prompt.shape[-1] == 0:
         raise ValueError(f"{fn}: expected a non-empty prompt of integer ids [*batch, P] with P >= 1, got "
-                         f"{prompt.dtype}{list(prompt.shape)}. Fix: start from at least one token "
-                         "(e.g. a newline).")
+                         f"{prompt.dtype}{list(prompt.shape)}. Fix: {fix}")
+    if is_concrete(prompt) and prompt.size and not 0 <= int(prompt.min()) <= int(prompt.max()) < model.vocab_size:
+        raise ValueError(f"{fn}: prompt ids must be in [0, {model.vocab_size}) (the vocabulary), got values in "
+                         f"[{int(prompt.min())}, {int(prompt.max())}]. Fix: encode the prompt with the model's "
+                         "vocabulary.")
+    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 0
+    if not (typed or (np.shape(key) == (2,) and getattr(key, "dtype", None) == jnp.uint32)):
+        raise TypeError(f"{fn}: expected key, one PRNG key (jax.random.key(seed)), got "
+                        f"{getattr(key, 'dtype', type(key).__name__)}{list(np.shape(key))}. Fix: pass "
+                        "jax.random.key(0).")
     require_int(fn, "length", length, low=0, fix="pass the number of tokens to generate, e.g. length=200.")
     check_sampling(fn, temperature, top_k, top_p, model.vocab_size)
     if length == 0:

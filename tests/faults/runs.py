@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,3 +93,26 @@ def same_state(run_a: Path, run_b: Path) -> bool:
 
 def metrics_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def copy_when_written(src: Path, dst: Path, timeout: float = 300.0) -> None:
+    """Copies the checkpoint folder ``src`` to ``dst`` as soon as it appears (the run may delete it later)."""
+    deadline = time.monotonic() + timeout
+    while not src.is_dir() and time.monotonic() < deadline:  # Orbax renames a finished save into place
+        time.sleep(0.002)
+    shutil.copytree(src, dst)
+
+
+DAMAGE = {"truncated": lambda b: b[:len(b) // 2], "zeroed": lambda b: bytes(len(b)), "deleted": None}
+
+
+def damage(path: Path, how: str) -> None:
+    if DAMAGE[how] is None:
+        path.unlink()
+    else:
+        path.write_bytes(DAMAGE[how](path.read_bytes()))
+
+
+def params_data_file(step_dir: Path) -> Path:
+    """The largest array data file of a checkpoint's parameters."""
+    return max((step_dir / "params" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
