@@ -173,6 +173,15 @@ def assert_refused(name: str, faults: list[str], fn, *args, **kwargs) -> None:
     assert "got" in message and "Fix: " in message, message
 
 
+def assert_refused_by(names: tuple[str, ...], faults: list[str], fn, *args, **kwargs) -> None:
+    """As :func:`assert_refused`, where the refusal may come from any of ``names`` (a layer, or the
+    ``rnnjax.unroll`` it runs)."""
+    with pytest.raises((ValueError, TypeError)) as info:
+        fn(*args, **kwargs)
+    assert str(info.value).startswith(tuple(f"{n}: " for n in names)), str(info.value)
+    assert_refused(str(info.value).split(":")[0], faults, fn, *args, **kwargs)
+
+
 def close(a, b, atol=2e-5):
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float32),
                                                                      np.asarray(y, np.float32), atol=atol, rtol=2e-5),
@@ -333,7 +342,7 @@ def test_stack_and_residual_block(name, data):
     fn = partial(layer.apply, params)
     a = held(xs)
     if not is_kind(a, "float") or (a.ndim >= 1 and a.shape[-1] != F) or a.ndim == 0:
-        return assert_refused(name, ["xs"], fn, **arrays_in, time_major=time_major)
+        return assert_refused_by((name, "rnnjax.unroll"), ["xs"], fn, **arrays_in, time_major=time_major)
     stack_carry = isinstance(carry, (tuple, list)) and len(carry) == 2
     if name == "rnnjax.layers.stack" and carry is not None and not stack_carry:
         return assert_refused(name, ["carry"], fn, **arrays_in, time_major=time_major)
@@ -341,11 +350,7 @@ def test_stack_and_residual_block(name, data):
     if faults == ["xs"]:  # T = 0: the stack's and block's own lengths and mask checks may come first
         faults += ["lengths", "mask"]
     if faults:
-        names = (name, "rnnjax.unroll")
-        with pytest.raises((ValueError, TypeError)) as info:
-            fn(**arrays_in, time_major=time_major)
-        assert str(info.value).startswith(tuple(f"{n}: " for n in names)), str(info.value)
-        return assert_refused(str(info.value).split(":")[0], faults, fn, **arrays_in, time_major=time_major)
+        return assert_refused_by((name, "rnnjax.unroll"), faults, fn, **arrays_in, time_major=time_major)
     out_carry, ys = call_valid(name, fn, arrays_in, time_major=time_major)
     carry0 = layer.initial_carry(params, batch) if carry is None else carry
     twin = stepped(STREAM_STEPS[name], carry0, batch_major(xs, time_major), valid_steps(batch, T, lengths, mask,
