@@ -12,6 +12,11 @@ projection; the weight gradients then come from single matmuls over all
     dW   = H_prev^T @ dZ          [H, T*B] x [T*B, G]
     dW_ih, dxs = vjp(project)(dPX)   (X^T @ dPX and dPX @ W_ih^T)
 
+A multi-head cell (``heads=n``: ``W`` stored as ``[n, H/n, G/n]``, block-
+diagonal) keeps its structure here: ``dZ @ W^T`` is one batched product
+over the heads per step, and ``dW`` only its diagonal blocks, one batched
+product over all rows after the loop.
+
 The pointwise part's own parameters (peepholes, layer-norm gains, the
 Jordan readout, the Cho-GRU candidate weights) are small or rare and
 accumulate in the loop. Numbers equal autodiff's to float32 round-off

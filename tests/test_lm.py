@@ -1,5 +1,6 @@
 """rnnjax.models.lm, rnnjax.decode, rnnjax.train and the `rnnjax train charlm` command."""
 
+import functools
 import json
 import math
 import os
@@ -347,6 +348,27 @@ def test_cli_text_shorter_than_one_batch(tmp_path, capsys):
         "shorter than one batch of --batch 64 x --seq-len 8 = 512 characters (plus 8 for the targets). Fix: use "
         "a longer text, or a smaller --batch (e.g. --batch 22).\n")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cell, heads", [("mgu", 1), ("gru", 4)])
+def test_charlm_builds_mgu_and_multi_head_cells(cell, heads):
+    from rnnjax import cells
+    from rnnjax.recipes import charlm
+
+    settings = dict(charlm.DEFAULTS, cell=cell, hidden=16, embed=8, heads=heads, dtype="float32")
+    model = charlm.build_model(charlm.model_config(settings, 11), "rnnjax train charlm")
+    layer = jax.eval_shape(model.init, jax.random.key(0)).rnn.layers[0]
+    direct = cells.mgu(16) if cell == "mgu" else cells.gru(16, heads=heads)
+    shapes = functools.partial(jax.tree_util.tree_map, lambda a: a.shape)
+    assert shapes(layer) == shapes(jax.eval_shape(lambda: direct.init(jax.random.key(0), 8)))
+    assert layer.w_hh.shape == ((16, 32) if cell == "mgu" else (4, 4, 12))
+
+
+def test_cli_heads_only_for_lstm_gru_elman(tmp_path, capsys):
+    text = _tiny_text(tmp_path / "tiny.txt")
+    assert cli.main(["train", "charlm", "--text", str(text), "--cell", "mgu", "--heads", "2", "--steps", "1"]) == 2
+    assert capsys.readouterr().err == ("rnnjax: error: rnnjax train charlm: --heads 2 applies to the cells lstm, gru, "
+                                       "elman, got --cell mgu. Fix: drop --heads or choose one of those cells.\n")
 
 
 def test_cli_bad_cell_prompt_and_resume_exit_2(tmp_path, capsys):
