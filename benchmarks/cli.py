@@ -3,6 +3,7 @@
     rnnjax-bench --preset all --mode fwd,fwdbwd --compare torch,flax,haiku,equinox --cell lstm
     rnnjax-bench --preset C1 --compare rnnjax,rnnjax-hoisted,rnnjax-inloop,torch --json out.jsonl
     rnnjax-bench --quick                      # tiny shapes, all modes, under a minute (CI)
+    rnnjax-bench --cell lstm --heads 4 --compare rnnjax,rnnjax-dense   # 4 heads against the dense cell
     rnnjax-bench long --time 1000,100000      # memory and compile time against T (benchmarks/long_sequences.py)
     rnnjax-bench tasks --markdown tasks.md    # every `rnnjax train` task against its baseline (benchmarks/tasks.py)
 
@@ -26,7 +27,7 @@ import platform
 import sys
 
 from benchmarks import impls, report, timing, torch_memory
-from benchmarks.config import CELLS, DTYPES, MODES, PRESETS, QUICK, Config
+from benchmarks.config import CELLS, DTYPES, HEADS_CELLS, MODES, PRESETS, QUICK, Config
 
 PROG = "rnnjax-bench"
 # name -> (module with main(argv) -> int, one line of help)
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--cell", default="lstm", help=f"comma list of cells: {', '.join(CELLS)} (default lstm)")
     shape.add_argument("--layers", type=_positive_int, default=1, help="stacked layers (default 1)")
     shape.add_argument("--bidirectional", action="store_true", help="bidirectional layers (outputs concatenated)")
+    shape.add_argument("--heads", type=_positive_int, default=1,
+                       help=f"block-diagonal recurrent heads of rnnjax's {', '.join(HEADS_CELLS)} (default 1); "
+                            "peers are skipped, rnnjax-dense runs the one-head cell in the same rounds")
     shape.add_argument("--dtype", choices=DTYPES, default="float32", help="parameters and inputs (default float32)")
     shape.add_argument("--compare", help="comma list of implementations (see --list); rnnjax is added unless an "
                                          "rnnjax variant is named (default: rnnjax and every installed peer)")
@@ -161,10 +165,23 @@ def resolve(args: argparse.Namespace) -> dict:
     else:
         shapes = dict(QUICK) if args.quick else {"C1": PRESETS["C1"]}
     groups = [Config(**shape, cell=cell, mode="", layers=args.layers, bidirectional=args.bidirectional,
-                     dtype=args.dtype, preset=preset)
+                     dtype=args.dtype, preset=preset, heads=args.heads)
               for preset, shape in shapes.items() for cell in cells]
+    _check_heads(args.heads, groups)
     return dict(groups=groups, modes=modes, names=names, rounds=rounds, warmup=args.warmup,
                 peak_size=args.peak_size or (QUICK_PEAK_SIZE if args.quick else PEAK_SIZE))
+
+
+def _check_heads(heads: int, groups: list[Config]) -> None:
+    if heads == 1:
+        return
+    for group in groups:
+        if group.cell not in HEADS_CELLS:
+            raise UsageError(f"--heads {heads} applies to the cells {', '.join(HEADS_CELLS)}, got --cell "
+                             f"{group.cell}. Fix: drop --heads or choose one of those cells.")
+        if group.hidden % heads:
+            raise UsageError(f"--heads {heads} must divide the hidden size, got {group.hidden} "
+                             f"({group.label()}). Fix: pass a --hidden that is a multiple of {heads}.")
 
 
 def environment(torch_threads: int) -> dict:
@@ -223,7 +240,8 @@ def run(plan: dict, args: argparse.Namespace) -> int:
             # first runners (untimed work); it is collected before any timing starts.
             pending_mem = None
             if "torch" in plan["names"] and not args.no_torch_memory and impls.installed("torch") \
-                    and group.cell in ("lstm", "gru", "elman") and impls.torch_device().type == "cpu":
+                    and group.cell in ("lstm", "gru", "elman") and group.heads == 1 \
+                    and impls.torch_device().type == "cpu":
                 pending_mem = torch_memory.start([group._replace(mode=m) for m in plan["modes"]],
                                                  threads=args.torch_threads)
             torch_mem: dict = {}

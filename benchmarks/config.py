@@ -13,7 +13,9 @@ MODES = ("fwd", "fwdbwd", "train")
 DTYPES = ("float32", "bfloat16")
 
 # Cells the rnnjax runner knows, by --cell name. Peers declare their own subsets (impls.py).
-CELLS = ("lstm", "gru", "elman", "layer_norm_lstm", "layer_norm_gru", "jordan", "gru_cho")
+CELLS = ("lstm", "gru", "elman", "layer_norm_lstm", "layer_norm_gru", "jordan", "gru_cho", "mgu")
+# Cells that take --heads (block-diagonal recurrent matrices, rnnjax only).
+HEADS_CELLS = ("lstm", "gru", "gru_cho", "elman")
 
 # Classes of the dense readout in --mode train (cross-entropy on integer targets).
 READOUT_CLASSES = 32
@@ -32,6 +34,7 @@ class Config(NamedTuple):
     bidirectional: bool = False
     dtype: str = "float32"
     preset: str = "custom"
+    heads: int = 1
 
     @property
     def tokens(self) -> int:
@@ -58,6 +61,8 @@ class Config(NamedTuple):
             parts.append("bi")
         if self.dtype != "float32":
             parts.append(self.dtype)
+        if self.heads > 1:
+            parts.append(f"heads={self.heads}")
         return " ".join(parts)
 
     def group(self) -> Config:
@@ -82,7 +87,7 @@ QUICK = {"quick": dict(batch=8, time=16, features=32, hidden=32)}
 # layer norms and the optimiser are left out. Per layer and direction, for
 # input width F_l (F for the first layer, H * directions after it):
 #
-#   fwd   = 2 * T * B * [(F_l + H_rec) * G + extra]
+#   fwd   = 2 * T * B * [F_l * G + H_rec * G / heads + extra]
 #   bwd   = 2 * fwd            (one matmul for the input gradient, one for the
 #                               weight gradient, per forward matmul)
 #   fwdbwd = 3 * fwd
@@ -95,19 +100,23 @@ QUICK = {"quick": dict(batch=8, time=16, features=32, hidden=32)}
 #   gru, gru_cho, layer_norm_gru  3H    H       0
 #   elman                         H     H       0
 #   jordan (output size O = H)    H     H       H * H   (the output matmul h W_hy)
+#   mgu                           2H    H       0
+#
+# With --heads n the recurrent matrix is block-diagonal: n products of [H/n, G/n], 1/n of the dense FLOPs.
 #
 # fwdbwd differentiates w.r.t. the parameters only, so the first layer's
 # input gradient is not actually needed; the 3x convention counts it anyway
 # (it is a small share: the T*B*F*G input-gradient matmul of one layer).
 
-GATES = {"lstm": 4, "layer_norm_lstm": 4, "gru": 3, "gru_cho": 3, "layer_norm_gru": 3, "elman": 1, "jordan": 1}
+GATES = {"lstm": 4, "layer_norm_lstm": 4, "gru": 3, "gru_cho": 3, "layer_norm_gru": 3, "elman": 1, "jordan": 1,
+         "mgu": 2}
 
 
-def forward_flops_per_layer(cell: str, batch: int, time: int, input_size: int, hidden: int) -> int:
+def forward_flops_per_layer(cell: str, batch: int, time: int, input_size: int, hidden: int, heads: int = 1) -> int:
     """Matmul FLOPs of one forward pass of one layer in one direction."""
     G = GATES[cell] * hidden
     extra = hidden * hidden if cell == "jordan" else 0
-    return 2 * time * batch * ((input_size + hidden) * G + extra)
+    return 2 * time * batch * (input_size * G + hidden * G // heads + extra)
 
 
 def flops(cfg: Config, mode: str | None = None) -> int:
@@ -116,7 +125,7 @@ def flops(cfg: Config, mode: str | None = None) -> int:
     fwd = 0
     for layer in range(cfg.layers):
         width = cfg.features if layer == 0 else cfg.hidden * cfg.directions
-        fwd += cfg.directions * forward_flops_per_layer(cfg.cell, cfg.batch, cfg.time, width, cfg.hidden)
+        fwd += cfg.directions * forward_flops_per_layer(cfg.cell, cfg.batch, cfg.time, width, cfg.hidden, cfg.heads)
     if mode == "fwd":
         return fwd
     if mode == "fwdbwd":

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.config import READOUT_CLASSES, Config
+from benchmarks.config import READOUT_CLASSES, Config, flops
 
 _NOTED: set[str] = set()
 
@@ -230,19 +230,21 @@ def jax_runner(cfg: Config, params, apply: Callable, *, note: str = "") -> Runne
 
 
 def rnnjax_cell(cfg: Config):
-    """The rnnjax cell named by ``cfg.cell`` (``gru_cho`` is ``gru(reset_after=False)``; Jordan's O = H).
+    """The rnnjax cell named by ``cfg.cell`` (``gru_cho`` is ``gru(reset_after=False)``; Jordan's O = H), with
+    ``cfg.heads`` heads for the cells of :data:`~benchmarks.config.HEADS_CELLS`.
 
     ``--dtype bfloat16`` is rnnjax's mixed-precision policy, as PyTorch's autocast and Flax's ``dtype``:
     float32 parameters, bfloat16 products with float32 accumulation and state, bfloat16 outputs."""
     from rnnjax import cells
 
     dt = None if cfg.dtype == "float32" else _jnp_dtype(cfg)
-    H = cfg.hidden
+    H, n = cfg.hidden, cfg.heads
     return {
-        "lstm": lambda: cells.lstm(H, dtype=dt),
-        "gru": lambda: cells.gru(H, dtype=dt),
-        "gru_cho": lambda: cells.gru(H, reset_after=False, dtype=dt),
-        "elman": lambda: cells.elman(H, dtype=dt),
+        "lstm": lambda: cells.lstm(H, heads=n, dtype=dt),
+        "gru": lambda: cells.gru(H, heads=n, dtype=dt),
+        "gru_cho": lambda: cells.gru(H, reset_after=False, heads=n, dtype=dt),
+        "elman": lambda: cells.elman(H, heads=n, dtype=dt),
+        "mgu": lambda: cells.mgu(H, dtype=dt),
         "layer_norm_lstm": lambda: cells.layer_norm_lstm(H, dtype=dt),
         "layer_norm_gru": lambda: cells.layer_norm_gru(H, dtype=dt),
         "jordan": lambda: cells.jordan(H, H, dtype=dt),
@@ -260,8 +262,11 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 
 def rnnjax_impl(cfg: Config, *, hoist="auto", backward: str | None = None, backend: str = "auto",
-                name: str = "rnnjax") -> Runner | None:
+                name: str = "rnnjax", dense: bool = False) -> Runner | None:
     """rnnjax: ``rnnjax.unroll`` for one layer, ``layers.stack`` of ``layers.rnn``/``layers.bidirectional`` otherwise.
+
+    ``dense``: the cell with one head (a dense recurrent matrix) whatever ``cfg.heads``, its FLOPs in
+    ``info["flops"]``: the reference the multi-head cell is compared with in the same rounds.
 
     ``hoist`` and ``backward`` are passed only when they differ from the
     library's defaults, and only where the installed rnnjax accepts them as
@@ -274,6 +279,8 @@ def rnnjax_impl(cfg: Config, *, hoist="auto", backward: str | None = None, backe
     import rnnjax
     from rnnjax import layers
 
+    if dense:
+        cfg = cfg._replace(heads=1)
     cell = rnnjax_cell(cfg)
     deep = cfg.layers > 1 or cfg.bidirectional
     target = (layers.bidirectional if cfg.bidirectional else layers.rnn) if deep else rnnjax.unroll
@@ -297,7 +304,10 @@ def rnnjax_impl(cfg: Config, *, hoist="auto", backward: str | None = None, backe
         return params, lambda p, x: model.apply(p, x)[1]
 
     params, apply = _model(f"{name}/{sorted(opts.items())}", cfg, make)
-    return jax_runner(cfg, params, apply)
+    runner = jax_runner(cfg, params, apply)
+    if dense:
+        runner.info["flops"] = flops(cfg)
+    return runner
 
 
 # --- flax.linen -----------------------------------------------------------------------------
@@ -314,7 +324,7 @@ def flax_impl(cfg: Config, *, lstm_cell: str = "OptimizedLSTMCell", name: str = 
 
     classes = {"lstm": getattr(nn, lstm_cell)}
     if name == "flax":
-        classes.update(gru=nn.GRUCell, elman=nn.SimpleCell)
+        classes.update(gru=nn.GRUCell, elman=nn.SimpleCell, mgu=nn.MGUCell)
     if cfg.cell not in classes:
         return _skip(name, f"no {cfg.cell} cell (has {', '.join(classes)})")
     dt = _jnp_dtype(cfg)
@@ -571,6 +581,7 @@ IMPLS: dict[str, Callable[[Config], Runner | None]] = {
     "rnnjax-fused": functools.partial(rnnjax_impl, backward="fused", backend="xla", name="rnnjax-fused"),
     "rnnjax-hoisted": functools.partial(rnnjax_impl, hoist=True, backend="xla", name="rnnjax-hoisted"),
     "rnnjax-inloop": functools.partial(rnnjax_impl, hoist=False, backend="xla", name="rnnjax-inloop"),
+    "rnnjax-dense": functools.partial(rnnjax_impl, dense=True, backend="xla", name="rnnjax-dense"),
     "torch": torch_impl,
     "torch-amp": functools.partial(torch_impl, amp=True),
     "flax": flax_impl,
@@ -596,6 +607,9 @@ def installed(name: str) -> bool:
 def build(name: str, cfg: Config) -> tuple[Runner | None, str | None]:
     """``(runner, None)``, ``(None, None)`` when skipped (a note was printed), or ``(None, error)``
     when the factory raised: a broken implementation is reported, not fatal to the comparison."""
+    if cfg.heads > 1 and not is_rnnjax(name):
+        return _skip(name, "no multi-head (block-diagonal) recurrence; --compare rnnjax-dense runs the one-head "
+                           "cell in the same rounds"), None
     try:
         return IMPLS[name](cfg), None
     except Exception as error:

@@ -57,7 +57,8 @@ def make_rows(cfg: Config, results: dict[str, dict], infos: dict[str, dict], not
         if name.startswith(PEAK_PREFIX) or "median_s" not in r:
             continue
         info = infos.get(name, {})
-        gflops = fl / r["median_s"] / 1e9
+        row_flops = info.get("flops", fl)  # rnnjax-dense: the one-head cell's count
+        gflops = row_flops / r["median_s"] / 1e9
         rows.append(dict(
             impl=name, config=cfg.label(), preset=cfg.preset, cell=cfg.cell, mode=cfg.mode,
             batch=cfg.batch, time=cfg.time, features=cfg.features, hidden=cfg.hidden, layers=cfg.layers,
@@ -66,7 +67,7 @@ def make_rows(cfg: Config, results: dict[str, dict], infos: dict[str, dict], not
             tokens_per_s=cfg.tokens / r["median_s"], tokens_per_s_min=cfg.tokens / r["max_s"],
             tokens_per_s_max=cfg.tokens / r["min_s"],
             first_call_s=r["first_call_s"], compile_s=info.get("compile_s"),
-            flops=fl, gflops=gflops,
+            heads=cfg.heads, flops=row_flops, gflops=gflops,
             peak_gflops_jax=peak_jax, peak_gflops_torch=peak_torch,
             pct_peak=100 * gflops / best_peak if best_peak else None,
             pct_peak_jax=100 * gflops / peak_jax if peak_jax else None,

@@ -67,7 +67,7 @@ def _native_unsupported(request: Request) -> str | None:
         return f"the native kernels run on CPU, and JAX's default backend here is {request.platform!r}"
     if request.cell.native is None:
         return (f"the cell {request.cell.name!r} has no native kernel with these settings (peepholes, proj_size, "
-                "layer norm, other activations and the linear cells run on XLA)")
+                "heads > 1, layer norm, other activations and the linear cells run on XLA)")
     if not (request.remat is None or request.remat is False):
         return "remat recomputes steps in the backward pass, which the native kernels do not"
     if jnp.dtype(request.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):

@@ -12,6 +12,11 @@ projection; the weight gradients then come from single matmuls over all
     dW   = H_prev^T @ dZ          [H, T*B] x [T*B, G]
     dW_ih, dxs = vjp(project)(dPX)   (X^T @ dPX and dPX @ W_ih^T)
 
+A multi-head cell (``heads=n``: ``W`` stored as ``[n, H/n, G/n]``, block-
+diagonal) keeps its structure here: ``dZ @ W^T`` is one batched product
+over the heads per step, and ``dW`` only its diagonal blocks, one batched
+product over all rows after the loop.
+
 The pointwise part's own parameters (peepholes, layer-norm gains, the
 Jordan readout, the Cho-GRU candidate weights) are small or rare and
 accumulate in the loop. Numbers equal autodiff's to float32 round-off
@@ -30,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax._tree import tree_add, where_batch
-from rnnjax.cells.base import Cell, affine, matmul
+from rnnjax.cells.base import Cell, affine, heads_einsum, matmul, to_heads
 
 
 def _rows_matmul(a, b, dtype=None):
@@ -40,6 +45,28 @@ def _rows_matmul(a, b, dtype=None):
     if dtype is not None:
         a2, b2 = a2.astype(dtype), b2.astype(dtype)
     return jnp.dot(a2.T, b2, preferred_element_type=jnp.float32)
+
+
+def _weight_gradient(hs, dzs, w, dtype=None):
+    """``dW = H_prev^T @ dZ`` over all rows; for a multi-head ``w [n, H/n, G/n]`` (:mod:`rnnjax.cells.base`,
+    "Multi-head recurrences") only its diagonal blocks, one batched product over the heads."""
+    if w.ndim == 2:
+        return _rows_matmul(hs, dzs, dtype)
+    n, d, e = w.shape
+    h, dz = hs.reshape(-1, n, d), to_heads(dzs.reshape(-1, dzs.shape[-1]), n, e // d)
+    if dtype is not None:
+        h, dz = h.astype(dtype), dz.astype(dtype)
+    return jnp.einsum("rnd,rne->nde", h, dz, preferred_element_type=jnp.float32)
+
+
+def _transposed(w, dtype=None):
+    """``dz -> dz @ W^T``, the recurrent product's input cotangent (one batched product for heads)."""
+    if w.ndim == 2:
+        w_t = w.T
+        return lambda dz: matmul(dz, w_t, dtype)
+    n, d, e = w.shape
+    return lambda dz: heads_einsum("...ne,nde->...nd", to_heads(dz, n, e // d), w, dtype).reshape(
+        *dz.shape[:-1], n * d)
 
 
 def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, reverse: bool, unroll: int,
@@ -104,7 +131,7 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
         params, xs, valid, resets, hs, saved = res
         d_carry, d_ys = cotangents
         w, b = rec.weights(params)
-        w_t = w.T
+        back = _transposed(w, rec.dtype)
         pw = rec.pointwise_params(params)
         zero = cell.initial_carry(params, batch_shape)
         _, read_vjp = jax.vjp(rec.read, zero)  # read is linear: its VJP holds at any point
@@ -122,7 +149,7 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
             else:
                 _, pointwise_vjp = jax.vjp(rec.pointwise, pw, *step_saved)
             dpw_t, dc_prev, dpx, dhz = pointwise_vjp((dc_step, dy))
-            dc_prev = tree_add(dc_prev, read_vjp(matmul(dhz, w_t, rec.dtype).astype(dhz.dtype))[0])
+            dc_prev = tree_add(dc_prev, read_vjp(back(dhz).astype(dhz.dtype))[0])
             if v_t is not None:
                 dc_prev = where_batch(v_t, dc_prev, dc)
             if r_t is not None:  # the carry before a reset does not reach the output
@@ -133,7 +160,7 @@ def fused_unroll(cell: Cell, params, xs, carry, valid, resets, *, hoist: bool, r
         (d_carry0, dpw), (dpxs, dhzs) = jax.lax.scan(
             body, (d_carry, dpw0), (saved, d_ys, valid, resets), reverse=not reverse, unroll=unroll)
 
-        d_w = _rows_matmul(hs, dhzs, rec.dtype).astype(w.dtype)
+        d_w = _weight_gradient(hs, dhzs, w, rec.dtype).astype(w.dtype)
         d_b = None if b is None else dhzs.reshape(-1, dhzs.shape[-1]).sum(0, dtype=jnp.float32).astype(b.dtype)
         d_params = jax.vjp(rec.weights, params)[1]((d_w, d_b))[0]
         d_params = tree_add(d_params, jax.vjp(rec.pointwise_params, params)[1](dpw)[0])

@@ -64,3 +64,15 @@ def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
 
     jax.tree_util.tree_map(close, a, b)
+
+
+def dense_from_heads(w_heads, gates: int) -> np.ndarray:
+    """The dense ``[H, gates*H]`` recurrent matrix of a multi-head ``w_hh [n, H/n, gates*H/n]``: head ``k``'s
+    block of gate ``g`` at rows ``k*d:(k+1)*d`` and columns ``g*H + k*d:g*H + (k+1)*d``, zeros elsewhere."""
+    w_heads = np.asarray(w_heads)
+    n, d, _ = w_heads.shape
+    dense = np.zeros((n * d, gates * n * d), w_heads.dtype)
+    for k in range(n):
+        for g in range(gates):
+            dense[k * d:(k + 1) * d, g * n * d + k * d:g * n * d + (k + 1) * d] = w_heads[k, :, g * d:(g + 1) * d]
+    return dense

@@ -66,17 +66,33 @@ def test_lstm_flops_match_a_hand_count():
     assert config.flops(deep) == 2 * (2 * 3 * 2 * (5 + 7) * 28) + 2 * (2 * 3 * 2 * (14 + 7) * 28)
 
 
+def test_heads_divide_only_the_recurrent_flops():
+    # 4 heads: 2 * T * B * (F * 4H + H * 4H / 4) = 2 * 3 * 2 * (5 * 32 + 8 * 8) = 2688.
+    cfg = Config(batch=2, time=3, features=5, hidden=8, cell="lstm", mode="fwd", heads=4)
+    assert config.flops(cfg) == 2688
+    assert config.flops(cfg._replace(heads=1)) == 2 * 3 * 2 * (5 + 8) * 32
+    assert cfg.label() == "custom lstm B2 T3 F5 H8 heads=4"
+    # MGU: two gate blocks.
+    assert config.flops(cfg._replace(cell="mgu", heads=1)) == 2 * 3 * 2 * (5 + 8) * 16
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--cell", "lsmt"], "rnnjax-bench: error: unknown cell 'lsmt' in --cell; expected one of: lstm, gru, "
-                         "elman, layer_norm_lstm, layer_norm_gru, jordan, gru_cho."),
+                         "elman, layer_norm_lstm, layer_norm_gru, jordan, gru_cho, mgu."),
     (["--compare", "torch,pytorch"], "rnnjax-bench: error: unknown implementation 'pytorch' in --compare; "
                                      "expected one of: rnnjax, rnnjax-native, rnnjax-xla, rnnjax-autodiff, "
-                                     "rnnjax-fused, rnnjax-hoisted, rnnjax-inloop, torch, torch-amp, flax, "
-                                     "flax-lstmcell, haiku, equinox."),
+                                     "rnnjax-fused, rnnjax-hoisted, rnnjax-inloop, rnnjax-dense, torch, torch-amp, "
+                                     "flax, flax-lstmcell, haiku, equinox."),
     (["--mode", "fwd,backward"], "rnnjax-bench: error: unknown mode 'backward' in --mode; "
                                  "expected one of: fwd, fwdbwd, train."),
     (["--rounds", "3"], "rnnjax-bench: error: --rounds must be >= 5 for a measurement (got 3); "
                         "use --quick for a smoke test."),
+    (["--cell", "lstm,mgu", "--heads", "4"], "rnnjax-bench: error: --heads 4 applies to the cells lstm, gru, "
+                                             "gru_cho, elman, got --cell mgu. Fix: drop --heads or choose one of "
+                                             "those cells."),
+    (["--hidden", "30", "--heads", "4"], "rnnjax-bench: error: --heads 4 must divide the hidden size, got 30 "
+                                         "(custom lstm B64 T128 F256 H30 heads=4). Fix: pass a --hidden that is a "
+                                         "multiple of 4."),
 ])
 def test_bad_names_exit_2_with_a_clear_message(argv, message, capsys):
     assert cli.main(argv) == 2

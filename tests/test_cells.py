@@ -3,13 +3,15 @@ equations, plus the initialisers' documented properties."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import rnnjax
-from conftest import B, H, T, random_carry, random_inputs
+from conftest import B, H, T, assert_trees_close, random_carry, random_inputs
 from rnnjax import cells
 
 
@@ -57,6 +59,14 @@ def ref_gru(p, h, x, reset_after):
     else:
         n = np.tanh(gx[:, 2 * H:] + (r * h) @ U[:, 2 * H:] + p.b_hh[2 * H:])
     return (1 - z) * n + z * h
+
+
+def ref_mgu(p, h, x):
+    """Zhou et al. (2016) as Flax's MGUCell computes it (gate order f, n)."""
+    gx, gh = x @ p.w_ih + p.b_ih, h @ p.w_hh + p.b_hh
+    f = sig(gx[:, :H] + gh[:, :H])
+    n = np.tanh(gx[:, H:] + f * gh[:, H:])
+    return (1 - f) * n + f * h
 
 
 def ref_ln_lstm(p, carry, x):
@@ -211,3 +221,85 @@ def test_param_dtype_bfloat16_runs_in_bfloat16():
     _, ref_ys = rnnjax.unroll(cell, jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params), xs)
     assert ys.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(ys, np.float32), ref_ys, atol=3e-2)
+
+
+def _mgu_from_flax(fp, reset_gate):
+    """rnnjax's MGU ``Weights`` from Flax ``MGUCell`` params (or their gradients): f and n gate blocks side by
+    side; Flax has no ``b_hf`` (and no ``b_hn`` without the reset gate), which are zeros here."""
+    zeros, fp = jnp.zeros((H,)), fp["cell"]
+    return cells.Weights(
+        jnp.concatenate([fp["if"]["kernel"], fp["in"]["kernel"]], axis=1),
+        jnp.concatenate([fp["hf"]["kernel"], fp["hn"]["kernel"]], axis=1),
+        jnp.concatenate([fp["if"]["bias"], fp["in"]["bias"]]),
+        jnp.concatenate([zeros, fp["hn"]["bias"] if reset_gate else zeros]))
+
+
+@pytest.mark.parametrize("reset_gate", [True, False])
+def test_mgu_equals_flax_mgucell(reset_gate):
+    """Outputs, final carry and the gradients of params, inputs and initial carry equal flax.linen.MGUCell's."""
+    nn = pytest.importorskip("flax.linen")
+    module = nn.RNN(nn.MGUCell(H, reset_gate=reset_gate), return_carry=True)
+    cell = cells.mgu(H, reset_gate=reset_gate)
+    xs = random_inputs()
+    h0 = jnp.asarray(np.random.default_rng(2).normal(size=(B, H)) * 0.5, jnp.float32)
+    flax_params = module.init(jax.random.key(0), xs, initial_carry=h0)["params"]
+    weights = jnp.cos(jnp.arange(B * T * H, dtype=jnp.float32)).reshape(B, T, H)
+
+    def loss(carry_ys):
+        carry, ys = carry_ys
+        return jnp.sum(ys * weights) + jnp.sum(jnp.sin(carry)), carry_ys
+
+    def flax_loss(p, x, h):
+        return loss(module.apply({"params": p}, x, initial_carry=h))
+
+    def rnnjax_loss(p, x, h):
+        return loss(rnnjax.unroll(cell, p, x, carry=h))
+
+    grad = functools.partial(jax.grad, argnums=(0, 1, 2), has_aux=True)
+    (g_flax, gx_flax, gh_flax), (c_flax, ys_flax) = grad(flax_loss)(flax_params, xs, h0)
+    (g, gx, gh), (c, ys) = grad(rnnjax_loss)(_mgu_from_flax(flax_params, reset_gate), xs, h0)
+    np.testing.assert_allclose(ys, ys_flax, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(c, c_flax, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(gx, gx_flax, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(gh, gh_flax, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(g.b_hh[:H], g.b_ih[:H], atol=1e-6)  # b_hf only adds to b_if
+    b_hh = g.b_hh.at[:H].set(0) if reset_gate else jnp.zeros_like(g.b_hh)
+    assert_trees_close(g._replace(b_hh=b_hh), _mgu_from_flax(g_flax, reset_gate))
+
+
+def _np_mgu_run(p, xs, h0, lengths, *, reverse=False, resets=None):
+    """NumPy float64 twin of ``unroll``'s semantics for the MGU: each sequence read within its own length
+    (backwards with ``reverse``), the state zeroed before a reset step, zero outputs past the end."""
+    ys = np.zeros(xs.shape[:2] + (H,))
+    final = np.array(h0, np.float64)
+    for b, n in enumerate(lengths):
+        h = final[b:b + 1]
+        for t in (reversed(range(n)) if reverse else range(n)):
+            if resets is not None and resets[b, t]:
+                h = np.zeros_like(h)
+            h = ref_mgu(p, h, xs[b:b + 1, t])
+            ys[b, t] = h[0]
+        final[b] = h[0]
+    return final, ys
+
+
+def test_mgu_through_the_driver():
+    """Lengths, reverse, resets, vmap, jit and rnnjax.step streaming against the NumPy twin of the equations."""
+    cell = cells.mgu(H)
+    params = cell.init(jax.random.key(0), 5)
+    p, xs = np_params(params), random_inputs()
+    h0 = random_carry(cell, params, (B,))
+    lengths = np.array([T, 3, 1, 5])
+    resets = np.zeros((B, T), bool)
+    resets[0, 4] = resets[3, 2] = True
+    x64, h64 = np.asarray(xs, np.float64), np.asarray(h0, np.float64)
+    for options in (dict(reverse=True), dict(resets=resets)):
+        got = rnnjax.unroll(cell, params, xs, carry=h0, lengths=jnp.asarray(lengths), **options)
+        assert_trees_close(got, _np_mgu_run(p, x64, h64, lengths, **options))
+    whole = _np_mgu_run(p, x64, np.zeros((B, H)), [T] * B)
+    assert_trees_close(jax.jit(jax.vmap(lambda x: rnnjax.unroll(cell, params, x)))(xs), whole)
+    carry, streamed = cell.initial_carry(params, (B,)), []
+    for t in range(T):
+        carry, y = rnnjax.step(cell, params, carry, xs[:, t])
+        streamed.append(y)
+    assert_trees_close((carry, jnp.stack(streamed, axis=1)), whole)

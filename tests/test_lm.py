@@ -1,5 +1,6 @@
 """rnnjax.models.lm, rnnjax.decode, rnnjax.train and the `rnnjax train charlm` command."""
 
+import functools
 import json
 import math
 import os
@@ -111,7 +112,7 @@ def test_generate_and_model_errors():
     with pytest.raises(ValueError) as e:
         language_model(5, cell="transformer")
     assert str(e.value) == ("rnnjax.models.language_model: unknown cell 'transformer'; expected one of "
-                            "lstm, gru, elman, layer_norm_lstm, layer_norm_gru, lru, mingru, minlstm, rglru.")
+                            "lstm, gru, elman, layer_norm_lstm, layer_norm_gru, lru, mingru, minlstm, rglru, mgu.")
     with pytest.raises(ValueError, match=re.escape("apply: expected integer token ids")):
         model.apply(params, jnp.ones((2, 3)))
 
@@ -349,11 +350,32 @@ def test_cli_text_shorter_than_one_batch(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("cell, heads", [("mgu", 1), ("gru", 4)])
+def test_charlm_builds_mgu_and_multi_head_cells(cell, heads):
+    from rnnjax import cells
+    from rnnjax.recipes import charlm
+
+    settings = dict(charlm.DEFAULTS, cell=cell, hidden=16, embed=8, heads=heads, dtype="float32")
+    model = charlm.build_model(charlm.model_config(settings, 11), "rnnjax train charlm")
+    layer = jax.eval_shape(model.init, jax.random.key(0)).rnn.layers[0]
+    direct = cells.mgu(16) if cell == "mgu" else cells.gru(16, heads=heads)
+    shapes = functools.partial(jax.tree_util.tree_map, lambda a: a.shape)
+    assert shapes(layer) == shapes(jax.eval_shape(lambda: direct.init(jax.random.key(0), 8)))
+    assert layer.w_hh.shape == ((16, 32) if cell == "mgu" else (4, 4, 12))
+
+
+def test_cli_heads_only_for_lstm_gru_elman(tmp_path, capsys):
+    text = _tiny_text(tmp_path / "tiny.txt")
+    assert cli.main(["train", "charlm", "--text", str(text), "--cell", "mgu", "--heads", "2", "--steps", "1"]) == 2
+    assert capsys.readouterr().err == ("rnnjax: error: rnnjax train charlm: --heads 2 applies to the cells lstm, gru, "
+                                       "elman, got --cell mgu. Fix: drop --heads or choose one of those cells.\n")
+
+
 def test_cli_bad_cell_prompt_and_resume_exit_2(tmp_path, capsys):
     text = _tiny_text(tmp_path / "tiny.txt")
     assert cli.main(["train", "charlm", "--text", str(text), "--cell", "lsmt", "--steps", "1"]) == 2
     assert capsys.readouterr().err == ("rnnjax: error: unknown --cell 'lsmt'; expected one of lstm, gru, elman, "
-                                       "layer_norm_lstm, layer_norm_gru, lru, mingru, minlstm, rglru.\n")
+                                       "layer_norm_lstm, layer_norm_gru, lru, mingru, minlstm, rglru, mgu.\n")
     assert cli.main(["train", "charlm", "--text", str(text), "--prompt", "ROMEO:", "--steps", "1",
                      "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == (

@@ -2,7 +2,7 @@
 
 from rnnjax.cells.base import ACTIVATIONS, Cell, Linear, Weights
 from rnnjax.cells.elman import JordanParams, elman, jordan
-from rnnjax.cells.gru import LayerNormGRUParams, gru, layer_norm_gru
+from rnnjax.cells.gru import LayerNormGRUParams, gru, layer_norm_gru, mgu
 from rnnjax.cells.lru import LRUParams, lru
 from rnnjax.cells.lstm import LayerNormLSTMParams, LSTMCarry, LSTMParams, layer_norm_lstm, lstm
 from rnnjax.cells.minrnn import MinRNNParams, mingru, minlstm
@@ -28,6 +28,7 @@ __all__ = [
     "layer_norm_lstm",
     "lru",
     "lstm",
+    "mgu",
     "mingru",
     "minlstm",
     "rglru",

@@ -347,9 +347,54 @@ def gate_blocks(init, key: PRNGKey, rows: int, hidden: int, gates: int, dtype) -
 
 
 def affine(x: Array, w: Array, b: Array | None, dtype=None) -> Array:
-    """``x @ w + b`` with the product under the policy of :func:`matmul` (the bias added to its float32 sum)."""
-    y = matmul(x, w, dtype)
+    """``x @ w + b`` with the product under the policy of :func:`matmul` (the bias added to its float32 sum).
+
+    A 3-D ``w [n, K/n, N/n]`` is a block-diagonal matrix of ``n`` heads (:func:`heads_matmul`)."""
+    y = heads_matmul(x, w, dtype) if w.ndim == 3 else matmul(x, w, dtype)
     return y if b is None else y + b
+
+
+# Multi-head recurrences (FlashRNN's block-diagonal recurrent matrices). A cell built with ``heads=n``
+# stores its recurrent weight as ``[n, H/n, G/n]``: head ``k`` maps units ``k*H/n:(k+1)*H/n`` of ``h`` to
+# the same slice of each gate's block of ``z [..., G]`` (gates stay gate-major, as in the dense cell), so
+# it equals a dense ``[H, G]`` matrix whose off-diagonal blocks are zero, at ``1/n`` of its products.
+
+def check_heads(fn: str, heads: int, hidden_size: int) -> int:
+    """Validates ``heads``: an integer >= 1 that divides ``hidden_size``."""
+    n = check_size(fn, "heads", heads)
+    if hidden_size % n:
+        raise ValueError(f"{fn}: heads={n} must divide hidden_size={hidden_size} (each head has hidden_size / heads "
+                         f"units). Fix: pass heads=1 or a divisor of {hidden_size}, or a hidden_size that is a "
+                         f"multiple of {n}.")
+    return n
+
+
+def to_heads(z: Array, heads: int, gates: int) -> Array:
+    """Gate-major ``z [..., gates*H]`` as head-major ``[..., heads, gates*H/heads]``."""
+    d = z.shape[-1] // (gates * heads)
+    blocks = z.reshape(*z.shape[:-1], gates, heads, d)
+    return jnp.swapaxes(blocks, -3, -2).reshape(*z.shape[:-1], heads, gates * d)
+
+
+def from_heads(z: Array, gates: int) -> Array:
+    """Head-major ``z [..., heads, gates*d]`` as gate-major ``[..., gates*heads*d]`` (:func:`to_heads` undone)."""
+    *lead, heads, width = z.shape
+    blocks = z.reshape(*lead, heads, gates, width // gates)
+    return jnp.swapaxes(blocks, -3, -2).reshape(*lead, heads * width)
+
+
+def heads_einsum(spec: str, a: Array, b: Array, dtype=None) -> Array:
+    """``jnp.einsum(spec, a, b)`` under the policy of :func:`matmul`."""
+    if dtype is None:
+        return jnp.einsum(spec, a, b)
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=accumulation_dtype(dtype))
+
+
+def heads_matmul(x: Array, w: Array, dtype=None) -> Array:
+    """``x [..., H] @ W`` for the block-diagonal ``W`` stored as heads ``w [n, H/n, G/n]``: one batched
+    product over the heads; the result is gate-major ``[..., G]``, as the dense product's."""
+    n, d, e = w.shape
+    return from_heads(heads_einsum("...nd,nde->...ne", x.reshape(*x.shape[:-1], n, d), w, dtype), e // d)
 
 
 def zeros_carry(batch_shape, size: int, dtype) -> Array:
@@ -385,16 +430,40 @@ def init_config(fn: str, hidden_size: int, input_init: InitSpec, recurrent_init:
 
 
 def init_weights(cfg: InitConfig, key: PRNGKey, input_size: int, recurrent_rows: int,
-                 hidden: int, gates: int, bias: bool) -> Weights:
-    """``w_ih [F, gates*H]``, ``w_hh [rows, gates*H]`` and two biases, as PyTorch lays them out (transposed)."""
+                 hidden: int, gates: int, bias: bool, heads: int = 1) -> Weights:
+    """``w_ih [F, gates*H]``, ``w_hh [rows, gates*H]`` and two biases, as PyTorch lays them out (transposed).
+
+    With ``heads=n > 1`` (and ``rows == H``) ``w_hh`` is block-diagonal, stored as ``[n, H/n, gates*H/n]``,
+    each head initialised as a dense ``[H/n, gates*H/n]`` matrix is."""
     k_ih, k_hh, k_bi, k_bh = jax.random.split(key, 4)
     width = gates * hidden
+    if heads == 1:
+        w_hh = gate_blocks(cfg.recurrent, k_hh, recurrent_rows, hidden, gates, cfg.dtype)
+    else:
+        d = hidden // heads
+        w_hh = jnp.stack([gate_blocks(cfg.recurrent, k, d, d, gates, cfg.dtype) for k in jax.random.split(k_hh, heads)])
     return Weights(
         gate_blocks(cfg.input, k_ih, input_size, hidden, gates, cfg.dtype),
-        gate_blocks(cfg.recurrent, k_hh, recurrent_rows, hidden, gates, cfg.dtype),
+        w_hh,
         cfg.bias(k_bi, (width,), cfg.dtype) if bias else None,
         cfg.bias(k_bh, (width,), cfg.dtype) if bias else None,
     )
+
+
+def hidden_cell_functions(fn: str, cfg: InitConfig, hidden: int, gates: int, bias: bool, dtype=None, heads: int = 1):
+    """``(init, initial_carry, project)`` of a cell whose params are :class:`Weights` (``gates`` blocks of
+    ``hidden`` columns, :func:`init_weights`) and whose carry is ``h [..., hidden]`` alone (Elman, GRU, MGU)."""
+
+    def init(key, input_size: int) -> Weights:
+        return init_weights(cfg, key, check_size(fn, "input_size", input_size), hidden, hidden, gates, bias, heads)
+
+    def initial_carry(params: Weights, batch_shape=()) -> Array:
+        return zeros_carry(batch_shape, hidden, carry_dtype(params.w_hh.dtype, dtype))
+
+    def project(params: Weights, xs: Array) -> Array:
+        return affine(xs, params.w_ih, params.b_ih, dtype)
+
+    return init, initial_carry, project
 
 
 def gain_shift(shape: tuple[int, ...], dtype) -> Array:

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 from rnnjax.cells.base import (
     Cell,
     Recurrence,
-    Weights,
     affine,
     carry_dtype,
     cell_from,
+    check_heads,
     check_size,
     compute_dtype,
     get_activation,
+    hidden_cell_functions,
     hidden_only,
     init_config,
     init_weights,
@@ -31,7 +32,7 @@ def _identity(h: Array) -> Array:
 
 def elman(hidden_size: int, *, activation: str = "tanh", bias: bool = True,
           input_init: InitSpec = "uniform", recurrent_init: InitSpec = "uniform",
-          bias_init: InitSpec = "uniform", param_dtype=jnp.float32, dtype=None) -> Cell:
+          bias_init: InitSpec = "uniform", heads: int = 1, param_dtype=jnp.float32, dtype=None) -> Cell:
     """Elman network, ``h' = act(x W_ih + b_ih + h W_hh + b_hh)``; equals ``torch.nn.RNN``.
 
     Params are :class:`~rnnjax.cells.base.Weights` (``w_ih [F, H]``,
@@ -41,28 +42,26 @@ def elman(hidden_size: int, *, activation: str = "tanh", bias: bool = True,
     parameters'); with ``jnp.bfloat16`` the matmuls take bfloat16 operands
     and accumulate in float32, the carry stays float32 and ``y`` is bfloat16
     (:mod:`rnnjax.cells.base`, "Mixed precision").
+
+    ``heads=n``: a block-diagonal ``W_hh`` of ``n`` heads of ``H/n`` units,
+    stored as ``w_hh [n, H/n, H/n]`` (one batched product per step); as for
+    :func:`~rnnjax.cells.lstm`.
     """
     fn = "rnnjax.cells.elman"
     dtype = compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     act = get_activation(fn, activation)
+    n_heads = check_heads(fn, heads, H)
     cfg = init_config(fn, H, input_init, recurrent_init, bias_init, param_dtype)
 
-    def init(key, input_size: int) -> Weights:
-        return init_weights(cfg, key, check_size(fn, "input_size", input_size), H, H, 1, bias)
-
-    def initial_carry(params: Weights, batch_shape=()) -> Array:
-        return zeros_carry(batch_shape, H, carry_dtype(params.w_hh.dtype, dtype))
-
-    def project(params: Weights, xs: Array) -> Array:
-        return affine(xs, params.w_ih, params.b_ih, dtype)
+    init, initial_carry, project = hidden_cell_functions(fn, cfg, H, 1, bias, dtype, n_heads)
 
     def pointwise(_, h: Array, px: Array, hz: Array):
         h = act(px + hz)
         return h, h
 
     rec = Recurrence(lambda p: (p.w_hh, p.b_hh), lambda p: (), _identity, pointwise)
-    native = hidden_only(f"elman_{activation}") if activation in ("tanh", "relu") else None
+    native = hidden_only(f"elman_{activation}") if activation in ("tanh", "relu") and n_heads == 1 else None
     return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "elman", native, dtype=dtype)
 
 

@@ -14,6 +14,7 @@ from rnnjax.cells.base import (
     affine,
     carry_dtype,
     cell_from,
+    check_heads,
     check_size,
     compute_dtype,
     gain_shift,
@@ -56,7 +57,7 @@ def _forget_bias(fn: str, forget_bias: float, bias: bool) -> float:
 
 def lstm(hidden_size: int, *, proj_size: int = 0, peepholes: bool = False, forget_bias: float = 0.0,
          bias: bool = True, input_init: InitSpec = "uniform", recurrent_init: InitSpec = "uniform",
-         bias_init: InitSpec = "uniform", param_dtype=jnp.float32, dtype=None) -> Cell:
+         bias_init: InitSpec = "uniform", heads: int = 1, param_dtype=jnp.float32, dtype=None) -> Cell:
     """LSTM with fused gates; equals ``torch.nn.LSTM`` (including ``proj_size``).
 
     One ``[.., P or H] x [P or H, 4H]`` matmul per step computes all four
@@ -66,6 +67,12 @@ def lstm(hidden_size: int, *, proj_size: int = 0, peepholes: bool = False, forge
     connections from the cell state to the input, forget and output gates.
     With ``proj_size=P > 0`` the hidden state is projected, ``h = (o *
     tanh(c)) W_hr``, and ``y``/``h`` have ``P`` features.
+
+    ``heads=n`` (FlashRNN's multi-head LSTM) makes the recurrent matrix
+    block-diagonal: ``n`` heads of ``H/n`` units, each feeding back only to
+    its own units of the four gates, stored as ``w_hh [n, H/n, 4H/n]`` and
+    run as one batched product per step (``1/n`` of the dense product's
+    FLOPs). ``heads=1`` is the dense cell. Not with ``proj_size``.
 
     ``param_dtype`` stores the parameters; ``dtype`` is the compute dtype
     (None: the parameters'). ``dtype=jnp.bfloat16`` runs every matmul on
@@ -81,12 +88,16 @@ def lstm(hidden_size: int, *, proj_size: int = 0, peepholes: bool = False, forge
         raise ValueError(f"{fn}: proj_size must be smaller than hidden_size={H}, got {P} (as in torch.nn.LSTM). "
                          "Fix: pass a smaller proj_size, or 0 for no projection.")
     out = P or H
+    n_heads = check_heads(fn, heads, H)
+    if n_heads > 1 and P:
+        raise ValueError(f"{fn}: heads={n_heads} needs proj_size=0 (each head feeds back its own H/heads units, "
+                         f"which a projection mixes), got proj_size={P}. Fix: pass proj_size=0 or heads=1.")
     fb = _forget_bias(fn, forget_bias, bias)
     cfg = init_config(fn, H, input_init, recurrent_init, bias_init, param_dtype)
 
     def init(key, input_size: int) -> LSTMParams:
         k_w, k_r, k_p = jax.random.split(key, 3)
-        w = init_weights(cfg, k_w, check_size(fn, "input_size", input_size), out, H, 4, bias)
+        w = init_weights(cfg, k_w, check_size(fn, "input_size", input_size), out, H, 4, bias, n_heads)
         b_ih = w.b_ih.at[H:2 * H].add(fb) if bias else None
         w_hr = cfg.input(k_r, (H, P), cfg.dtype) if P else None
         w_peep = cfg.bias(k_p, (3, H), cfg.dtype) if peepholes else None
@@ -114,7 +125,7 @@ def lstm(hidden_size: int, *, proj_size: int = 0, peepholes: bool = False, forge
         return LSTMCarry(h, c), h
 
     rec = Recurrence(lambda p: (p.w_hh, p.b_hh), lambda p: (p.w_hr, p.w_peep), _read_h, pointwise)
-    native = None if P or peepholes else Native(
+    native = None if P or peepholes or n_heads > 1 else Native(
         "lstm", lambda p: (p.w_ih, p.w_hh, p.b_ih, p.b_hh), lambda c: (c.h, c.c), LSTMCarry)
     return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], out, "lstm", native, dtype=dtype)
 

@@ -176,6 +176,7 @@ class TorchModel:
 
     def check_params(self, fn: str, params) -> None:
         """Raises ValueError naming ``fn`` when ``params`` do not have this model's structure and shapes."""
+        _refuse_heads(fn, params)
         expected = self.params_shapes()
         e_leaves, e_def = jax.tree_util.tree_flatten(expected)
         try:
@@ -257,6 +258,20 @@ class TorchModel:
         if self.is_lstm:
             return jnp.stack([c.h for c in flat]), jnp.stack([c.c for c in flat])
         return jnp.stack(flat)
+
+
+def _refuse_heads(fn: str, params) -> None:
+    """A cell built with ``heads=n > 1`` stores ``w_hh`` as ``[n, H/n, G/n]``: PyTorch has no such module."""
+    try:
+        leaves = jax.tree_util.tree_leaves_with_path(params)
+    except Exception:  # noqa: BLE001 - left to check_params' own message
+        return
+    for path, leaf in leaves:
+        if path and getattr(path[-1], "name", None) == "w_hh" and np.ndim(leaf) == 3:
+            shape = list(np.shape(leaf))
+            raise ValueError(f"{fn}: params hold a multi-head recurrent weight w_hh of shape {shape} (a cell built "
+                             f"with heads={shape[0]}); torch.nn.RNN/LSTM/GRU have one dense recurrent matrix. Fix: "
+                             "build the cells with heads=1 for models exchanged with PyTorch.")
 
 
 def _spec_of(fn: str, model_or_spec) -> TorchSpec:

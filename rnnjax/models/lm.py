@@ -43,6 +43,7 @@ CELLS: dict[str, tuple[Callable[..., Cell], dict]] = {
     "mingru": (cells.mingru, {}),
     "minlstm": (cells.minlstm, {}),
     "rglru": (cells.rglru, {}),
+    "mgu": (cells.mgu, {}),
 }
 
 
@@ -86,7 +87,7 @@ def language_model(vocab_size: int, *, cell: str | Callable[[int], Cell] = "lstm
     Args:
       vocab_size: number of token ids ``V``.
       cell: ``"lstm"``, ``"gru"``, ``"elman"``, ``"layer_norm_lstm"``,
-        ``"layer_norm_gru"``, ``"lru"``, ``"mingru"``, ``"minlstm"``, ``"rglru"``,
+        ``"layer_norm_gru"``, ``"lru"``, ``"mingru"``, ``"minlstm"``, ``"rglru"``, ``"mgu"``,
         or a factory ``hidden_size -> Cell``.
       layers, hidden: depth and width of the recurrent stack.
       embed: embedding width (default ``min(hidden, 256)``; any width ``>= V``

@@ -22,8 +22,9 @@ from rnnjax.recipes.flags import OPTIMISATION, Flag, in_range, non_negative_floa
 DEFAULTS = dict(
     text=None, cell="lstm", layers=1, hidden=512, embed=64, batch=64, seq_len=8, lr=5e-3, warmup=None, end_lr=0.0,
     weight_decay=0.01, clip=1.0, dropout=0.0, residual=False, layer_norm=False, block=False, accumulate=1, seed=0,
-    population=None, dtype="auto",
+    population=None, dtype="auto", heads=1,
 )
+HEADS_CELLS = ("lstm", "gru", "elman")  # the cells that take --heads
 # Run options of its own (the prompt's default depends on the text: the opening of its first line,
 # or "ROMEO:" on the bundled corpus).
 OPTIONS = dict(sample_length=500, eval_sample_length=200, temperature=0.8, top_k=None, top_p=None, prompt=None)
@@ -57,6 +58,8 @@ def _flags() -> tuple[Flag, ...]:
         Flag("layers", positive(int), "stacked recurrent layers"),
         Flag("hidden", positive(int), "hidden units per layer"),
         Flag("embed", positive(int), "character embedding width"),
+        Flag("heads", positive(int), f"block-diagonal recurrent heads of {', '.join(HEADS_CELLS)} (FlashRNN's "
+                                     "multi-head cells); must divide --hidden"),
         Flag("dropout", in_range(0, 1), "dropout on non-recurrent connections"),
         Flag("residual", "bool", "residual connections between layers"),
         Flag("layer_norm", "bool", "layer-normalise each layer's output"),
@@ -149,10 +152,13 @@ def _check_sampling(cmd: str, o: dict, vocab_size: int) -> None:
 
 def model_config(s: dict, vocab_size: int) -> dict:
     block = bool(s.get("block"))
-    return dict(vocab_size=vocab_size, cell=s["cell"], layers=s["layers"], hidden=s["hidden"],
-                embed=s["hidden"] if block else s["embed"], dropout=s["dropout"], residual=bool(s["residual"]),
-                layer_norm=bool(s["layer_norm"]), block=block,
-                dtype=flags.resolve_dtype(s.get("dtype", "float32"), s["cell"]))
+    config = dict(vocab_size=vocab_size, cell=s["cell"], layers=s["layers"], hidden=s["hidden"],
+                  embed=s["hidden"] if block else s["embed"], dropout=s["dropout"], residual=bool(s["residual"]),
+                  layer_norm=bool(s["layer_norm"]), block=block,
+                  dtype=flags.resolve_dtype(s.get("dtype", "float32"), s["cell"]))
+    if s.get("heads", 1) > 1:
+        config["cell_options"] = {"heads": s["heads"]}
+    return config
 
 
 def _check_cell(cell: str) -> None:
@@ -207,6 +213,9 @@ def _data(plan: engine.Plan) -> CharData:
 
     s, cmd, saved = plan.settings, plan.cmd, plan.saved
     _check_cell(s["cell"])  # before loading data, which can take a while
+    if s.get("heads", 1) > 1 and s["cell"] not in HEADS_CELLS:
+        raise UsageError(f"{cmd}: --heads {s['heads']} applies to the cells {', '.join(HEADS_CELLS)}, got --cell "
+                         f"{s['cell']}. Fix: drop --heads or choose one of those cells.")
     if s.get("block") and plan.given.get("embed") is not None and plan.given["embed"] != s["hidden"]:
         raise UsageError(f"{cmd}: --block adds each block's input to its output, so the embedding is --hidden "
                          f"{s['hidden']} wide; got --embed {plan.given['embed']}. Fix: drop --embed.")
