@@ -133,7 +133,7 @@ def _weighted(ys):
     return jnp.sum(ys * jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape))
 
 
-@pytest.mark.parametrize("parallel", [False, "associative", "loop"])
+@pytest.mark.parametrize("parallel", [False, "associative"])  # the loop form: tests/test_linear_cells.py
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_values_and_gradients_equal_the_unstabilised_equations_in_float64(name, parallel):
     make, reference = CASES[name]
@@ -155,8 +155,7 @@ def test_values_and_gradients_equal_the_unstabilised_equations_in_float64(name, 
     assert_trees_close(grads, want_grads, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,parallel", [("slstm", False), ("mlstm", False), ("mlstm", "associative"),
-                                           ("mlstm", "loop")])
+@pytest.mark.parametrize("name,parallel", [("slstm", False), ("mlstm", False), ("mlstm", "associative")])
 def test_finite_over_ten_thousand_steps_of_large_inputs(name, parallel):
     """Gate pre-activations in the hundreds, both signs: exp(i~) alone would overflow float32 at 89."""
     cell = getattr(cells, name)(4, heads=2)
