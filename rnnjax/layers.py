@@ -1,4 +1,5 @@
-"""Combinators over cells: sequence layers (``rnn``, ``bidirectional``, ``stack``)
+"""Combinators over cells: sequence layers (``rnn``, ``bidirectional``, ``stack``, ``residual_block``,
+``mamba_block``)
 and pointwise modules (``dense``, ``embedding``, ``layer_norm``).
 
 A :class:`Layer` maps whole sequences to sequences with the driver's
@@ -30,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import _checks, scan
-from rnnjax.cells.base import Cell, affine, cast_output, check_size, compute_dtype, initializer, matmul
+from rnnjax._tree import where_batch
+from rnnjax.cells.base import Cell, affine, carry_dtype, cast_output, check_size, compute_dtype, initializer, matmul
 from rnnjax.cells.base import layer_norm as _layer_norm
 from rnnjax.types import Array, InitSpec
 
@@ -335,6 +337,127 @@ def residual_block(cell: Cell, *, mlp_expansion: int = 3, reverse: bool = False,
         return cell.initial_carry(params.cell, batch_shape)
 
     return Layer(init, apply, initial_carry, step, D, f"block-{cell.name}")
+
+
+class MambaBlockParams(NamedTuple):
+    norm: Array  # [D]: RMS-norm gain
+    w_in: Array  # [D, 2E]: the SSM's channels u, then the gate z
+    conv_w: Array  # [K, E]: the causal depthwise convolution, oldest tap first
+    conv_b: Array  # [E]
+    cell: Any
+    w_out: Array  # [E, D]
+
+
+def _causal_conv(u: Array, state: Array, w: Array, valid, resets):
+    """Causal depthwise convolution ``out_t = sum_j w[K-1-j] u_(t-j)`` of time-major ``u [T, *B, E]``
+    continuing from ``state [*B, K-1, E]`` (the last inputs read, oldest first), with the driver's semantics
+    as the step form has them: a step whose ``valid`` is False is skipped (it neither reads nor enters the
+    window), and a reset empties the window. Returns ``(out [T, *B, E], the state after the last step)``.
+
+    The valid steps are gathered to the front (a stable sort), convolved there with taps that reach
+    back no further than the last reset, and scattered back.
+    """
+    T, K = u.shape[0], w.shape[0]
+    valid = jnp.ones(u.shape[:-1], bool) if valid is None else valid
+    resets = jnp.zeros(u.shape[:-1], bool) if resets is None else resets
+    order = jnp.argsort(jnp.logical_not(valid).astype(jnp.int8), axis=0, stable=True)
+    n = jnp.sum(valid, 0)
+    seen = jnp.take_along_axis(jnp.cumsum(resets, 0), order, 0)  # resets up to each gathered step
+    fresh = seen > jnp.concatenate([jnp.zeros_like(seen[:1]), seen[:-1]])  # a reset since the previous valid step
+    index = jnp.arange(T).reshape((T,) + (1,) * (u.ndim - 2))
+    since = index - jax.lax.cummax(jnp.where(fresh, index, -(T + K)), axis=0)  # >= T: no reset yet
+    ext = jnp.concatenate([jnp.moveaxis(state, -2, 0), jnp.take_along_axis(u, order[..., None], 0)])
+    out = sum(jnp.where((j <= since)[..., None], ext[K - 1 - j:K - 1 - j + T], 0) * w[K - 1 - j] for j in range(K))
+    out = jnp.take_along_axis(out, jnp.maximum(jnp.cumsum(valid, 0) - 1, 0)[..., None], 0)
+    last = jnp.maximum(n - 1, 0)[None]
+    since_end = jnp.where(n > 0, jnp.take_along_axis(since, last, 0)[0], T + K)
+    later_reset = jnp.cumsum(resets, 0)[-1] > jnp.where(n > 0, jnp.take_along_axis(seen, last, 0)[0], 0)
+    since_end = jnp.where(later_reset, -1, since_end)
+    tail = n[None] + jnp.arange(K - 1).reshape((K - 1,) + (1,) * (u.ndim - 2))
+    keep = (K - 2 - jnp.arange(K - 1)).reshape(tail.shape[:1] + (1,) * (u.ndim - 2)) <= since_end[None]
+    new_state = jnp.where(keep[..., None], jnp.take_along_axis(ext, tail[..., None], 0), 0)
+    return out, jnp.moveaxis(new_state, 0, -2)
+
+
+def mamba_block(cell: Cell, *, features: int, conv_kernel: int = 4, remat: scan.Remat = None,
+                parallel: scan.Parallel = "auto", eps: float = 1e-6, param_dtype=jnp.float32, dtype=None) -> Layer:
+    """Mamba's block (Gu & Dao 2023) around ``cell``, pre-norm with a residual::
+
+        u, z = rms_norm(x) W_in                        # [E] each: E = cell.output_size (Mamba: 2 * features)
+        u = silu(causal_depthwise_conv1d(u) + b)       # kernel conv_kernel, over time, per channel
+        y = x + (cell(u) * silu(z)) W_out              # cell: rnnjax.cells.mamba(E) for Mamba itself
+
+    so a stack of blocks (:func:`stack`, or ``language_model(cell="mamba")``)
+    is Mamba's language model. ``features`` ``D`` is the block's input and
+    output width. The cell reads ``E`` features (build it with
+    ``hidden_size=E``). Same semantics as :func:`rnn` (lengths, mask, resets,
+    ``time_major``, outputs zero at invalid steps): the convolution skips
+    invalid steps and restarts at resets, as the step form does. The carry
+    is ``(conv_state [*B, conv_kernel - 1, E], cell_carry)``, so a carried
+    state continues the convolution too, and ``step`` streams one step.
+    Matrices start as ``torch.nn.Linear``'s U(±1/√fan_in), the conv as
+    ``torch.nn.Conv1d``'s (U(±1/√conv_kernel)), the gain at one (no biases
+    in the projections, as in Mamba). ``dtype``: the compute dtype of the
+    projections and the output (build ``cell`` with the same ``dtype``).
+    """
+    fn = "rnnjax.layers.mamba_block"
+    dtype = compute_dtype(fn, dtype)
+    D = check_size(fn, "features", features)
+    K = check_size(fn, "conv_kernel", conv_kernel)
+    E = cell.output_size
+
+    def init(key, input_size: int) -> MambaBlockParams:
+        if input_size != D:
+            raise ValueError(f"{fn}: the block adds its input to its output, so input_size must equal features={D}, "
+                             f"got {input_size}. Fix: build the block with features={input_size}, or project the "
+                             f"inputs to {D} features first.")
+        k_in, k_w, k_b, k_c, k_out = jax.random.split(key, 5)
+        conv = initializer(fn, "uniform", K)
+        return MambaBlockParams(jnp.ones(D, param_dtype), initializer(fn, "uniform", D)(k_in, (D, 2 * E), param_dtype),
+                                conv(k_w, (K, E), param_dtype), conv(k_b, (E,), param_dtype), cell.init(k_c, E),
+                                initializer(fn, "uniform", E)(k_out, (E, D), param_dtype))
+
+    def initial_carry(params: MambaBlockParams, batch_shape=()):
+        state = jnp.zeros((*tuple(batch_shape), K - 1, E), carry_dtype(params.w_in.dtype, dtype))
+        return state, cell.initial_carry(params.cell, batch_shape)
+
+    def branches(params: MambaBlockParams, x: Array):
+        return jnp.split(matmul(rms_norm(x, params.norm, eps), params.w_in, dtype), 2, axis=-1)
+
+    def out(params: MambaBlockParams, x: Array, y: Array, z: Array) -> Array:
+        return cast_output(x + matmul(y * jax.nn.silu(z), params.w_out, dtype), dtype)
+
+    def apply(params: MambaBlockParams, xs, *, carry=None, lengths=None, mask=None, resets=None, key=None,
+              time_major=False):
+        del key
+        xs = jnp.asarray(xs)
+        xs_t = xs if time_major else jnp.moveaxis(xs, -2, 0)
+        T, batch_shape = xs_t.shape[0], tuple(xs_t.shape[1:-1])
+        valid = scan.valid_steps(fn, batch_shape, T, lengths=lengths, mask=mask, time_major=time_major)
+        if resets is not None:
+            resets = _checks.check_mask(fn, resets, batch_shape, T, time_major, name="resets")
+        conv_state, cell_carry = initial_carry(params, batch_shape) if carry is None else carry
+        u, z = branches(params, xs_t)
+        u, conv_state = _causal_conv(u, conv_state, params.conv_w, valid, resets)
+        cell_carry, y = scan.unroll(cell, params.cell, jax.nn.silu(u + params.conv_b), carry=cell_carry, mask=valid,
+                                    resets=resets, time_major=True, remat=remat, parallel=parallel)
+        ys = out(params, xs_t, y, z)
+        if valid is not None:
+            ys = jnp.where(valid[..., None], ys, 0)
+        return (conv_state, cell_carry), ys if time_major else jnp.moveaxis(ys, 0, -2)
+
+    def step(params: MambaBlockParams, carry, x, *, reset=None):
+        x = jnp.asarray(x)
+        conv_state, cell_carry = carry
+        if reset is not None:
+            conv_state = where_batch(jnp.asarray(reset), jnp.zeros_like(conv_state), conv_state)
+        u, z = branches(params, x)
+        window = jnp.concatenate([conv_state, u[..., None, :]], axis=-2)
+        conv = jnp.sum(window * params.conv_w, axis=-2) + params.conv_b
+        cell_carry, y = scan.step(cell, params.cell, cell_carry, jax.nn.silu(conv), reset=reset)
+        return (window[..., 1:, :], cell_carry), out(params, x, y, z)
+
+    return Layer(init, apply, initial_carry, step, D, f"mamba-block-{cell.name}")
 
 
 def _dropout(key, x: Array, rate: float, variational: bool, time_major: bool) -> Array:

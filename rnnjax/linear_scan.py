@@ -156,6 +156,41 @@ def loop_chunk(T: int, step_bytes: int) -> int:
     return min(divisors, key=lambda d: abs(math.log2(d / target))) if divisors else target
 
 
+def _max_plus(earlier, later):
+    """Two steps of ``m = max(f + m, i)`` as one: ``m = max(f1 + f2 + m, max(i1 + f2, i2))``."""
+    f1, i1 = earlier
+    f2, i2 = later
+    return f1 + f2, jnp.maximum(i1 + f2, i2)
+
+
+def _stabilisers(log_f, log_i, m, m_zero, valid, resets, reverse: bool):
+    """The stabilisers of all steps of a stabilised linear form (:class:`~rnnjax.cells.base.Linear`):
+    ``(m_prev, m_new)``, each ``[C, *B, K]``, the stabiliser before and after each step.
+
+    ``m' = max(log_f + m, log_i)`` is linear in the max-plus semiring, so it runs as an associative scan
+    with the driver's masking in that semiring: a held step is ``(0, -inf)``, a reset ``(-inf, max(log_f +
+    m_zero, log_i))``. At a held step ``m_new`` is what the step itself would give (not the held value), so
+    the coefficients the driver then replaces stay finite.
+    """
+    raw_f, raw_i = log_f, log_i
+    if valid is not None:
+        v = valid[..., None]
+        log_f, log_i = jnp.where(v, log_f, 0), jnp.where(v, log_i, -jnp.inf)
+    if resets is not None:
+        r = resets[..., None]
+        log_i = jnp.where(r, jnp.maximum(log_f + m_zero, log_i), log_i)
+        log_f = jnp.where(r, -jnp.inf, log_f)
+    first = -1 if reverse else 0
+    log_i = log_i.at[first].set(jnp.maximum(log_f[first] + m, log_i[first]))
+    ms = jax.lax.associative_scan(_max_plus, (log_f, log_i), reverse=reverse, axis=0)[1]
+    m_prev = jnp.concatenate([ms[1:], m[None]]) if reverse else jnp.concatenate([m[None], ms[:-1]])
+    if resets is not None:
+        m_prev = jnp.where(resets[..., None], m_zero, m_prev)
+    if valid is not None:
+        ms = jnp.where(valid[..., None], ms, jnp.maximum(raw_f + m_prev, raw_i))
+    return m_prev, ms
+
+
 def _linear_chunk(cell: Cell, params, zero_state, state, xs, valid, resets, *, reverse: bool, method: str):
     """Steps ``xs [C, *B, F]`` of the linear form from ``state`` (entering at the first step read):
     ``(the state after the last step read, ys [C, *B, O])``.
@@ -163,11 +198,17 @@ def _linear_chunk(cell: Cell, params, zero_state, state, xs, valid, resets, *, r
     The driver's masking as coefficients: an invalid step holds the carry
     (``a = 1, b = 0``), a reset replaces the carry by the initial one before
     the step (``a' = 0``, ``b' = a h_init + b``, applied after the hold, as
-    the sequential driver resets before it holds).
+    the sequential driver resets before it holds). A stabilised form's
+    ``state`` is ``(h, m)``; its stabilisers come from :func:`_stabilisers`.
     """
     lin = cell.linear
     px = checkpoint_name(cell.project(params, xs), PROJECTION)
-    a, b = lin.coefficients(params, px)
+    if lin.stabiliser is None:
+        a, b = lin.coefficients(params, px)
+    else:
+        (state, m), (zero_state, m_zero) = state, zero_state
+        m_prev, ms = _stabilisers(*lin.stabiliser(params, px), m, m_zero, valid, resets, reverse)
+        a, b = lin.coefficients(params, px, m_prev, ms)
     if valid is not None:
         v = valid[..., None]
         a = jnp.where(v, a, jnp.ones_like(a))
@@ -179,10 +220,14 @@ def _linear_chunk(cell: Cell, params, zero_state, state, xs, valid, resets, *, r
     first = -1 if reverse else 0
     b = b.at[first].add((a if a.ndim < b.ndim else a[first]) * state)
     hs = linear_scan(a, b, reverse, method)
+    if lin.stabiliser is not None:
+        if valid is not None:  # the held steps' stabilisers (ms holds what each step would have given)
+            ms = jnp.where(valid[..., None], ms, m_prev)
+        hs = (hs, ms)
     ys = lin.output(params, hs, px)
     if valid is not None:
         ys = jnp.where(valid[..., None], ys, jnp.zeros_like(ys))
-    return hs[-1 - first], ys
+    return jax.tree_util.tree_map(lambda s: s[-1 - first], hs), ys
 
 
 def parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, reverse: bool, method: str):

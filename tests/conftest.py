@@ -27,8 +27,11 @@ CELLS = {
     "mingru": lambda: cells.mingru(H),
     "minlstm": lambda: cells.minlstm(H),
     "rglru": lambda: cells.rglru(H),
+    "slstm": lambda: cells.slstm(H, heads=2),
+    "mlstm": lambda: cells.mlstm(H, heads=2),
+    "mamba": lambda: cells.mamba(H, state_size=3),
 }
-LINEAR = ("lru", "mingru", "minlstm", "rglru")  # cells with a Linear form (parallel scan)
+LINEAR = ("lru", "mingru", "minlstm", "rglru", "mlstm", "mamba")  # cells with a Linear form (parallel scan)
 
 
 @pytest.fixture(params=sorted(CELLS))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_xlstm_mamba import step_mamba, step_mlstm, step_slstm
 
 import rnnjax
 from conftest import B, H, T, assert_trees_close, random_carry, random_inputs
@@ -142,6 +143,8 @@ def reference_step(name, p, carry, x):
         return ref_ln_lstm(p, carry, x)
     if name == "lru":
         return ref_lru(p, carry, x)
+    if name in ("slstm", "mlstm", "mamba"):  # the stabilised steps of the xLSTM paper; Mamba's S6
+        return {"slstm": step_slstm, "mlstm": step_mlstm, "mamba": step_mamba}[name](p, carry, x)
     if name in ("mingru", "minlstm", "rglru"):
         h = {"mingru": ref_mingru, "minlstm": ref_minlstm, "rglru": ref_rglru}[name](p, carry, x)
         return h, h

@@ -60,6 +60,11 @@ def test_parallel_equals_sequential_values_and_gradients(linear, method, name):
     assert_trees_close(grads_p, grads_s, atol=2e-5)
 
 
+def _batch(flags, leaf):
+    """``flags [B]`` shaped to broadcast over a carry leaf ``[B, ...]``."""
+    return flags.reshape(flags.shape + (1,) * (leaf.ndim - 1))
+
+
 def test_parallel_equals_streaming_with_resets_and_mask(linear):
     """rnnjax.step one step at a time, holding the carry by hand where the mask is False."""
     cell, params = linear
@@ -69,8 +74,8 @@ def test_parallel_equals_streaming_with_resets_and_mask(linear):
     for t in range(T):
         new, y = rnnjax.step(cell, params, carry, XS[:, t], reset=RESETS[:, t])
         reset_carry = jax.tree_util.tree_map(
-            lambda z, c: jnp.where(RESETS[:, t, None], z, c), cell.initial_carry(params, (B,)), carry)
-        carry = jax.tree_util.tree_map(lambda n, c: jnp.where(MASK[:, t, None], n, c), new, reset_carry)
+            lambda z, c: jnp.where(_batch(RESETS[:, t], c), z, c), cell.initial_carry(params, (B,)), carry)
+        carry = jax.tree_util.tree_map(lambda n, c: jnp.where(_batch(MASK[:, t], c), n, c), new, reset_carry)
         ys.append(jnp.where(MASK[:, t, None], y, 0))
     assert_trees_close((c_par, ys_par), (carry, jnp.stack(ys, 1)))
 
@@ -94,7 +99,7 @@ def test_parallel_two_batch_dims_time_major_and_vmap(linear):
     lengths = LENGTHS.reshape(2, 2)
     ref = rnnjax.unroll(cell, params, XS, lengths=LENGTHS, parallel=False)
     c2, y2 = rnnjax.unroll(cell, params, xs, lengths=lengths, parallel=True)
-    assert_trees_close((c2.reshape(B, -1), y2.reshape(B, T, -1)), ref)
+    assert_trees_close((jax.tree_util.tree_map(lambda a: a.reshape(B, *a.shape[2:]), c2), y2.reshape(B, T, -1)), ref)
     c_t, y_t = rnnjax.unroll(cell, params, jnp.swapaxes(XS, 0, 1), lengths=LENGTHS, time_major=True, parallel=True)
     assert_trees_close((c_t, jnp.swapaxes(y_t, 0, 1)), ref)
     one = lambda x, n: rnnjax.unroll(cell, params, x, lengths=n, parallel=True)  # noqa: E731

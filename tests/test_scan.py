@@ -110,7 +110,7 @@ def test_two_batch_dimensions_equal_flattened(cell, params):
     lengths = jnp.array([[T, 2, 5], [1, 4, T]])
     carry, ys = rnnjax.unroll(cell, params, xs, lengths=lengths, reverse=True)
     c_flat, y_flat = rnnjax.unroll(cell, params, xs.reshape(6, T, F), lengths=lengths.reshape(6), reverse=True)
-    assert_trees_close(carry, jax.tree_util.tree_map(lambda a: a.reshape(2, 3, -1), c_flat))
+    assert_trees_close(carry, jax.tree_util.tree_map(lambda a: a.reshape(2, 3, *a.shape[1:]), c_flat))
     assert_trees_close(ys, y_flat.reshape(ys.shape))
 
 

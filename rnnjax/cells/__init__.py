@@ -5,8 +5,10 @@ from rnnjax.cells.elman import JordanParams, elman, jordan
 from rnnjax.cells.gru import LayerNormGRUParams, gru, layer_norm_gru, mgu
 from rnnjax.cells.lru import LRUParams, lru
 from rnnjax.cells.lstm import LayerNormLSTMParams, LSTMCarry, LSTMParams, layer_norm_lstm, lstm
+from rnnjax.cells.mamba import MambaParams, mamba
 from rnnjax.cells.minrnn import MinRNNParams, mingru, minlstm
 from rnnjax.cells.rglru import RGLRUParams, rglru
+from rnnjax.cells.xlstm import MLSTMCarry, MLSTMParams, SLSTMCarry, SLSTMParams, mlstm, slstm
 
 __all__ = [
     "ACTIVATIONS",
@@ -18,8 +20,13 @@ __all__ = [
     "LayerNormGRUParams",
     "LayerNormLSTMParams",
     "Linear",
+    "MLSTMCarry",
+    "MLSTMParams",
+    "MambaParams",
     "MinRNNParams",
     "RGLRUParams",
+    "SLSTMCarry",
+    "SLSTMParams",
     "Weights",
     "elman",
     "gru",
@@ -28,8 +35,11 @@ __all__ = [
     "layer_norm_lstm",
     "lru",
     "lstm",
+    "mamba",
     "mgu",
     "mingru",
     "minlstm",
+    "mlstm",
     "rglru",
+    "slstm",
 ]

@@ -127,22 +127,44 @@ class Linear(NamedTuple):
     with the rest of the chunk (``jax.checkpoint``: memory only for the
     chunk boundaries' states); each cell sets what measured faster
     (docs/performance.md, "Linear cells").
+
+    ``stabiliser``: for a recurrence with exponential gates (xLSTM's mLSTM),
+    whose state would overflow, ``(params, px) -> (log_f, log_i)`` (``[..., K]``
+    each: the logs of the forget and input gates). The state is then kept
+    scaled by ``exp(-m)``, with the stabiliser ``m`` part of the carry::
+
+        m' = max(log_f + m, log_i)                 # a max-plus recurrence, also run as an associative scan
+        a, b = coefficients(params, px, m, m')     # e.g. a = exp(log_f + m - m'), b = exp(log_i - m') u
+        h' = a * h + b
+
+    and ``state(carry)`` returns ``(h, m)``, ``carry((h, m))`` builds the
+    carry, ``output(params, (h, m), px)`` reads both. The cell's outputs must
+    not depend on ``m`` (the scale cancels), so only rounding differs where the
+    parallel forms' stabilisers differ from the step's in the last bits.
     """
 
-    coefficients: Callable[[Any, Array], tuple[Array, Array]]
-    state: Callable[[Any], Array]
-    carry: Callable[[Array], Any]
-    output: Callable[[Any, Array, Array], Array]
+    coefficients: Callable[..., tuple[Array, Array]]
+    state: Callable[[Any], Any]
+    carry: Callable[[Any], Any]
+    output: Callable[[Any, Any, Array], Array]
     save_projection: bool = True
+    stabiliser: Callable[[Any, Array], tuple[Array, Array]] | None = None
 
 
 def step_from_linear(lin: Linear) -> Callable[[Any, Any, Array], tuple[Any, Array]]:
     """The cell's ``step`` as its :class:`Linear` form defines it."""
 
     def step(params, carry, px):
-        a, b = lin.coefficients(params, px)
-        h = a * lin.state(carry) + b
-        return lin.carry(h), lin.output(params, h, px)
+        if lin.stabiliser is None:
+            a, b = lin.coefficients(params, px)
+            h = a * lin.state(carry) + b
+            return lin.carry(h), lin.output(params, h, px)
+        h, m = lin.state(carry)
+        log_f, log_i = lin.stabiliser(params, px)
+        m_new = jnp.maximum(log_f + m, log_i)
+        a, b = lin.coefficients(params, px, m, m_new)
+        h = a * h + b
+        return lin.carry((h, m_new)), lin.output(params, (h, m_new), px)
 
     return step
 

@@ -44,7 +44,14 @@ CELLS: dict[str, tuple[Callable[..., Cell], dict]] = {
     "minlstm": (cells.minlstm, {}),
     "rglru": (cells.rglru, {}),
     "mgu": (cells.mgu, {}),
+    "slstm": (cells.slstm, {}),
+    "mlstm": (cells.mlstm, {}),
+    "mamba": (cells.mamba, {}),
 }
+# Cells whose language-model layer is their own block, of inner width expansion * hidden, rather than
+# layers.rnn or layers.residual_block: Mamba's (layers.mamba_block; expand = 2, as in Mamba). As with
+# block=True, the embedding is then hidden wide and a final RMS norm precedes the readout.
+OWN_BLOCKS: dict[str, tuple[Callable[..., L.Layer], int]] = {"mamba": (L.mamba_block, 2)}
 
 
 class LMParams(NamedTuple):
@@ -88,7 +95,9 @@ def language_model(vocab_size: int, *, cell: str | Callable[[int], Cell] = "lstm
       vocab_size: number of token ids ``V``.
       cell: ``"lstm"``, ``"gru"``, ``"elman"``, ``"layer_norm_lstm"``,
         ``"layer_norm_gru"``, ``"lru"``, ``"mingru"``, ``"minlstm"``, ``"rglru"``, ``"mgu"``,
-        or a factory ``hidden_size -> Cell``.
+        ``"slstm"``, ``"mlstm"``, ``"mamba"`` (each layer a
+        :func:`rnnjax.layers.mamba_block` around a cell of ``2 * hidden``
+        channels, as ``block=True`` otherwise), or a factory ``hidden_size -> Cell``.
       layers, hidden: depth and width of the recurrent stack.
       embed: embedding width (default ``min(hidden, 256)``; any width ``>= V``
         is as expressive as one-hot input, and a narrow one keeps the first
@@ -120,6 +129,8 @@ def language_model(vocab_size: int, *, cell: str | Callable[[int], Cell] = "lstm
     V = check_size(fn, "vocab_size", vocab_size)
     n_layers = check_size(fn, "layers", layers)
     H = check_size(fn, "hidden", hidden)
+    own_block = OWN_BLOCKS.get(cell) if isinstance(cell, str) else None
+    block = block or own_block is not None
     E = check_size(fn, "embed", (H if block else min(H, 256)) if embed is None else embed)
     if block and E != H:
         raise ValueError(f"{fn}: block=True adds each block's input to its output, so embed must equal hidden "
@@ -142,7 +153,11 @@ def language_model(vocab_size: int, *, cell: str | Callable[[int], Cell] = "lstm
     if dtype is not None:
         make_cell = partial(make_cell, dtype=dtype)
     embedding = L.embedding(V, E, dtype=dtype)
-    if block:
+    if own_block is not None:
+        make_block, expansion = own_block
+        rnn_layers = [make_block(make_cell(expansion * H), features=H, remat=remat, parallel=parallel, dtype=dtype)
+                      for _ in range(n_layers)]
+    elif block:
         rnn_layers = [L.residual_block(make_cell(H), mlp_expansion=mlp_expansion, remat=remat, parallel=parallel,
                                        dtype=dtype) for _ in range(n_layers)]
     else:

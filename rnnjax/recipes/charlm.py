@@ -150,8 +150,16 @@ def _check_sampling(cmd: str, o: dict, vocab_size: int) -> None:
 # The model
 
 
+def _blocks(s: dict) -> bool:
+    """Whether the model's layers are blocks (their embedding is --hidden wide): --block, or a cell whose
+    layers are its own blocks (Mamba's)."""
+    from rnnjax.models.lm import OWN_BLOCKS
+
+    return bool(s.get("block")) or s["cell"] in OWN_BLOCKS
+
+
 def model_config(s: dict, vocab_size: int) -> dict:
-    block = bool(s.get("block"))
+    block = _blocks(s)
     config = dict(vocab_size=vocab_size, cell=s["cell"], layers=s["layers"], hidden=s["hidden"],
                   embed=s["hidden"] if block else s["embed"], dropout=s["dropout"], residual=bool(s["residual"]),
                   layer_norm=bool(s["layer_norm"]), block=block,
@@ -216,8 +224,9 @@ def _data(plan: engine.Plan) -> CharData:
     if s.get("heads", 1) > 1 and s["cell"] not in HEADS_CELLS:
         raise UsageError(f"{cmd}: --heads {s['heads']} applies to the cells {', '.join(HEADS_CELLS)}, got --cell "
                          f"{s['cell']}. Fix: drop --heads or choose one of those cells.")
-    if s.get("block") and plan.given.get("embed") is not None and plan.given["embed"] != s["hidden"]:
-        raise UsageError(f"{cmd}: --block adds each block's input to its output, so the embedding is --hidden "
+    if _blocks(s) and plan.given.get("embed") is not None and plan.given["embed"] != s["hidden"]:
+        why = "--block" if s.get("block") else f"--cell {s['cell']} (its layers are residual blocks)"
+        raise UsageError(f"{cmd}: {why} adds each block's input to its output, so the embedding is --hidden "
                          f"{s['hidden']} wide; got --embed {plan.given['embed']}. Fix: drop --embed.")
     vocab = data.Vocabulary.from_json(json.dumps(saved["vocab"])) if saved else None
     d = read_data(s["text"], cmd, vocab)
