@@ -112,7 +112,8 @@ def test_generate_and_model_errors():
     with pytest.raises(ValueError) as e:
         language_model(5, cell="transformer")
     assert str(e.value) == ("rnnjax.models.language_model: unknown cell 'transformer'; expected one of "
-                            "lstm, gru, elman, layer_norm_lstm, layer_norm_gru, lru, mingru, minlstm, rglru, mgu.")
+                            "lstm, gru, elman, layer_norm_lstm, layer_norm_gru, lru, mingru, minlstm, rglru, mgu, "
+                            "slstm, mlstm, mamba.")
     with pytest.raises(ValueError, match=re.escape("apply: expected integer token ids")):
         model.apply(params, jnp.ones((2, 3)))
 
@@ -375,7 +376,8 @@ def test_cli_bad_cell_prompt_and_resume_exit_2(tmp_path, capsys):
     text = _tiny_text(tmp_path / "tiny.txt")
     assert cli.main(["train", "charlm", "--text", str(text), "--cell", "lsmt", "--steps", "1"]) == 2
     assert capsys.readouterr().err == ("rnnjax: error: unknown --cell 'lsmt'; expected one of lstm, gru, elman, "
-                                       "layer_norm_lstm, layer_norm_gru, lru, mingru, minlstm, rglru, mgu.\n")
+                                       "layer_norm_lstm, layer_norm_gru, lru, mingru, minlstm, rglru, mgu, slstm, "
+                                       "mlstm, mamba.\n")
     assert cli.main(["train", "charlm", "--text", str(text), "--prompt", "ROMEO:", "--steps", "1",
                      "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == (

@@ -133,8 +133,8 @@ def test_bad_input():
         model.encode(params, np.zeros((2, 0), np.int32), np.array([0, 0]))
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.models.seq2seq: unknown cell 'rnn'; expected one of lstm, gru, elman, layer_norm_lstm, "
-            "layer_norm_gru, lru, mingru, minlstm, rglru, mgu. Fix: pass one of those names or a factory "
-            "hidden_size -> Cell.")):
+            "layer_norm_gru, lru, mingru, minlstm, rglru, mgu, slstm, mlstm, mamba. Fix: pass one of those names or a "
+            "factory hidden_size -> Cell.")):
         seq2seq(VS, VT, cell="rnn")
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.models.seq2seq_loss: label_smoothing must be in [0, 1), got 1.0. Fix: pass e.g. 0.1, or 0 "
