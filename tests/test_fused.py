@@ -41,7 +41,7 @@ def test_fused_gradients_equal_autodiff(cell, params, options, save_pointwise, m
     grad = jax.value_and_grad(functools.partial(loss, cell), argnums=(0, 1, 2))
     value_f, grads_f = grad(params, xs, carry, backward="fused", **options)
     value_a, grads_a = grad(params, xs, carry, backward="autodiff", **options)
-    np.testing.assert_allclose(value_f, value_a, rtol=1e-6)
+    np.testing.assert_allclose(value_f, value_a, rtol=2e-6)  # float32 sums in another order
     assert_trees_close(grads_f, grads_a)
 
 

@@ -181,6 +181,7 @@ def test_g2p_population_and_early_stopping_run_on_the_engine(run, capsys):
     assert "rnnjax: score it with: rnnjax g2p --checkpoint" in err
 
 
+@pytest.mark.slow
 def test_g2p_resume_continues_from_the_checkpoint_and_refuses_other_settings(run, capsys):
     root, _ = run
     out = root / "resumed"

@@ -5,7 +5,6 @@ cells' documented initialisation; the residual block."""
 
 from __future__ import annotations
 
-import functools
 import re
 
 import jax
@@ -45,17 +44,39 @@ def loss(cell, params, xs, carry, parallel, **kw):
     return jnp.sum(ys * weights) + sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(final))
 
 
-@pytest.mark.parametrize("method,name", [("associative", name) for name in sorted(OPTIONS)] + [
-    ("loop", "resets-lengths-reverse"), ("loop", "resets-mask")])
+def jitted(fn, cell, parallel, opts):
+    """``fn(cell, params, xs, carry, parallel, **opts)`` jitted as ``(params, xs, carry) -> ...``: one compile,
+    not op-by-op dispatch (``reverse`` static, the masks traced)."""
+    static = {k: v for k, v in opts.items() if isinstance(v, bool)}
+    arrays = {k: v for k, v in opts.items() if not isinstance(v, bool)}
+    run = jax.jit(lambda p, x, c, a: fn(cell, p, x, c, parallel, **static, **a))
+    return lambda p, x, c: run(p, x, c, arrays)
+
+
+def unroll(cell, params, xs, carry, parallel, **kw):
+    return rnnjax.unroll(cell, params, xs, carry=carry, parallel=parallel, **kw)
+
+
+def value_and_grad(cell, params, xs, carry, parallel, **kw):
+    return jax.value_and_grad(loss, argnums=(1, 2, 3))(cell, params, xs, carry, parallel, **kw)
+
+
+def slow_unless(keep: bool, *values):
+    """The parameters ``values``, marked slow (left out of the default run) unless ``keep``."""
+    return pytest.param(*values, marks=() if keep else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("method,name", [
+    slow_unless(name == "resets-lengths-reverse", "associative", name) for name in sorted(OPTIONS)] + [
+    slow_unless(False, "loop", "resets-lengths-reverse"), ("loop", "resets-mask")])
 def test_parallel_equals_sequential_values_and_gradients(linear, method, name):
     cell, params = linear
     carry = random_carry(cell, params, (B,))
     opts = OPTIONS[name]
-    assert_trees_close(rnnjax.unroll(cell, params, XS, carry=carry, parallel=method, **opts),
-                       rnnjax.unroll(cell, params, XS, carry=carry, parallel=False, **opts))
-    grad = jax.value_and_grad(functools.partial(loss, cell), argnums=(0, 1, 2))
-    value_p, grads_p = grad(params, XS, carry, method, **opts)
-    value_s, grads_s = grad(params, XS, carry, False, **opts)
+    assert_trees_close(jitted(unroll, cell, method, opts)(params, XS, carry),
+                       jitted(unroll, cell, False, opts)(params, XS, carry))
+    value_p, grads_p = jitted(value_and_grad, cell, method, opts)(params, XS, carry)
+    value_s, grads_s = jitted(value_and_grad, cell, False, opts)(params, XS, carry)
     np.testing.assert_allclose(value_p, value_s, rtol=1e-5)
     assert_trees_close(grads_p, grads_s, atol=2e-5)
 
@@ -106,8 +127,9 @@ def test_parallel_two_batch_dims_time_major_and_vmap(linear):
     assert_trees_close(jax.jit(jax.vmap(one))(XS, LENGTHS), ref)
 
 
-@pytest.mark.parametrize("name,steps,chunk", [(name, T, 4) for name in sorted(OPTIONS)] + [
-    ("resets-lengths-reverse", 12, 4), ("resets-mask", T, 1)])
+@pytest.mark.parametrize("name,steps,chunk", [
+    slow_unless(name == "resets-lengths-reverse", name, T, 4) for name in sorted(OPTIONS)] + [
+    slow_unless(False, "resets-lengths-reverse", 12, 4), ("resets-mask", T, 1)])
 def test_chunked_loop_form_equals_sequential(linear, monkeypatch, name, steps, chunk):
     """The loop form chunk by chunk (a remainder chunk at T = 13, none at T = 12, one step per chunk), each
     chunk's projection kept or recomputed in the backward pass as the cell's ``save_projection`` says:
@@ -119,11 +141,10 @@ def test_chunked_loop_form_equals_sequential(linear, monkeypatch, name, steps, c
     cut = {"lengths": lambda v: jnp.minimum(v, steps), "mask": lambda v: v[:, :steps],
            "resets": lambda v: v[:, :steps], "reverse": lambda v: v}
     opts = {k: cut[k](v) for k, v in OPTIONS[name].items()}
-    assert_trees_close(rnnjax.unroll(cell, params, xs, carry=carry, parallel="loop", **opts),
-                       rnnjax.unroll(cell, params, xs, carry=carry, parallel=False, **opts))
-    grad = jax.grad(functools.partial(loss, cell), argnums=(0, 1, 2))
-    assert_trees_close(jax.jit(lambda *a: grad(*a, "loop", **opts))(params, xs, carry),
-                       grad(params, xs, carry, False, **opts), atol=2e-5)
+    assert_trees_close(jitted(unroll, cell, "loop", opts)(params, xs, carry),
+                       jitted(unroll, cell, False, opts)(params, xs, carry))
+    assert_trees_close(jitted(value_and_grad, cell, "loop", opts)(params, xs, carry),
+                       jitted(value_and_grad, cell, False, opts)(params, xs, carry), atol=2e-5)
 
 
 def test_loop_chunk_sizes():
@@ -159,7 +180,7 @@ def test_loop_form_backward_runs_the_projection_once_where_it_is_saved(monkeypat
     assert compiled_matmul_flops(text) == products * 2 * steps * batch * features * gates
 
 
-@pytest.mark.parametrize("name", LINEAR)
+@pytest.mark.parametrize("name", [slow_unless(name in ("mingru", "minlstm"), name) for name in LINEAR])
 def test_parallel_check_grads_float64(name):
     """Reverse-mode gradients of the parallel path (lengths, reverse, resets) against finite differences."""
     with jax.enable_x64(True):

@@ -274,6 +274,7 @@ def _wait_for_checkpoint(run: Path, proc, at_least: int, timeout=120.0) -> int:
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow  # tests/test_faults.py stops (SIGTERM) and resumes a run exactly in the default run
 def test_cli_ctrl_c_and_kill_then_resume_equals_uninterrupted_run(tmp_path, capsys):
     """A run stopped by Ctrl-C, resumed, killed with SIGKILL mid-run (maybe mid-save), and resumed
     again ends with exactly the parameters, optimiser state, key and carry of a run never stopped."""

@@ -55,7 +55,8 @@ def test_every_notebook_has_small_settings():
     assert {p.stem for p in NOTEBOOKS} == set(OVERRIDES)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem == "g2p" else p for p in NOTEBOOKS],
+                         ids=[p.stem for p in NOTEBOOKS])  # g2p: a minute; its recipe is tested in test_g2p
 def test_notebook_runs_top_to_bottom(path, tmp_path):
     code = tmp_path / f"{path.stem}.py"
     code.write_text(script(path))

@@ -25,7 +25,7 @@ def _setup(learning_rates, seeds):
     return model, opt, states, batches
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
+@pytest.mark.parametrize("strategy", ["vmap", pytest.param("map", marks=pytest.mark.slow)])
 def test_each_member_equals_its_individually_trained_twin(strategy):
     lrs, seeds = [3e-3, 1e-2, 3e-2], [0, 1, 2]
     model, opt, states, batches = _setup(lrs, seeds)
@@ -52,7 +52,7 @@ def test_each_member_equals_its_individually_trained_twin(strategy):
     assert len(set(finals)) == 3
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
+@pytest.mark.parametrize("strategy", ["vmap", pytest.param("map", marks=pytest.mark.slow)])
 def test_members_with_their_own_batches(strategy):
     model, opt, states, batches = _setup([1e-2, 1e-2], [0, 0])
     loss_fn = train.language_model_loss(model)
@@ -104,7 +104,7 @@ def test_hyperparameters_of_a_population():
     assert train.step_of(population) == 1
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
+@pytest.mark.parametrize("strategy", ["vmap", pytest.param("map", marks=pytest.mark.slow)])
 def test_members_with_a_carried_state_equal_their_twins(strategy):
     model, opt, states, batches = _setup([1e-2, 3e-2], [0, 1])
     loss_fn = train.language_model_loss(model, carry=True)
