@@ -88,7 +88,10 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
 
     Args:
       cell, params: a :class:`~rnnjax.cells.Cell` and its parameters.
-      xs: ``[*B, T, F]``, or ``[T, *B, F]`` with ``time_major=True``.
+      xs: ``[*B, T, F]``, or ``[T, *B, F]`` with ``time_major=True``. A
+        convolutional cell (``cell.spatial_dims > 0``) takes
+        ``[*B, T, *spatial, F]`` (``[T, *B, *spatial, F]``) and returns
+        ``ys`` and carries with the spatial dims after the batch dims.
       carry: initial carry (default ``cell.initial_carry(params, B)``).
       lengths: ``[*B]`` integers in ``[0, T]``: valid steps of each sequence.
       mask: ``[*B, T]`` booleans (time-major ``[T, *B]``): valid steps.
@@ -142,16 +145,19 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
     if not isinstance(cell, Cell):
         raise TypeError(f"{fn}: expected an rnnjax.cells.Cell, got {type(cell).__name__}. "
                         "Fix: build one with a factory such as rnnjax.cells.lstm(hidden_size).")
-    xs = _checks.as_float_array(fn, "xs", xs, "[*batch, T, F]")
-    if xs.ndim < 2:
+    sd = cell.spatial_dims
+    layout = "[*batch, T, F]" if not sd else f"[*batch, T, *spatial ({sd} dims), F]"
+    xs = _checks.as_float_array(fn, "xs", xs, layout)
+    if xs.ndim < 2 + sd:
         raise ValueError(
-            f"{fn}: expected xs of rank >= 2, [*batch, T, F] (or [T, *batch, F] with time_major=True), "
-            f"got shape {tuple(xs.shape)}. Fix: a single sequence is [T, F]; a single step goes "
-            "through rnnjax.step instead."
+            f"{fn}: expected xs of rank >= {2 + sd}, {layout} (or [T, *batch, {layout[12:]} with time_major=True), "
+            f"got shape {tuple(xs.shape)}. Fix: a single sequence is {layout.replace('*batch, ', '')}; a single "
+            "step goes through rnnjax.step instead."
         )
     _checks.require_features(fn, "xs", xs, cell.input_size(params))
-    xs_t = xs if time_major else jnp.moveaxis(xs, -2, 0)
-    T, batch_shape = xs_t.shape[0], tuple(xs_t.shape[1:-1])
+    xs_t = xs if time_major else jnp.moveaxis(xs, -2 - sd, 0)
+    T, batch_shape = xs_t.shape[0], tuple(xs_t.shape[1:xs_t.ndim - 1 - sd])
+    carry_shape = tuple(xs_t.shape[1:-1])  # a convolutional cell's carry has the spatial dims too
     if T == 0:
         raise ValueError(f"{fn}: expected xs with T >= 1 time steps, got shape {tuple(xs.shape)} (T = 0). "
                          "Fix: drop empty sequences before calling, or pad them to length 1 with lengths=0.")
@@ -160,12 +166,12 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
     if resets is not None:
         resets = _checks.check_mask(fn, resets, batch_shape, T, time_major, name="resets")
 
-    zero_carry = cell.initial_carry(params, batch_shape)
+    zero_carry = cell.initial_carry(params, carry_shape)
     if carry is None:
         carry = zero_carry
     else:
         _checks.require_like(fn, "carry", carry, jax.eval_shape(lambda: zero_carry),
-                             f"build it with cell.initial_carry(params, batch_shape={batch_shape}).")
+                             f"build it with cell.initial_carry(params, batch_shape={carry_shape}).")
 
     batch_size = math.prod(batch_shape)
     method = _parallel_method(fn, cell, parallel, remat, batch_size, T)  # validates parallel= first
@@ -173,16 +179,16 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
     chosen = backends.choose(fn, backend, backends.Request(cell, dtype, remat, jax.default_backend()))
     if chosen is not None:
         carry, ys = chosen.run(cell, params, xs_t, carry, valid, resets, reverse=reverse, bf16=dtype == jnp.bfloat16)
-        return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
+        return carry, ys if time_major else jnp.moveaxis(ys, 0, -2 - sd)
     if method is not None:
         carry, ys = parallel_unroll(cell, params, xs_t, carry, zero_carry, valid, resets, reverse, method)
-        return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
+        return carry, ys if time_major else jnp.moveaxis(ys, 0, -2 - sd)
     if hoist == "auto":
         hoist = should_hoist(cell, batch_size, T)
     if _use_fused(fn, cell, backward, remat, batch_size, T):
         carry, ys = fused_unroll(cell, params, xs_t, carry, valid, resets, hoist=hoist, reverse=reverse,
                                  unroll=unroll)
-        return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
+        return carry, ys if time_major else jnp.moveaxis(ys, 0, -2 - sd)
     inputs = cell.project(params, xs_t) if hoist else xs_t
 
     def body(c, inp):
@@ -197,7 +203,7 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
 
     carry, ys = _scan(body, carry, (inputs, valid, resets), T=T, reverse=reverse, unroll=unroll, remat=remat,
                       batch_shape=batch_shape)
-    return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
+    return carry, ys if time_major else jnp.moveaxis(ys, 0, -2 - sd)
 
 
 def _compute_dtype(cell: Cell, params, xs):
@@ -278,22 +284,30 @@ def _scan(body, carry, inputs, *, T: int, reverse: bool, unroll: int, remat: Rem
 
 
 def step(cell: Cell, params: Params, carry: Carry, x: Array, *, reset: Array | None = None) -> tuple[Carry, Any]:
-    """Advances ``cell`` by one step on ``x [*B, F]``: the streaming counterpart of :func:`unroll`.
+    """Advances ``cell`` by one step on ``x [*B, F]`` (``[*B, *spatial, F]`` for a convolutional cell): the
+    streaming counterpart of :func:`unroll`.
 
     ``reset [*B]`` (booleans): where True the carry is first replaced by the
     cell's initial carry, starting a new sequence in that batch slot.
     """
     fn = "rnnjax.step"
-    x = _checks.as_float_array(fn, "x", x, "[*batch, F]")
+    sd = cell.spatial_dims
+    layout = "[*batch, F]" if not sd else f"[*batch, *spatial ({sd} dims), F]"
+    x = _checks.as_float_array(fn, "x", x, layout)
+    if x.ndim < 1 + sd:
+        raise ValueError(f"{fn}: expected x of rank >= {1 + sd}, {layout}, got shape {tuple(x.shape)}. "
+                         f"Fix: pass one step of the sequence, {layout}.")
     _checks.require_features(fn, "x", x, cell.input_size(params))
-    batch_shape = tuple(x.shape[:-1])
-    zero_carry = cell.initial_carry(params, batch_shape)
+    carry_shape = tuple(x.shape[:-1])
+    batch_shape = carry_shape[:len(carry_shape) - sd]
+    zero_carry = cell.initial_carry(params, carry_shape)
     _checks.require_like(fn, "carry", carry, jax.eval_shape(lambda: zero_carry),
-                         f"build it with cell.initial_carry(params, batch_shape={batch_shape}).")
+                         f"build it with cell.initial_carry(params, batch_shape={carry_shape}).")
     if reset is not None:
         reset = _checks.as_array(fn, "reset", reset, f"booleans of shape {batch_shape}", "one boolean per sequence.")
         if tuple(reset.shape) != batch_shape or reset.dtype != jnp.bool_:
-            raise ValueError(f"{fn}: expected a boolean reset of shape {batch_shape} (x without its feature "
-                             f"axis), got {reset.dtype}{list(reset.shape)}. Fix: one boolean per sequence.")
+            raise ValueError(f"{fn}: expected a boolean reset of shape {batch_shape} (x without its "
+                             f"{'spatial and feature axes' if sd else 'feature axis'}), got "
+                             f"{reset.dtype}{list(reset.shape)}. Fix: one boolean per sequence.")
         carry = where_batch(reset, zero_carry, carry)
     return cell.step(params, carry, cell.project(params, x))

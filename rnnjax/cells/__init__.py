@@ -1,6 +1,7 @@
 """Recurrent cells: factories that return a :class:`Cell` of pure functions."""
 
 from rnnjax.cells.base import ACTIVATIONS, Cell, Linear, Weights
+from rnnjax.cells.conv import ConvParams, conv_gru, conv_lstm
 from rnnjax.cells.elman import JordanParams, elman, jordan
 from rnnjax.cells.gru import LayerNormGRUParams, gru, layer_norm_gru, mgu
 from rnnjax.cells.lru import LRUParams, lru
@@ -13,6 +14,7 @@ from rnnjax.cells.xlstm import MLSTMCarry, MLSTMParams, SLSTMCarry, SLSTMParams,
 __all__ = [
     "ACTIVATIONS",
     "Cell",
+    "ConvParams",
     "JordanParams",
     "LRUParams",
     "LSTMCarry",
@@ -28,6 +30,8 @@ __all__ = [
     "SLSTMCarry",
     "SLSTMParams",
     "Weights",
+    "conv_gru",
+    "conv_lstm",
     "elman",
     "gru",
     "jordan",

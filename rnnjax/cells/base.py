@@ -211,6 +211,10 @@ class Cell(NamedTuple):
         ``jax.lax.associative_scan``; None for the classic cells.
       native: the :class:`Native` spec that lets the driver run the whole
         sequence in one call of a native CPU kernel, or None.
+      spatial_dims: ``S``, the number of spatial axes between the time axis
+        and the features (convolutional cells: inputs ``[*B, T, *spatial, F]``,
+        carries ``[*B, *spatial, H]``, built with ``initial_carry(params,
+        (*B, *spatial))``); 0 for every other cell.
     """
 
     init: Callable[[PRNGKey, int], Any]
@@ -223,6 +227,7 @@ class Cell(NamedTuple):
     recurrence: Recurrence | None = None
     linear: Linear | None = None
     native: Native | None = None
+    spatial_dims: int = 0
 
 
 def cell_from(recurrence: Recurrence, init, initial_carry, project, input_size, output_size: int, name: str,
@@ -360,12 +365,13 @@ def initializer(fn: str, spec: InitSpec, hidden_size: int):
     )
 
 
-def gate_blocks(init, key: PRNGKey, rows: int, hidden: int, gates: int, dtype) -> Array:
+def gate_blocks(init, key: PRNGKey, rows: int, hidden: int, gates: int, dtype, kernel: tuple[int, ...] = ()) -> Array:
     """A ``[rows, gates * hidden]`` matrix initialised one ``[rows, hidden]``
     gate block at a time, so fan-based and orthogonal initialisers see the
-    shape of one gate (as in Keras and cuDNN)."""
+    shape of one gate (as in Keras and cuDNN). With ``kernel`` (a
+    convolution's window) the blocks are ``[*kernel, rows, hidden]``."""
     keys = jax.random.split(key, gates)
-    return jnp.concatenate([init(k, (rows, hidden), dtype) for k in keys], axis=1)
+    return jnp.concatenate([init(k, (*kernel, rows, hidden), dtype) for k in keys], axis=-1)
 
 
 def affine(x: Array, w: Array, b: Array | None, dtype=None) -> Array:
