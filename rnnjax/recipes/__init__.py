@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 from rnnjax._checks import require_choice
 from rnnjax.recipes.flags import Flag
 
-NAMES = ("charlm", "g2p", "classify", "digits", "forecast", "anomaly", "adding", "copy", "textclass", "tag", "music")
+NAMES = ("charlm", "g2p", "classify", "digits", "forecast", "anomaly", "adding", "copy", "textclass", "tag", "music",
+         "frames")
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png")
 
 
