@@ -250,3 +250,18 @@ def test_bad_kernel_sizes_and_ranks_are_clear_errors():
                                          r"spatial and feature axes\), got bool\[2, 5\]"):
         rnnjax.step(cell, params, cell.initial_carry(params, (B, *S)), jnp.zeros((B, *S, C)),
                     reset=jnp.zeros((B, 5), bool))
+
+
+def test_the_flax_adapters_run_a_conv_cell_as_unroll_does(conv):
+    flax_interop = pytest.importorskip("rnnjax.interop.flax")
+    from flax import nnx
+
+    cell, _ = conv
+    xs, lengths = _xs(), jnp.array([4, 2])
+    module = flax_interop.Recurrent(cell, input_size=C, rngs=nnx.Rngs(0))
+    carry, ys = module(xs, lengths=lengths, return_carry=True)
+    assert_trees_close((carry, ys), rnnjax.unroll(cell, module.rnnjax_params(), xs, lengths=lengths))
+    linen_module = flax_interop.LinenRecurrent(cell)
+    variables = linen_module.init(jax.random.key(0), xs)
+    assert_trees_close(linen_module.apply(variables, xs, lengths=lengths),
+                       rnnjax.unroll(cell, variables["params"]["rnn"], xs, lengths=lengths)[1])
