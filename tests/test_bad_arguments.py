@@ -107,6 +107,8 @@ def is_kind(a, kind: str) -> bool:
 
 
 def carry_ok(carry, expected) -> bool:
+    if isinstance(carry, list) and type(expected) is tuple:  # a stack's or bidirectional layer's carries: either
+        carry = tuple(carry)
     leaves, tree = jax.tree_util.tree_flatten(carry)
     want, want_tree = jax.tree_util.tree_flatten(expected)
     return tree == want_tree and all(
@@ -183,9 +185,11 @@ def assert_refused_by(names: tuple[str, ...], faults: list[str], fn, *args, **kw
 
 
 def close(a, b, atol=2e-5):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float32),
-                                                                     np.asarray(y, np.float32), atol=atol, rtol=2e-5),
-                           a, b)
+    """Leaf by leaf (a list of per-layer carries given and held comes back as the layer's tuple)."""
+    a, b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(a) == len(b), (len(a), len(b))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol, rtol=2e-5)
 
 
 # ----------------------------------------------------------------------------

@@ -88,6 +88,16 @@ def test_generate_greedy_equals_independent_argmax_decoding():
     assert rows[1].tolist() == _argmax_decode(model, params, [2, 2, 2, 2, 2], 12)
 
 
+def test_generate_one_token_equals_greedy_decoding_also_without_jit():
+    """One token has no sampling loop after the first (jax.disable_jit() refuses a scan of zero steps)."""
+    model = language_model(9, cell="gru", layers=1, hidden=8, embed=4)
+    params = model.init(jax.random.key(0))
+    prompts = [[1, 2, 3], [4, 4, 0]]
+    with jax.disable_jit():
+        one = generate(model, params, jax.random.key(1), jnp.array(prompts), 1, temperature=0)
+    assert one.tolist() == [_argmax_decode(model, params, p, 1) for p in prompts]
+
+
 def test_generate_samples_depend_on_key_and_respect_top_k():
     model = language_model(13, layers=1, hidden=16, embed=8)
     params = model.init(jax.random.key(0))

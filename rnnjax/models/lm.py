@@ -214,6 +214,8 @@ def _generate(model: LanguageModel, params, key, prompt, *, length, temperature,
     sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     keys = jax.random.split(key, length)
     first = sample(keys[0], logits[..., -1, :])
+    if length == 1:  # no scan of zero steps: jax.disable_jit() refuses one
+        return first[..., None]
 
     def body(state, k):
         carry, tok = state
