@@ -146,12 +146,13 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
         raise TypeError(f"{fn}: expected an rnnjax.cells.Cell, got {type(cell).__name__}. "
                         "Fix: build one with a factory such as rnnjax.cells.lstm(hidden_size).")
     sd = cell.spatial_dims
-    layout = "[*batch, T, F]" if not sd else f"[*batch, T, *spatial ({sd} dims), F]"
+    inner = "F]" if not sd else f"*spatial ({sd} dims), F]"  # the axes after time
+    layout = f"[*batch, T, {inner}"
     xs = _checks.as_float_array(fn, "xs", xs, layout)
     if xs.ndim < 2 + sd:
         raise ValueError(
-            f"{fn}: expected xs of rank >= {2 + sd}, {layout} (or [T, *batch, {layout[12:]} with time_major=True), "
-            f"got shape {tuple(xs.shape)}. Fix: a single sequence is {layout.replace('*batch, ', '')}; a single "
+            f"{fn}: expected xs of rank >= {2 + sd}, {layout} (or [T, *batch, {inner} with time_major=True), "
+            f"got shape {tuple(xs.shape)}. Fix: a single sequence is [T, {inner}; a single "
             "step goes through rnnjax.step instead."
         )
     _checks.require_features(fn, "xs", xs, cell.input_size(params))

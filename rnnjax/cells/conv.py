@@ -26,7 +26,7 @@ from rnnjax.cells.base import (
     gate_blocks,
     initializer,
 )
-from rnnjax.cells.lstm import LSTMCarry
+from rnnjax.cells.lstm import LSTMCarry, _forget_bias
 from rnnjax.types import Array, InitSpec
 
 
@@ -42,8 +42,8 @@ def conv(x: Array, w: Array, b: Array | None, dtype=None) -> Array:
     any number of leading dims; under the policy of :func:`~rnnjax.cells.base.matmul` with ``dtype``.
 
     It is computed as one matmul of the ``prod(kernel) * C`` shifted copies of ``x`` (im2col) with ``w``
-    as a ``[prod(kernel) * C, G]`` matrix: on CPU, XLA's convolution and above all its gradient ran 4-10x
-    slower than its matmul at the recurrent cells' shapes (small grids, many channels; docs/guides/cells.md)."""
+    as a ``[prod(kernel) * C, G]`` matrix: on CPU, with XLA's own convolution a training step of ``rnnjax train
+    frames``'s model ran 21x slower, mostly in the gradient (small grids, many channels; docs/guides/cells.md)."""
     n = w.ndim - 2
     kernel, spatial = w.shape[:n], x.shape[x.ndim - n - 1:-1]
     low = [(k - 1) // 2 for k in kernel]  # lax's "SAME" at stride 1: k - 1 pixels, the odd one after
@@ -70,9 +70,7 @@ def _conv_cell(fn: str, name: str, hidden_size: int, kernel_size, gates: int, *,
     dtype = compute_dtype(fn, dtype)
     H = check_size(fn, "hidden_size", hidden_size)
     kernel = _kernel(fn, kernel_size)
-    if forget_bias and not bias:
-        raise ValueError(f"{fn}: forget_bias={forget_bias} needs bias=True (it is added to the forget gate's bias). "
-                         "Fix: pass bias=True or forget_bias=0.0.")
+    forget_bias = _forget_bias(fn, forget_bias, bias)
     inits = [initializer(fn, spec, H) for spec in (input_init, recurrent_init, bias_init)]
     p_dtype = jnp.dtype(param_dtype)
 

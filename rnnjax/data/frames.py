@@ -23,7 +23,8 @@ def digit_images(part: str, seed: int = 0) -> np.ndarray:
     cut = np.cumsum([round(f * len(images)) for f in FRACTIONS[:2]])
     parts = dict(zip(("train", "val", "test"), np.split(order, cut)))
     if part not in parts:
-        raise ValueError(f"rnnjax.data.frames.digit_images: expected part 'train', 'val' or 'test', got {part!r}.")
+        raise ValueError(f"rnnjax.data.frames.digit_images: expected part 'train', 'val' or 'test', got {part!r}. "
+                         "Fix: pass one of those.")
     return images[np.sort(parts[part])]
 
 
@@ -35,7 +36,7 @@ def moving_digits(images: np.ndarray, n: int, *, frames: int = 20, size: int = 3
     sequences."""
     if size < DIGIT + 2 * int(SPEEDS.max()):
         raise ValueError(f"rnnjax.data.frames.moving_digits: expected size >= {DIGIT + 2 * int(SPEEDS.max())} (room "
-                         f"for an {DIGIT}x{DIGIT} digit to move), got {size}.")
+                         f"for an {DIGIT}x{DIGIT} digit to move), got {size}. Fix: pass a larger size, e.g. 32.")
     rng = np.random.default_rng(seed)
     out = np.zeros((n, frames, size, size), np.float32)
     span = size - DIGIT  # the top-left corner stays in [0, span]

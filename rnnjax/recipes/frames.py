@@ -125,8 +125,8 @@ def _finisher(model, predict, test: np.ndarray, s: dict):
         if plot_dir is not None:
             pred = moving.from_patches(np.asarray(predict(params, jnp.asarray(test[:3]))), s["patch"])
             plot_frames(moving.from_patches(test[:3], s["patch"]), pred, Path(plot_dir) / "frames.png",
-                        f"{model.name}: 10 frames read, 10 predicted (test MSE {r['test_mse']:.4f}; copying the "
-                        f"last frame {r['copy_last_mse']:.4f}, blank frames {r['blank_mse']:.4f})")
+                        f"{model.name}: {CONTEXT} frames read, {HORIZON} predicted (test MSE {r['test_mse']:.4f}; "
+                        f"copying the last frame {r['copy_last_mse']:.4f}, blank frames {r['blank_mse']:.4f})")
         return r
 
     return finish
