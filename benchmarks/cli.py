@@ -4,6 +4,7 @@
     rnnjax-bench --preset C1 --compare rnnjax,rnnjax-hoisted,rnnjax-inloop,torch --json out.jsonl
     rnnjax-bench --quick                      # tiny shapes, all modes, under a minute (CI)
     rnnjax-bench --cell lstm --heads 4 --compare rnnjax,rnnjax-dense   # 4 heads against the dense cell
+    rnnjax-bench --preset V1 --cell conv_lstm --compare rnnjax,flax,haiku   # ConvLSTM on frames [B, T, 8, 8, 16]
     rnnjax-bench long --time 1000,100000      # memory and compile time against T (benchmarks/long_sequences.py)
     rnnjax-bench tasks --markdown tasks.md    # every `rnnjax train` task against its baseline (benchmarks/tasks.py)
 
@@ -27,7 +28,18 @@ import platform
 import sys
 
 from benchmarks import impls, report, timing, torch_memory
-from benchmarks.config import CELLS, DTYPES, HEADS_CELLS, MODES, PRESETS, QUICK, Config
+from benchmarks.config import (
+    CELLS,
+    DTYPES,
+    HEADS_CELLS,
+    MODES,
+    PRESETS,
+    QUICK,
+    QUICK_SPATIAL,
+    SPATIAL_CELLS,
+    SPATIAL_PRESETS,
+    Config,
+)
 
 PROG = "rnnjax-bench"
 # name -> (module with main(argv) -> int, one line of help)
@@ -65,6 +77,17 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
+def _grid(text: str) -> tuple[int, ...]:
+    """``8x8`` -> ``(8, 8)``: 1 to 3 positive sides, as the convolutional cells take."""
+    try:
+        sides = tuple(int(side) for side in text.lower().split("x"))
+    except ValueError:
+        sides = ()
+    if not 1 <= len(sides) <= 3 or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 to 3 positive sides joined by 'x' (e.g. 8x8), got {text!r}")
+    return sides
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -76,13 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
                + "; ".join(f"{name}: {text}" for name, (_, text) in SUBCOMMANDS.items()))
     shape = p.add_argument_group("what to run")
     shape.add_argument("--preset", help="comma list of C1 (B64 T128 F=H=256), C2 (B16 T512 F=H=512), "
-                                        "C3 (B1 T1024 F=H=128), C4 (B256 T64 F=H=1024) or 'all' (default: C1; "
-                                        "with --quick a tiny B8 T16 F=H=32 shape)")
-    shape.add_argument("--batch", type=_positive_int, help="custom shape: batch B (others default to C1's)")
+                                        "C3 (B1 T1024 F=H=128), C4 (B256 T64 F=H=1024), for the convolutional "
+                                        "cells V1 (B16 T19, an 8x8 grid of F=16 channels, H=32, 3x3 window: "
+                                        "rnnjax train frames' layer), or 'all'; each cell runs on the presets of "
+                                        "its kind (default: C1 for a dense cell, V1 for a convolutional one; "
+                                        "with --quick tiny B8 T16 F=H=32 and B4 T8 4x4 F=4 H=8 shapes)")
+    shape.add_argument("--batch", type=_positive_int, help="custom shape: batch B (others default to C1's, or "
+                                                           "V1's for a convolutional cell)")
     shape.add_argument("--time", type=_positive_int, help="custom shape: time steps T")
-    shape.add_argument("--features", type=_positive_int, help="custom shape: input features F")
-    shape.add_argument("--hidden", type=_positive_int, help="custom shape: hidden units H")
-    shape.add_argument("--cell", default="lstm", help=f"comma list of cells: {', '.join(CELLS)} (default lstm)")
+    shape.add_argument("--features", type=_positive_int, help="custom shape: input features F (channels)")
+    shape.add_argument("--hidden", type=_positive_int, help="custom shape: hidden units H (channels)")
+    shape.add_argument("--spatial", type=_grid, help=f"custom shape of {', '.join(SPATIAL_CELLS)}: the grid of "
+                                                     "each frame, e.g. 8x8 (1-3 sides)")
+    shape.add_argument("--kernel", type=_positive_int, help=f"custom shape of {', '.join(SPATIAL_CELLS)}: the "
+                                                            "side of the convolutions' window, e.g. 3")
+    shape.add_argument("--cell", default="lstm", help=f"comma list of cells: {', '.join(CELLS)} (default lstm); "
+                                                      f"the convolutional cells ({', '.join(SPATIAL_CELLS)}) read "
+                                                      "frames [B, T, *spatial, F]")
     shape.add_argument("--layers", type=_positive_int, default=1, help="stacked layers (default 1)")
     shape.add_argument("--bidirectional", action="store_true", help="bidirectional layers (outputs concatenated)")
     shape.add_argument("--heads", type=_positive_int, default=1,
@@ -150,26 +183,50 @@ def resolve(args: argparse.Namespace) -> dict:
         names = _choose("--compare", args.compare, list(impls.IMPLS), "implementation")
         if not any(impls.is_rnnjax(n) for n in names):
             names.insert(0, "rnnjax")
-    dims = {k: getattr(args, k) for k in ("batch", "time", "features", "hidden") if getattr(args, k) is not None}
-    if args.preset and dims:
-        raise UsageError("--preset and --batch/--time/--features/--hidden are exclusive; "
-                         "pass a preset or a custom shape.")
-    if dims:
-        shapes = {"custom": {**(QUICK["quick"] if args.quick else PRESETS["C1"]), **dims}}
-    elif args.preset:
-        chosen = list(PRESETS) if args.preset.strip() == "all" else \
-            _choose("--preset", args.preset, [*PRESETS, "all"], "preset")
-        if "all" in chosen:
-            chosen = list(PRESETS)
-        shapes = {name: PRESETS[name] for name in chosen}
-    else:
-        shapes = dict(QUICK) if args.quick else {"C1": PRESETS["C1"]}
     groups = [Config(**shape, cell=cell, mode="", layers=args.layers, bidirectional=args.bidirectional,
                      dtype=args.dtype, preset=preset, heads=args.heads)
-              for preset, shape in shapes.items() for cell in cells]
+              for preset, shape, cell in _shapes(args, cells)]
     _check_heads(args.heads, groups)
     return dict(groups=groups, modes=modes, names=names, rounds=rounds, warmup=args.warmup,
                 peak_size=args.peak_size or (QUICK_PEAK_SIZE if args.quick else PEAK_SIZE))
+
+
+def _shapes(args: argparse.Namespace, cells: list[str]) -> list[tuple[str, dict, str]]:
+    """``(preset, shape, cell)`` of every config group: each cell on the presets of its kind (dense or
+    convolutional), a custom shape over the default preset of its kind, or the tiny --quick shape."""
+    names = ("batch", "time", "features", "hidden", "spatial", "kernel")
+    dims = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.preset and dims:
+        raise UsageError(f"--preset and {'/'.join('--' + k for k in names)} are exclusive; "
+                         "pass a preset or a custom shape.")
+    dense = [cell for cell in cells if cell not in SPATIAL_CELLS]
+    spatial_options = [k for k in ("spatial", "kernel") if k in dims]
+    if spatial_options and dense:
+        raise UsageError(f"--{spatial_options[0]} applies to the convolutional cells ({', '.join(SPATIAL_CELLS)}), "
+                         f"got --cell {dense[0]}. Fix: drop --{spatial_options[0]} or run that cell separately.")
+
+    def default(cell: str) -> tuple[str, dict]:
+        conv = cell in SPATIAL_CELLS
+        if args.quick:
+            return "quick", (QUICK_SPATIAL if conv else QUICK)["quick"]
+        return ("V1", SPATIAL_PRESETS["V1"]) if conv else ("C1", PRESETS["C1"])
+
+    if dims:
+        return [("custom", {**default(cell)[1], **dims}, cell) for cell in cells]
+    if not args.preset:
+        return [(*default(cell), cell) for cell in cells]
+    known = {**PRESETS, **SPATIAL_PRESETS}
+    chosen = _choose("--preset", args.preset, [*known, "all"], "preset")
+    chosen = list(known) if "all" in chosen else chosen
+    out = [(preset, known[preset], cell) for preset in chosen for cell in cells
+           if (preset in SPATIAL_PRESETS) == (cell in SPATIAL_CELLS)]
+    for cell in cells:
+        if not any(c == cell for _, _, c in out):
+            conv = cell in SPATIAL_CELLS
+            kind, presets = ("convolutional", SPATIAL_PRESETS) if conv else ("dense", PRESETS)
+            raise UsageError(f"--cell {cell} runs on the {kind} presets ({', '.join(presets)}), and --preset "
+                             f"{args.preset} names none of them. Fix: add one, e.g. --preset {next(iter(presets))}.")
+    return out
 
 
 def _check_heads(heads: int, groups: list[Config]) -> None:
@@ -214,8 +271,9 @@ def list_all() -> str:
     lines = ["implementations: " + ", ".join(impls.IMPLS),
              "default comparison: rnnjax, " + ", ".join(impls.PEERS),
              "cells: " + ", ".join(CELLS),
-             "presets: " + ", ".join(f"{k} (B{v['batch']} T{v['time']} F{v['features']} H{v['hidden']})"
-                                     for k, v in PRESETS.items()),
+             "convolutional cells (frames [B, T, *spatial, F], spatial presets): " + ", ".join(SPATIAL_CELLS),
+             "presets: " + ", ".join(f"{k} ({Config(**v).shape()})" for k, v in PRESETS.items()),
+             "spatial presets: " + ", ".join(f"{k} ({Config(**v).shape()})" for k, v in SPATIAL_PRESETS.items()),
              "modes: " + ", ".join(MODES)]
     from rnnjax import info
 
@@ -272,8 +330,7 @@ def run(plan: dict, args: argparse.Namespace) -> int:
                 notes = {name: r.note for name, r in runners.items() if r.note}
                 peak = report.peak_stats(results, {n: fl for n, (_, fl) in peaks.items()})
                 rows = report.make_rows(cfg, results, infos, notes, peak, rounds=plan["rounds"], env=env)
-                print(f"\n== {cfg.label()} | {mode} | B{cfg.batch} T{cfg.time} F{cfg.features} H{cfg.hidden}",
-                      flush=True)
+                print(f"\n== {cfg.label()} | {mode} | {cfg.shape()}", flush=True)
                 print(report.text_table(rows))
                 print(report.peak_line(peak), flush=True)
                 if json_file:

@@ -1,4 +1,4 @@
-"""Reading XLA's compiled HLO text: its instructions and the FLOPs of its matrix products.
+"""Reading XLA's compiled HLO text: its instructions and the FLOPs of its matrix products and convolutions.
 
 A leaf module (only the standard library): ``benchmarks.impls`` counts each runner's matmul FLOPs with it
 and ``benchmarks.profile`` attributes profiled time to ops with it, without importing each other.
@@ -26,7 +26,8 @@ def parse_hlo(text: str) -> dict[str, dict]:
     """Instructions of a compiled module's text: ``name -> {opcode, shape, phase_hint, dots, calls}``.
 
     ``dots`` lists ``(M, K, N, flops)`` for each matmul the instruction
-    runs (itself, or inside the fusion it calls).
+    runs (itself, or inside the fusion it calls); ``convs`` the FLOPs of each
+    convolution it runs (Flax's and Haiku's ConvLSTM: XLA's own convolutions).
     """
     shapes: dict[str, str] = {}
     instructions: dict[str, dict] = {}
@@ -62,21 +63,35 @@ def parse_hlo(text: str) -> dict[str, dict]:
         n = m_n[-1] if m_n else 1
         return (out // n if n else 0, k, n, 2 * out * k)
 
+    def conv_of(ins) -> int:
+        """2 FLOPs per output element, window position and kernel input feature (the kernel's ``i``
+        dimension, already divided by any feature groups); padded positions included."""
+        window = re.search(r"window=\{size=([\dx]+)", ins["rest"])
+        labels = re.search(r"dim_labels=[^_]+_([^-]+)->", ins["rest"])
+        kernel = _dims(shapes.get(ins["operands"][1], ""))
+        if labels is None or len(kernel) != len(labels.group(1)):
+            raise ValueError(f"{PROG}: cannot read the kernel of the convolution {ins['name']}")
+        inputs = kernel[labels.group(1).index("i")]
+        volume = math.prod(int(k) for k in window.group(1).split("x")) if window else 1
+        return 2 * math.prod(_dims(ins["shape"])) * volume * inputs
+
     for ins in instructions.values():
         inner = [instructions[i] for i in computations.get(ins["calls"], [])] if ins["calls"] else []
         ins["dots"] = [dot_of(i) for i in ([ins] if ins["opcode"] == "dot" else inner) if i["opcode"] == "dot"]
+        ins["convs"] = [conv_of(i) for i in ([ins] if ins["opcode"] == "convolution" else inner)
+                        if i["opcode"] == "convolution"]
     return instructions
 
 
 def compiled_matmul_flops(text: str) -> int:
-    """The FLOPs of every matrix product a compiled module runs (its optimised HLO text, after XLA's
-    dead-code elimination): loop bodies times their known trip counts, the larger branch of a conditional."""
+    """The FLOPs of every matrix product and convolution a compiled module runs (its optimised HLO text, after
+    XLA's dead-code elimination): loop bodies times their known trip counts, the larger branch of a conditional."""
     if 'custom_call_target="rnnjax_rnn_' in text:
         raise ValueError(f"{PROG}: the program runs rnnjax's native kernels, whose products are not in its HLO")
     instructions = parse_hlo(text)
     own: dict[str, int] = collections.Counter()  # matmul FLOPs of each computation's own instructions
     for ins in instructions.values():
-        own[ins["computation"]] += sum(d[3] for d in ins["dots"])
+        own[ins["computation"]] += sum(d[3] for d in ins["dots"]) + sum(ins["convs"])
     # Control flow, which parse_hlo skips (tuple shapes): computation -> [(combine, callees, trips)].
     flow: dict[str, list] = collections.defaultdict(list)
     current = entry = None

@@ -9,13 +9,14 @@ has no equivalent of the requested cell or option.
 Modes, the same for every implementation:
 
 - ``fwd``: the outputs ``ys [B, T, O]`` of the whole (stacked,
-  bidirectional) network.
+  bidirectional) network (``[B, T, *spatial, O]`` for a convolutional cell).
 - ``fwdbwd``: the gradients of ``sum(ys)`` with respect to the parameters
   only (not the inputs).
 - ``train``: one Adam step (learning rate 1e-3) on the mean cross-entropy
   of a dense readout ``ys W + b`` to ``READOUT_CLASSES`` classes, integer
-  targets per token. JAX: ``optax.adam``, the jitted step donates the
-  parameters and optimiser state; torch: ``torch.optim.Adam``.
+  targets per token (per grid position of each frame for a convolutional
+  cell). JAX: ``optax.adam``, the jitted step donates the parameters and
+  optimiser state; torch: ``torch.optim.Adam``.
 
 All JAX runners are compiled ahead of time on their first call
 (``jax.jit(f).lower(*args).compile()``): the compile time is measured
@@ -27,6 +28,11 @@ concatenated); haiku and equinox run a forward scan and a reversed scan
 (``dynamic_unroll(reverse=True)`` / ``lax.scan(reverse=True)``) and
 concatenate the outputs. Stacks feed each layer's (concatenated) outputs to
 the next, as ``torch.nn.LSTM(num_layers=...)`` does, without dropout.
+
+Convolutional cells (``conv_lstm``): rnnjax's ``cells.conv_lstm`` against
+Flax's ``nn.RNN`` over ``nn.ConvLSTMCell`` and Haiku's ``hk.dynamic_unroll``
+over ``hk.Conv2DLSTM`` (``Conv1DLSTM``/``Conv3DLSTM`` for other grids); PyTorch and Equinox
+have no ConvLSTM and are skipped.
 """
 
 from __future__ import annotations
@@ -103,13 +109,13 @@ def clear_cache() -> None:
 
 
 def inputs(cfg: Config) -> np.ndarray:
-    """``[B, T, F]`` float32 standard normals, the same for every implementation."""
-    return np.random.default_rng(0).normal(size=(cfg.batch, cfg.time, cfg.features)).astype(np.float32)
+    """``[B, T, F]`` (``[B, T, *spatial, F]``) float32 standard normals, the same for every implementation."""
+    return np.random.default_rng(0).normal(size=cfg.input_shape).astype(np.float32)
 
 
 def targets(cfg: Config) -> np.ndarray:
-    """``[B, T]`` integer class targets for ``train``."""
-    return np.random.default_rng(1).integers(0, READOUT_CLASSES, size=(cfg.batch, cfg.time)).astype(np.int32)
+    """``[B, T]`` (``[B, T, *spatial]``) integer class targets for ``train``."""
+    return np.random.default_rng(1).integers(0, READOUT_CLASSES, size=cfg.input_shape[:-1]).astype(np.int32)
 
 
 def readout_init(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +188,8 @@ class _AotCall:
 
 
 def jax_runner(cfg: Config, params, apply: Callable, *, note: str = "") -> Runner:
-    """The runner of ``cfg.mode`` for a JAX model ``apply(params, xs [B, T, F]) -> ys [B, T, O]``."""
+    """The runner of ``cfg.mode`` for a JAX model ``apply(params, xs [B, T, F]) -> ys [B, T, O]``
+    (``[B, T, *spatial, ...]`` for a convolutional cell)."""
     import jax
     import jax.numpy as jnp
 
@@ -230,7 +237,8 @@ def jax_runner(cfg: Config, params, apply: Callable, *, note: str = "") -> Runne
 
 
 def rnnjax_cell(cfg: Config):
-    """The rnnjax cell named by ``cfg.cell`` (``gru_cho`` is ``gru(reset_after=False)``; Jordan's O = H), with
+    """The rnnjax cell named by ``cfg.cell`` (``gru_cho`` is ``gru(reset_after=False)``; Jordan's O = H;
+    ``conv_lstm`` with a ``cfg.kernel`` window in each of ``cfg.spatial``'s dims), with
     ``cfg.heads`` heads for the cells of :data:`~benchmarks.config.HEADS_CELLS`.
 
     ``--dtype bfloat16`` is rnnjax's mixed-precision policy, as PyTorch's autocast and Flax's ``dtype``:
@@ -248,6 +256,7 @@ def rnnjax_cell(cfg: Config):
         "layer_norm_lstm": lambda: cells.layer_norm_lstm(H, dtype=dt),
         "layer_norm_gru": lambda: cells.layer_norm_gru(H, dtype=dt),
         "jordan": lambda: cells.jordan(H, H, dtype=dt),
+        "conv_lstm": lambda: cells.conv_lstm(H, (cfg.kernel,) * len(cfg.spatial), dtype=dt),
     }[cfg.cell]()
 
 
@@ -314,8 +323,8 @@ def rnnjax_impl(cfg: Config, *, hoist="auto", backward: str | None = None, backe
 
 
 def flax_impl(cfg: Config, *, lstm_cell: str = "OptimizedLSTMCell", name: str = "flax") -> Runner | None:
-    """``flax.linen.RNN`` over ``OptimizedLSTMCell`` (or ``LSTMCell``), ``GRUCell`` or ``SimpleCell``;
-    ``nn.Bidirectional`` and ``nn.Sequential`` for the options."""
+    """``flax.linen.RNN`` over ``OptimizedLSTMCell`` (or ``LSTMCell``), ``GRUCell``, ``SimpleCell``, ``MGUCell``
+    or ``ConvLSTMCell``; ``nn.Bidirectional`` and ``nn.Sequential`` for the options."""
     if _missing(name, "flax"):
         return None
     import flax.linen as nn
@@ -324,22 +333,24 @@ def flax_impl(cfg: Config, *, lstm_cell: str = "OptimizedLSTMCell", name: str = 
 
     classes = {"lstm": getattr(nn, lstm_cell)}
     if name == "flax":
-        classes.update(gru=nn.GRUCell, elman=nn.SimpleCell, mgu=nn.MGUCell)
+        classes.update(gru=nn.GRUCell, elman=nn.SimpleCell, mgu=nn.MGUCell, conv_lstm=nn.ConvLSTMCell)
     if cfg.cell not in classes:
         return _skip(name, f"no {cfg.cell} cell (has {', '.join(classes)})")
     dt = _jnp_dtype(cfg)
+    # ConvLSTMCell's "SAME", stride-1 window; nn.RNN finds the time axis before its spatial ones.
+    window = dict(kernel_size=(cfg.kernel,) * len(cfg.spatial)) if cfg.spatial else {}
 
     # Parameters are initialised in float32 and cast: flax's default orthogonal recurrent
     # initialiser (a QR decomposition) rejects bfloat16. ``dtype`` sets the compute dtype.
     def rnn():
-        return nn.RNN(classes[cfg.cell](cfg.hidden, dtype=dt, param_dtype=jnp.float32))
+        return nn.RNN(classes[cfg.cell](cfg.hidden, **window, dtype=dt, param_dtype=jnp.float32))
 
     def layer():
         return nn.Bidirectional(rnn(), rnn()) if cfg.bidirectional else rnn()
 
     def make():
         model = nn.Sequential([layer() for _ in range(cfg.layers)]) if cfg.layers > 1 else layer()
-        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((cfg.batch, cfg.time, cfg.features), dt))
+        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros(cfg.input_shape, dt))
         return jax.tree_util.tree_map(lambda a: a.astype(dt), params), model.apply
 
     params, apply = _model(name, cfg, make)
@@ -350,7 +361,8 @@ def flax_impl(cfg: Config, *, lstm_cell: str = "OptimizedLSTMCell", name: str = 
 
 
 def haiku_impl(cfg: Config) -> Runner | None:
-    """``hk.dynamic_unroll`` over ``hk.LSTM``/``hk.GRU``/``hk.VanillaRNN``; ``hk.DeepRNN`` for stacks.
+    """``hk.dynamic_unroll`` over ``hk.LSTM``/``hk.GRU``/``hk.VanillaRNN``/``hk.Conv2DLSTM``; ``hk.DeepRNN``
+    for stacks.
 
     Bidirectional: per layer, a forward and a ``reverse=True`` unroll, concatenated.
     ``hk.GRU`` applies the reset gate before its recurrent matmul (Cho et al.),
@@ -363,9 +375,12 @@ def haiku_impl(cfg: Config) -> Runner | None:
     import jax
     import jax.numpy as jnp
 
-    classes = {"lstm": hk.LSTM, "gru": hk.GRU, "gru_cho": hk.GRU, "elman": hk.VanillaRNN}
+    classes = {"lstm": hk.LSTM, "gru": hk.GRU, "gru_cho": hk.GRU, "elman": hk.VanillaRNN,
+               # hk.Conv{1,2,3}DLSTM: "SAME", stride-1 convolutions over the grid, whose shape is given up front.
+               "conv_lstm": lambda hidden, name=None: getattr(hk, f"Conv{len(cfg.spatial)}DLSTM")(
+                   cfg.spatial, hidden, cfg.kernel, name=name)}
     if cfg.cell not in classes:
-        return _skip(name, f"no {cfg.cell} core (has lstm, gru (reset-before, = gru_cho), elman)")
+        return _skip(name, f"no {cfg.cell} core (has lstm, gru (reset-before, = gru_cho), elman, conv_lstm)")
     message = ""
     if cfg.cell == "gru":
         message = "hk.GRU resets before the recurrent matmul (Cho et al., = gru_cho), unlike torch/flax/rnnjax gru"
@@ -392,7 +407,7 @@ def haiku_impl(cfg: Config) -> Runner | None:
 
     def make():
         model = hk.without_apply_rng(hk.transform(forward))
-        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((cfg.batch, cfg.time, cfg.features), dt))
+        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros(cfg.input_shape, dt))
         return params, model.apply
 
     params, apply = _model(name, cfg, make)

@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.child:
-        cfg = Config(**json.loads(args.child))
+        cfg = Config.from_dict(json.loads(args.child))
         print(json.dumps(child(cfg, args.steps)))
         return 0
     presets = [p.strip() for p in args.preset.split(",") if p.strip()]

@@ -3,13 +3,14 @@ writes them as a terminal table, JSON lines, Markdown and a bar chart.
 
 Definitions (also in docs/performance.md, "The benchmark suite"):
 
-- ``tokens_per_s`` = ``B * T`` / seconds per call; the median over the
-  rounds, with the min and max (from the slowest and fastest round).
+- ``tokens_per_s`` = ``B * T`` / seconds per call (a convolutional cell's
+  token is a frame); the median over the rounds, with the min and max (from
+  the slowest and fastest round).
 - ``ratio_vs[peer]`` = this row's median tokens/s / the peer's median
   tokens/s, same config and mode (> 1: this row is faster). For an rnnjax
   row it is "rnnjax relative to the peer"; rnnjax variants (``rnnjax-hoisted``
   ...) are also compared with the default ``rnnjax`` (``ratio_vs["rnnjax"]``).
-- ``gflops`` = analytic matmul FLOPs (:func:`benchmarks.config.flops`) /
+- ``gflops`` = analytic matmul and convolution FLOPs (:func:`benchmarks.config.flops`) /
   median seconds / 1e9.
 - ``peak_gflops_jax`` / ``peak_gflops_torch``: median GFLOP/s of a float32
   ``[n, n] x [n, n]`` matmul (``jnp.dot`` jitted / ``torch.mm``) timed in the
@@ -61,7 +62,8 @@ def make_rows(cfg: Config, results: dict[str, dict], infos: dict[str, dict], not
         gflops = row_flops / r["median_s"] / 1e9
         rows.append(dict(
             impl=name, config=cfg.label(), preset=cfg.preset, cell=cfg.cell, mode=cfg.mode,
-            batch=cfg.batch, time=cfg.time, features=cfg.features, hidden=cfg.hidden, layers=cfg.layers,
+            batch=cfg.batch, time=cfg.time, features=cfg.features, hidden=cfg.hidden, spatial=list(cfg.spatial),
+            kernel=cfg.kernel, layers=cfg.layers,
             bidirectional=cfg.bidirectional, dtype=cfg.dtype, tokens=cfg.tokens, rounds=rounds,
             median_s=r["median_s"], min_s=r["min_s"], max_s=r["max_s"], samples_s=r["samples_s"],
             tokens_per_s=cfg.tokens / r["median_s"], tokens_per_s_min=cfg.tokens / r["max_s"],

@@ -92,7 +92,7 @@ def measure(cfgs: list[Config], *, threads: int, timeout: float = 600) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cfgs = [Config(**fields) for fields in json.loads(argv[0])]
+    cfgs = [Config.from_dict(fields) for fields in json.loads(argv[0])]
     print(json.dumps(_measure(cfgs)), flush=True)
     return 0
 

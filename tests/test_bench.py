@@ -1,13 +1,16 @@
-"""The benchmark CLI (benchmarks/): a quick end-to-end run, the FLOP count, bad input, interleaving."""
+"""The benchmark CLI (benchmarks/): a quick end-to-end run, the FLOP count, bad input, interleaving, and the
+ConvLSTM rows: rnnjax's runner against Flax's and Haiku's on the same weights."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import cli, config, impls, report, timing
 from benchmarks.config import Config
+from conftest import assert_trees_close
 from rnnjax import native
 
 
@@ -76,9 +79,120 @@ def test_heads_divide_only_the_recurrent_flops():
     assert config.flops(cfg._replace(cell="mgu", heads=1)) == 2 * 3 * 2 * (5 + 8) * 16
 
 
+def test_conv_lstm_flops_count_every_window_position_at_every_grid_position():
+    # B2 T3, a 4x5 grid, F=5 input and H=7 state channels, a 3x3 window: per frame and grid position,
+    # 9 window positions x (5 + 7) channels x 4 gates of 7 x 2 FLOPs = 6048; x 20 positions x 6 frames.
+    cfg = Config(batch=2, time=3, features=5, hidden=7, cell="conv_lstm", mode="fwd", spatial=(4, 5), kernel=3)
+    assert (cfg.positions, cfg.kernel_volume, cfg.input_shape) == (20, 9, (2, 3, 4, 5, 5))
+    assert config.flops(cfg) == 6048 * 20 * 6 == 725760
+    assert config.flops(cfg, "fwdbwd") == 3 * 725760
+    # The readout to 32 classes at every grid position of every frame: 3 x 2 x 6 frames x 20 x 7 x 32.
+    assert config.flops(cfg, "train") == 3 * 725760 + 3 * 2 * 6 * 20 * 7 * 32
+    # A 3-D grid 2x3x4 with a 3x3x3 window: 24 positions, 27 window positions.
+    assert config.flops(cfg._replace(spatial=(2, 3, 4))) == 2 * 27 * 12 * 28 * 24 * 6
+    assert cfg.label() == "custom conv_lstm B2 T3 F5 H7 4x5 k3"
+    assert Config.from_dict(json.loads(json.dumps(cfg._asdict()))) == cfg
+
+
+_PEER_NAMES = {"flax": (("cell", "ih"), ("cell", "hh"), "kernel", "bias"),
+               "haiku": (("conv2_dlstm/input_to_hidden",), ("conv2_dlstm/hidden_to_hidden",), "w", "b")}
+
+
+def _swap_f_g(a) -> np.ndarray:
+    """Gates ``i, f, g, o`` (rnnjax) <-> ``i, g, f, o`` (Flax, Haiku) along the last axis: its own inverse."""
+    a = np.asarray(a)
+    H = a.shape[-1] // 4
+    return np.concatenate([a[..., :H], a[..., 2 * H:3 * H], a[..., H:2 * H], a[..., 3 * H:]], -1)
+
+
+def _to_peer(ours, impl: str) -> dict:
+    """rnnjax's ConvParams as Flax's or Haiku's params; both add 1 to the forget gate themselves."""
+    ih, hh, w, b = _PEER_NAMES[impl]
+    shift = np.zeros(ours.b_ih.shape[-1], np.float32)
+    shift[len(shift) // 4:len(shift) // 2] = 1.0
+    tree: dict = {}
+    for path, weight, bias in ((ih, ours.w_ih, ours.b_ih - shift), (hh, ours.w_hh, ours.b_hh)):
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node.update({w: _swap_f_g(weight), b: _swap_f_g(bias)})
+    return {"params": tree} if impl == "flax" else tree
+
+
+def _from_peer(tree: dict, impl: str) -> tuple[np.ndarray, ...]:
+    """Flax's or Haiku's gradients in rnnjax's order: ``(w_ih, w_hh, b_ih, b_hh)``."""
+    ih, hh, w, b = _PEER_NAMES[impl]
+    tree = tree["params"] if impl == "flax" else tree
+    nodes = []
+    for path in (ih, hh):
+        node = tree
+        for key in path:
+            node = node[key]
+        nodes.append(node)
+    return tuple(_swap_f_g(node[key]) for key in (w, b) for node in nodes)
+
+
+def test_conv_lstm_runners_equal_flax_and_haiku_on_the_same_weights_and_count_their_flops(capsys):
+    """The bench's rnnjax, Flax (nn.RNN over ConvLSTMCell) and Haiku (hk.Conv2DLSTM) conv_lstm runners, given the
+    same weights (random biases included), compute the same outputs and gradients on the bench's inputs; each
+    compiled forward pass runs the analytic count's FLOPs (XLA's convolutions, rnnjax's im2col matmuls); torch
+    and equinox, which have no ConvLSTM, are skipped with a note."""
+    import jax
+    import jax.numpy as jnp
+
+    impls.clear_cache()
+    cfg = Config(batch=2, time=3, features=2, hidden=3, cell="conv_lstm", mode="fwd", spatial=(4, 5), kernel=3)
+    peers = [p for p in ("flax", "haiku") if impls.installed(p)]
+    if not peers:
+        pytest.skip("neither flax nor haiku is installed")
+    runners = {name: impls.build(name, cfg) for name in ["rnnjax", *peers, "torch", "equinox"]}
+    assert runners.pop("torch") == runners.pop("equinox") == (None, None)
+    out = capsys.readouterr().out
+    assert "note: torch skipped: no conv_lstm module (has lstm, gru, elman)" in out
+    assert "note: equinox skipped: no conv_lstm cell (has lstm, gru)" in out
+
+    ours, xs = runners["rnnjax"][0]._call.args
+    assert xs.shape == (2, 3, 4, 5, 2)
+    rng = np.random.default_rng(5)
+    ours = ours._replace(b_ih=jnp.asarray(rng.normal(size=12) * 0.3, jnp.float32),
+                         b_hh=jnp.asarray(rng.normal(size=12) * 0.3, jnp.float32))
+    ys = runners["rnnjax"][0]._call.jitted(ours, xs)
+    assert ys.shape == (2, 3, 4, 5, 3)
+    for name in peers:
+        runner, error = runners[name]
+        assert error is None
+        own, peer_xs = runner._call.args
+        theirs = _to_peer(ours, name)
+        assert jax.tree.structure(theirs) == jax.tree.structure(own)
+        np.testing.assert_array_equal(peer_xs, xs)
+        np.testing.assert_allclose(runner._call.jitted(theirs, xs), ys, atol=1e-5, rtol=1e-5)
+        runner()  # compiles the peer's own forward pass and counts its products
+        assert runner.info["matmul_flops"] == config.flops(cfg) == 2 * 3 * 2 * 20 * 9 * (2 + 3) * 12
+
+    rnnjax_runner = runners["rnnjax"][0]
+    rnnjax_runner()
+    assert rnnjax_runner.info["matmul_flops"] == config.flops(cfg)
+
+    # fwdbwd: the gradients of sum(ys) w.r.t. the parameters, in rnnjax's order.
+    grads = impls.build("rnnjax", cfg._replace(mode="fwdbwd"))[0]._call.jitted(ours, xs)
+    for name in peers:
+        theirs = impls.build(name, cfg._replace(mode="fwdbwd"))[0]._call.jitted(_to_peer(ours, name), xs)
+        w_ih, w_hh, b_ih, b_hh = _from_peer(theirs, name)
+        assert_trees_close((w_ih, w_hh, b_ih, b_hh), (grads.w_ih, grads.w_hh, grads.b_ih, grads.b_hh), atol=1e-4)
+    impls.clear_cache()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--cell", "lsmt"], "rnnjax-bench: error: unknown cell 'lsmt' in --cell; expected one of: lstm, gru, "
-                         "elman, layer_norm_lstm, layer_norm_gru, jordan, gru_cho, mgu."),
+                         "elman, layer_norm_lstm, layer_norm_gru, jordan, gru_cho, mgu, conv_lstm."),
+    (["--cell", "conv_lstm", "--preset", "C1,C2"], "rnnjax-bench: error: --cell conv_lstm runs on the "
+                                                   "convolutional presets (V1), and --preset C1,C2 names none of "
+                                                   "them. Fix: add one, e.g. --preset V1."),
+    (["--cell", "lstm,conv_lstm", "--spatial", "8x8"], "rnnjax-bench: error: --spatial applies to the "
+                                                       "convolutional cells (conv_lstm), got --cell lstm. Fix: drop "
+                                                       "--spatial or run that cell separately."),
+    (["--preset", "V1", "--kernel", "5"], "rnnjax-bench: error: --preset and --batch/--time/--features/--hidden/"
+                                          "--spatial/--kernel are exclusive; pass a preset or a custom shape."),
     (["--compare", "torch,pytorch"], "rnnjax-bench: error: unknown implementation 'pytorch' in --compare; "
                                      "expected one of: rnnjax, rnnjax-native, rnnjax-xla, rnnjax-autodiff, "
                                      "rnnjax-fused, rnnjax-hoisted, rnnjax-inloop, rnnjax-dense, torch, torch-amp, "
@@ -99,6 +213,26 @@ def test_bad_names_exit_2_with_a_clear_message(argv, message, capsys):
     captured = capsys.readouterr()
     assert captured.err.strip() == message
     assert captured.out == ""
+
+
+def test_each_cell_runs_on_the_presets_of_its_kind(capsys):
+    def groups(*argv):
+        return [(g.preset, g.cell, g.shape()) for g in cli.resolve(cli.build_parser().parse_args(list(argv)))["groups"]]
+
+    assert groups("--cell", "lstm,conv_lstm") == [("C1", "lstm", "B64 T128 F256 H256"),
+                                                  ("V1", "conv_lstm", "B16 T19 F16 H32 8x8 k3")]
+    assert groups("--cell", "conv_lstm", "--preset", "all") == [("V1", "conv_lstm", "B16 T19 F16 H32 8x8 k3")]
+    assert [g[0] for g in groups("--preset", "all")] == ["C1", "C2", "C3", "C4"]
+    assert groups("--cell", "conv_lstm", "--quick") == [("quick", "conv_lstm", "B4 T8 F4 H8 4x4 k3")]
+    assert groups("--cell", "conv_lstm", "--batch", "2", "--spatial", "6x7x8", "--kernel", "1") == [
+        ("custom", "conv_lstm", "B2 T19 F16 H32 6x7x8 k1")]
+    assert cli.main(["--spatial", "8x0"]) == 2
+    assert "argument --spatial: expected 1 to 3 positive sides joined by 'x' (e.g. 8x8), got '8x0'" \
+        in capsys.readouterr().err
+    assert cli.main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "cells: lstm, gru, elman, layer_norm_lstm, layer_norm_gru, jordan, gru_cho, mgu, conv_lstm\n" in listing
+    assert "spatial presets: V1 (B16 T19 F16 H32 8x8 k3)\n" in listing
 
 
 def test_measure_interleaves_in_rotating_order():
