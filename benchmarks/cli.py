@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--bidirectional", action="store_true", help="bidirectional layers (outputs concatenated)")
     shape.add_argument("--heads", type=_positive_int, default=1,
                        help=f"block-diagonal recurrent heads of rnnjax's {', '.join(HEADS_CELLS)} (default 1); "
-                            "peers are skipped, rnnjax-dense runs the one-head cell in the same rounds")
+                            "peers are skipped, rnnjax-dense (rnnjax-native-dense) runs the one-head cell on XLA (the "
+                            "native kernels) in the same rounds")
     shape.add_argument("--dtype", choices=DTYPES, default="float32", help="parameters and inputs (default float32)")
     shape.add_argument("--compare", help="comma list of implementations (see --list); rnnjax is added unless an "
                                          "rnnjax variant is named (default: rnnjax and every installed peer)")

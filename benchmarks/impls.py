@@ -597,6 +597,7 @@ IMPLS: dict[str, Callable[[Config], Runner | None]] = {
     "rnnjax-hoisted": functools.partial(rnnjax_impl, hoist=True, backend="xla", name="rnnjax-hoisted"),
     "rnnjax-inloop": functools.partial(rnnjax_impl, hoist=False, backend="xla", name="rnnjax-inloop"),
     "rnnjax-dense": functools.partial(rnnjax_impl, dense=True, backend="xla", name="rnnjax-dense"),
+    "rnnjax-native-dense": functools.partial(rnnjax_impl, dense=True, backend="native", name="rnnjax-native-dense"),
     "torch": torch_impl,
     "torch-amp": functools.partial(torch_impl, amp=True),
     "flax": flax_impl,

@@ -67,11 +67,14 @@ def _native_unsupported(request: Request) -> str | None:
         return f"the native kernels run on CPU, and JAX's default backend here is {request.platform!r}"
     if request.cell.native is None:
         return (f"the cell {request.cell.name!r} has no native kernel with these settings (peepholes, proj_size, "
-                "heads > 1, layer norm, other activations and the linear cells run on XLA)")
+                "layer norm, other activations and the linear cells run on XLA)")
     if not (request.remat is None or request.remat is False):
         return "remat recomputes steps in the backward pass, which the native kernels do not"
     if jnp.dtype(request.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         return f"the native kernels compute in float32 or bfloat16, not {jnp.dtype(request.dtype).name}"
+    if jnp.dtype(request.dtype) == jnp.dtype(jnp.bfloat16) and request.cell.native.heads > 1:
+        return (f"the native kernels run heads={request.cell.native.heads} (block-diagonal W_hh) with float32 "
+                "products only")
     missing = [flag for flag in NATIVE_BFLOAT16_NEEDS if flag not in native.cpu_flags()]
     if jnp.dtype(request.dtype) == jnp.dtype(jnp.bfloat16) and missing:
         return f"bfloat16 products need AVX-512 (oneDNN has no bfloat16 matmul for this CPU, which lacks " \

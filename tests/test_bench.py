@@ -195,8 +195,8 @@ def test_conv_lstm_runners_equal_flax_and_haiku_on_the_same_weights_and_count_th
                                           "--spatial/--kernel are exclusive; pass a preset or a custom shape."),
     (["--compare", "torch,pytorch"], "rnnjax-bench: error: unknown implementation 'pytorch' in --compare; "
                                      "expected one of: rnnjax, rnnjax-native, rnnjax-xla, rnnjax-autodiff, "
-                                     "rnnjax-fused, rnnjax-hoisted, rnnjax-inloop, rnnjax-dense, torch, torch-amp, "
-                                     "flax, flax-lstmcell, haiku, equinox."),
+                                     "rnnjax-fused, rnnjax-hoisted, rnnjax-inloop, rnnjax-dense, rnnjax-native-dense, "
+                                     "torch, torch-amp, flax, flax-lstmcell, haiku, equinox."),
     (["--mode", "fwd,backward"], "rnnjax-bench: error: unknown mode 'backward' in --mode; "
                                  "expected one of: fwd, fwdbwd, train."),
     (["--rounds", "3"], "rnnjax-bench: error: --rounds must be >= 5 for a measurement (got 3); "

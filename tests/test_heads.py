@@ -93,16 +93,18 @@ def test_heads_must_divide_hidden_size():
                                "or heads=1.")
 
 
-def test_native_backend_refuses_heads_and_auto_runs_xla():
-    cell = cells.gru(8, heads=4)
-    params = cell.init(jax.random.key(0), F)
+def test_native_backend_runs_heads_in_float32_and_refuses_bfloat16_products():
+    """The native kernels run multi-head cells in float32 (tests/test_native.py compares them with XLA);
+    bfloat16 products with heads stay on XLA: "native" names why, "auto" runs the XLA policy."""
+    b16 = cells.gru(8, heads=4, dtype=jnp.bfloat16)
+    params = b16.init(jax.random.key(0), F)
     xs = random_inputs(shape=(2, T, F))
-    assert backend.choose("f", "auto", backend.Request(cell, jnp.float32, None, "cpu")) is None
-    with pytest.raises(ValueError, match=r"^rnnjax\.unroll: backend='native' cannot run this call: the cell "
-                                         r"'gru' has no native kernel with these settings \(peepholes, "
-                                         r"proj_size, heads > 1"):
-        rnnjax.unroll(cell, params, xs, backend="native")
-    assert_trees_close(rnnjax.unroll(cell, params, xs), rnnjax.unroll(cell, params, xs, backend="xla"))
+    assert backend.choose("f", "auto", backend.Request(b16, jnp.bfloat16, None, "cpu")) is None
+    with pytest.raises(ValueError, match=r"^rnnjax\.unroll: backend='native' cannot run this call: the native "
+                                         r"kernels run heads=4 \(block-diagonal W_hh\) with float32 products "
+                                         r"only"):
+        rnnjax.unroll(b16, params, xs, backend="native")
+    assert_trees_close(rnnjax.unroll(b16, params, xs), rnnjax.unroll(b16, params, xs, backend="xla"))
 
 
 def test_torch_interop_refuses_multi_head_params():

@@ -17,6 +17,13 @@ CELLS = {
     "elman_tanh": lambda: cells.elman(12),
     "elman_relu": lambda: cells.elman(12, activation="relu"),
 }
+# Multi-head cells (block-diagonal W_hh): each kernel with heads of 3 to 6 units, float32 products only.
+HEADS = {
+    "lstm_heads3": lambda: cells.lstm(12, heads=3),
+    "gru_heads2": lambda: cells.gru(12, heads=2),
+    "gru_cho_heads4": lambda: cells.gru(12, reset_after=False, heads=4),
+    "elman_relu_heads4": lambda: cells.elman(12, activation="relu", heads=4),
+}
 F, T = 5, 9
 
 
@@ -39,7 +46,7 @@ def _loss_and_grads(cell, params, xs, carry, name, **kw):
 
 
 def _setup(kind, batch_shape, seed=0):
-    cell = CELLS[kind]()
+    cell = {**CELLS, **HEADS}[kind]()
     params = cell.init(jax.random.key(seed), F)
     xs = jax.random.normal(jax.random.key(seed + 1), (*batch_shape, T, F))
     carry = jax.tree_util.tree_map(lambda z: jax.random.normal(jax.random.key(seed + 2), z.shape) * 0.5,
@@ -68,6 +75,19 @@ def test_native_equals_xla_values_carries_and_gradients(kind, option):
     _close(got, want)
 
 
+@pytest.mark.parametrize("kind", HEADS)
+@pytest.mark.parametrize("option", ["plain", "reverse_resets_lengths",
+                                    *(pytest.param(o, marks=pytest.mark.slow) for o in OPTIONS
+                                      if o not in ("plain", "reverse_resets_lengths"))])
+def test_native_heads_equal_xla_values_carries_and_gradients(kind, option):
+    """heads > 1: the per-step products run one batched product per gate over the heads, and dW_hh only the
+    diagonal blocks; everything equals the XLA path's block-diagonal cell."""
+    cell, params, xs, carry = _setup(kind, (9,))
+    kw = OPTIONS[option]((9,))
+    _close(_loss_and_grads(cell, params, xs, carry, "native", **kw),
+           _loss_and_grads(cell, params, xs, carry, "xla", **kw))
+
+
 @pytest.mark.parametrize("batch_shape", [(), (1,), (2, 3)])
 @pytest.mark.parametrize("kind", ["lstm", "gru_cho"])
 def test_native_any_batch_shape_and_time_major(kind, batch_shape):
@@ -91,11 +111,11 @@ def test_native_inference_path_crosses_chunks(kind, monkeypatch):
                want)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm_heads4"])
 def test_native_small_batch_of_wide_products(kind):
     """16 rows of 256 units: on CPUs without oneDNN's blocked matmul (AVX2) the kernels run such a batch as one
     team whose products use every core (elsewhere as row shards); either way it equals the XLA path."""
-    cell = cells.lstm(256) if kind == "lstm" else cells.gru(256)
+    cell = {"lstm": cells.lstm(256), "gru": cells.gru(256), "lstm_heads4": cells.lstm(256, heads=4)}[kind]
     params = cell.init(jax.random.key(10), F)
     xs = jax.random.normal(jax.random.key(11), (16, 6, F))
     carry = cell.initial_carry(params, (16,))
@@ -104,7 +124,7 @@ def test_native_small_batch_of_wide_products(kind):
                                                                                       **kw), tol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru_heads2"])
 def test_native_under_vmap(kind):
     """vmap over inputs folds into the kernel's batch; per-example gradients and vmapped params (a population)
     run one call per slice; both equal the XLA path."""
@@ -185,8 +205,8 @@ def test_kernel_unavailable_falls_back_to_xla(monkeypatch):
     assert backend.describe(cell) == "xla (native cannot run it: this CPU lacks avx2 (the kernels need x86-64-v3))"
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", *(pytest.param(k, marks=pytest.mark.slow) for k in ("gru_cho",
-                                                                                                   "elman_tanh"))])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm_heads3",
+                                  *(pytest.param(k, marks=pytest.mark.slow) for k in ("gru_cho", "elman_tanh"))])
 def test_second_order_gradients_go_through_the_xla_reference(kind):
     """The kernels' derivatives are differentiated through the XLA path: grad of grad equals XLA's."""
     cell, params, xs, _ = _setup(kind, (3,), seed=11)

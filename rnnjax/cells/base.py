@@ -178,17 +178,20 @@ class Native(NamedTuple):
     PyTorch's gate order; ``split(carry) -> (h, c | None)`` and
     ``join(h, c) -> carry`` convert the carry. A factory sets it only for the
     settings the kernels cover (no peepholes, projections or layer norm).
+    ``heads > 1``: ``w_hh`` is block-diagonal, stored ``[heads, H/heads, G/heads]``
+    (float32 products only).
     """
 
     kind: str
     weights: Callable[[Any], tuple[Array, Array, Array | None, Array | None]]
     split: Callable[[Any], tuple[Array, Array | None]]
     join: Callable[[Array, Array | None], Any]
+    heads: int = 1
 
 
-def hidden_only(kind: str) -> Native:
+def hidden_only(kind: str, heads: int = 1) -> Native:
     """The :class:`Native` spec of a cell whose params are :class:`Weights` and whose carry is ``h`` alone."""
-    return Native(kind, lambda p: (p.w_ih, p.w_hh, p.b_ih, p.b_hh), lambda h: (h, None), lambda h, c: h)
+    return Native(kind, lambda p: (p.w_ih, p.w_hh, p.b_ih, p.b_hh), lambda h: (h, None), lambda h, c: h, heads)
 
 
 class Cell(NamedTuple):

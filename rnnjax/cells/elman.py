@@ -61,7 +61,7 @@ def elman(hidden_size: int, *, activation: str = "tanh", bias: bool = True,
         return h, h
 
     rec = Recurrence(lambda p: (p.w_hh, p.b_hh), lambda p: (), _identity, pointwise)
-    native = hidden_only(f"elman_{activation}") if activation in ("tanh", "relu") and n_heads == 1 else None
+    native = hidden_only(f"elman_{activation}", n_heads) if activation in ("tanh", "relu") else None
     return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "elman", native, dtype=dtype)
 
 

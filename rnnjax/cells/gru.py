@@ -90,7 +90,7 @@ def gru(hidden_size: int, *, reset_after: bool = True, bias: bool = True, input_
         rz, n = slice(0, 2 * H), slice(2 * H, 3 * H)
         rec = Recurrence(lambda p: (_gate_columns(p.w_hh, 0, 2), bias_part(p.b_hh, rz)),
                          lambda p: (_gate_columns(p.w_hh, 2, 3), bias_part(p.b_hh, n)), _identity, pointwise)
-    native = hidden_only("gru" if reset_after else "gru_cho") if n_heads == 1 else None
+    native = hidden_only("gru" if reset_after else "gru_cho", n_heads)
     return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], H, "gru", native, dtype=dtype)
 
 

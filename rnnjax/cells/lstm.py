@@ -125,8 +125,8 @@ def lstm(hidden_size: int, *, proj_size: int = 0, peepholes: bool = False, forge
         return LSTMCarry(h, c), h
 
     rec = Recurrence(lambda p: (p.w_hh, p.b_hh), lambda p: (p.w_hr, p.w_peep), _read_h, pointwise)
-    native = None if P or peepholes or n_heads > 1 else Native(
-        "lstm", lambda p: (p.w_ih, p.w_hh, p.b_ih, p.b_hh), lambda c: (c.h, c.c), LSTMCarry)
+    native = None if P or peepholes else Native(
+        "lstm", lambda p: (p.w_ih, p.w_hh, p.b_ih, p.b_hh), lambda c: (c.h, c.c), LSTMCarry, n_heads)
     return cell_from(rec, init, initial_carry, project, lambda p: p.w_ih.shape[0], out, "lstm", native, dtype=dtype)
 
 

@@ -28,6 +28,15 @@ EXTRA = ("lstm", "gru", "gru_cho")
 F32 = jnp.float32
 
 
+def _units(w_hh) -> tuple[int, int, int]:
+    """``(H, G, heads)`` of a recurrent weight: dense ``[H, G]``, or the ``[heads, H/heads, G/heads]`` blocks of a
+    multi-head cell (block-diagonal; :mod:`rnnjax.cells.base`, "Multi-head recurrences")."""
+    if w_hh.ndim == 3:
+        n, d, e = w_hh.shape
+        return n * d, n * e, n
+    return *w_hh.shape, 1
+
+
 def _empty_mask():
     return jnp.zeros((0,), jnp.uint8)
 
@@ -74,7 +83,7 @@ def _forward_call(kind: str, reverse: bool, bf16: bool, save: bool):
 
     def call(x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets):
         T, N, _ = x.shape
-        H, G = w_hh.shape
+        H, G, _ = _units(w_hh)
         kept = [(T, N, H), (T, N, G), (T, N, H) if kind in EXTRA else (0,)] if save else [(0,)] * 3
         out = [jax.ShapeDtypeStruct(s, F32) for s in [(T, N, H), (N, H), (N, H), *kept]]
         return tuple(jax.ffi.ffi_call("rnnjax_rnn_fwd", out)(
@@ -95,8 +104,8 @@ def _backward_call(kind: str, reverse: bool, bf16: bool):
 
     def call(x, w_ih, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc):
         T, N, F = x.shape
-        H, G = w_hh.shape
-        shapes = [(T, N, F), (F, G), (H, G), (G,), (G,), (N, H), (N, H), (T, N, G),
+        H, G, _ = _units(w_hh)
+        shapes = [(T, N, F), (F, G), w_hh.shape, (G,), (G,), (N, H), (N, H), (T, N, G),
                   (T, N, H) if kind == "gru" else (0,)]
         out = [jax.ShapeDtypeStruct(s, F32) for s in shapes]
         # The kernel works in place: its dzx output is the gates' buffer, and the GRU's dzh_n the extras'.
@@ -116,12 +125,15 @@ def _reference(kind: str, reverse: bool, x, w_ih, w_hh, b_ih, b_hh, h0, c0, vali
     from rnnjax.cells.base import Weights
     from rnnjax.cells.lstm import LSTMCarry, LSTMParams
 
-    H = w_hh.shape[0]
+    H, _, heads = _units(w_hh)
     if kind == "lstm":
-        cell, params, carry = cells.lstm(H), LSTMParams(w_ih, w_hh, b_ih, b_hh, None, None), LSTMCarry(h0, c0)
+        cell, carry = cells.lstm(H, heads=heads), LSTMCarry(h0, c0)
+        params = LSTMParams(w_ih, w_hh, b_ih, b_hh, None, None)
     else:
-        cell = {"gru": lambda: cells.gru(H), "gru_cho": lambda: cells.gru(H, reset_after=False),
-                "elman_tanh": lambda: cells.elman(H), "elman_relu": lambda: cells.elman(H, activation="relu")}[kind]()
+        cell = {"gru": lambda: cells.gru(H, heads=heads),
+                "gru_cho": lambda: cells.gru(H, reset_after=False, heads=heads),
+                "elman_tanh": lambda: cells.elman(H, heads=heads),
+                "elman_relu": lambda: cells.elman(H, activation="relu", heads=heads)}[kind]()
         params, carry = Weights(w_ih, w_hh, b_ih, b_hh), h0
     carry, ys = scan.unroll(cell, params, x, carry=carry, mask=valid.astype(bool) if valid.size else None,
                             resets=resets.astype(bool) if resets.size else None, reverse=reverse, time_major=True,
@@ -208,7 +220,7 @@ def native_unroll(cell, params, xs, carry, valid, resets, *, reverse: bool, bf16
     out_dtype = jnp.result_type(xs.dtype, w_hh.dtype) if policy is None else policy
     T, batch_shape, F = xs.shape[0], tuple(xs.shape[1:-1]), xs.shape[-1]
     N = math.prod(batch_shape)
-    H, G = w_hh.shape
+    H, G, _ = _units(w_hh)
     h0, c0 = spec.split(carry)
     zeros = jnp.zeros((G,), F32)
     b_ih = zeros if b_ih is None else b_ih.astype(F32)

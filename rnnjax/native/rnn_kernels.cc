@@ -3,10 +3,13 @@
 //
 // Matrix products go through oneDNN's matmul primitive: the recurrent weight is reordered ("packed") once per
 // call into oneDNN's blocked layout and reused at every step; the input projection, the input gradient and the
-// weight gradients are single products over all T*N rows. The gate math is plain C++ loops over rows, compiled
-// with -O3 -ffast-math so glibc's vector expf/tanhf apply, and spread over the cores with OpenMP (the same GNU
-// OpenMP runtime oneDNN uses, so there is one thread pool). With bf16 set, every product takes bfloat16 operands
-// and accumulates in float32; gates, cell state and carries stay float32 (the mixed-precision policy).
+// weight gradients are single products over all T*N rows. A multi-head cell's block-diagonal recurrent weight
+// ([heads, H/heads, G/heads]) runs each gate's products as one product batched over the heads (GateProducts), with
+// the gates laid out as for the dense weight, so everything else is the dense cell's code. The gate math is plain
+// C++ loops over rows, compiled with -O3 -ffast-math so glibc's vector expf/tanhf apply, and spread over the cores
+// with OpenMP (the same GNU OpenMP runtime oneDNN uses, so there is one thread pool). With bf16 set, every product
+// takes bfloat16 operands and accumulates in float32; gates, cell state and carries stay float32 (the
+// mixed-precision policy).
 //
 // Layout: everything is time-major and batch-flattened: x [T, N, F], ys [T, N, H], masks [T, N] (uint8).
 // Semantics equal rnnjax.unroll's: at a reset step the carry is first replaced by zeros; at an invalid step the
@@ -65,29 +68,43 @@ memory::desc matrix_desc(int64_t rows, int64_t cols, memory::data_type dt, int64
 
 memory::data_type op_type(bool use_bf16) { return use_bf16 ? memory::data_type::bf16 : memory::data_type::f32; }
 
-// A batch of products sharing B: A and C hold `count` matrices, `a_stride` and `c_stride` elements apart.
+// A batch of products: A and C hold `count` matrices, `a_stride` and `c_stride` elements apart; B is one matrix
+// shared by all (b_stride 0) or `count` matrices b_stride apart (the heads of a block-diagonal weight).
 struct Batch {
-  int64_t count = 0, a_stride = 0, c_stride = 0;
+  int64_t count = 0, a_stride = 0, c_stride = 0, b_stride = 0;
 };
 
+// A [count, rows, cols] batch of matrices, each row-major with leading dim ld (or transposed), `stride` apart.
+memory::desc batch_desc(int64_t count, int64_t rows, int64_t cols, memory::data_type dt, int64_t ld, bool transposed,
+                        int64_t stride) {
+  return transposed ? memory::desc({count, rows, cols}, dt, {stride, 1, ld})
+                    : memory::desc({count, rows, cols}, dt, {stride, ld, 1});
+}
+
 // Weights packed once per call and shared by the threads whose products want the same layout: one copy in the
-// caches instead of one per thread (the recurrent weight of H = 1,024 is 16 MiB in float32).
+// caches instead of one per thread (the recurrent weight of H = 1,024 is 16 MiB in float32). Keyed by the layout
+// and the plain weights' address (the heads of a block-diagonal weight share a layout).
 class Packs {
  public:
   memory get(const memory::desc& want, memory& plain, dnnl::stream& strm) {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& [desc, mem] : packed_)
-      if (desc == want) return mem;
+    for (auto& p : packed_)
+      if (p.desc == want && p.source == plain.get_data_handle()) return p.mem;
     memory mem(want, cpu_engine());
     dnnl::reorder(plain, mem).execute(strm, plain, mem);
     strm.wait();
-    packed_.emplace_back(want, mem);
+    packed_.push_back({want, plain.get_data_handle(), mem});
     return mem;
   }
 
  private:
+  struct Packed {
+    memory::desc desc;
+    const void* source;
+    memory mem;
+  };
   std::mutex mutex_;
-  std::vector<std::pair<memory::desc, memory>> packed_;
+  std::vector<Packed> packed_;
 };
 
 bool is_brgemm(const dnnl::matmul::primitive_desc& pd) { return std::string(pd.impl_info_str()).rfind("brg", 0) == 0; }
@@ -96,9 +113,9 @@ bool is_brgemm(const dnnl::matmul::primitive_desc& pd) { return std::string(pd.i
 // float32 products on its jit sgemm, which re-packs B at every call: there the weight is a plain copy whose rows are padded by 16
 // elements, since rows a power of two bytes apart (G = 1,024 or 4,096 floats) alias in the cache and measured at
 // half the speed (32x256x1024: 29 against 58 GFLOP/s on one Zen 3 core; 8x512x2048: 16 against 34).
-memory::desc padded_weights(int64_t K, int64_t N, memory::data_type dt, bool batched) {
+memory::desc padded_weights(int64_t K, int64_t N, memory::data_type dt, int64_t count) {
   const int64_t ld = N + 16;
-  return batched ? memory::desc({1, K, N}, dt, {K * ld, ld, 1}) : memory::desc({K, N}, dt, {ld, 1});
+  return count > 0 ? memory::desc({count, K, N}, dt, {K * ld, ld, 1}) : memory::desc({K, N}, dt, {ld, 1});
 }
 
 // C[M, N] (+)= A[M, K] B[K, N] (+ bias[N]), C float32 with leading dim ldc (or a Batch of them). With `packed`, B
@@ -117,10 +134,13 @@ class Matmul {
     auto b_md = packed ? memory::desc({K, N}, dt, memory::format_tag::any) : matrix_desc(K, N, dt, ldb, b_transposed);
     auto c_md = memory::desc({M, N}, memory::data_type::f32, {ldc, 1});
     auto bias_md = memory::desc({1, N}, memory::data_type::f32, {N, 1});
-    if (batch.count > 0) {  // plain A and C with batch strides; B and the bias broadcast over the batch
-      a_md = memory::desc({batch.count, M, K}, dt, {batch.a_stride, lda, 1});
-      b_plain = memory::desc({1, K, N}, memory::data_type::f32, {K * ldb, ldb, 1});
-      b_md = memory::desc({1, K, N}, dt, memory::format_tag::any);
+    const int64_t b_count = batch.b_stride > 0 ? batch.count : 1;
+    if (batch.count > 0) {  // plain A and C with batch strides; B (and the bias) broadcast over the batch or not
+      a_md = batch_desc(batch.count, M, K, dt, lda, a_transposed, batch.a_stride);
+      b_plain = batch_desc(b_count, K, N, memory::data_type::f32, ldb, b_transposed,
+                           batch.b_stride > 0 ? batch.b_stride : K * ldb);
+      b_md = packed ? memory::desc({b_count, K, N}, dt, memory::format_tag::any)
+                    : batch_desc(b_count, K, N, dt, ldb, b_transposed, batch.b_stride > 0 ? batch.b_stride : K * ldb);
       c_md = memory::desc({batch.count, M, N}, memory::data_type::f32, {batch.c_stride, ldc, 1});
       bias_md = memory::desc({1, 1, N}, memory::data_type::f32, {N, N, 1});
     }
@@ -136,7 +156,7 @@ class Matmul {
     };
     auto pd = make_pd();
     if (packed && !use_bf16 && !is_brgemm(pd)) {  // see padded_weights
-      b_md = padded_weights(K, N, dt, batch.count > 0);
+      b_md = padded_weights(K, N, dt, batch.count > 0 ? b_count : 0);
       pd = make_pd();
     }
     if (bias != nullptr) args_[DNNL_ARG_BIAS] = memory(bias_md, eng, const_cast<float*>(bias));
@@ -213,13 +233,62 @@ struct Sizes {
   int64_t T, N, F, H, G;  // G: the gate width, gates * H
   int64_t kind;
   bool reverse, use_bf16;
+  int64_t heads;  // > 1: W_hh is block-diagonal, stored as [heads, H / heads, G / heads]
 };
 
 Sizes sizes_of(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w_hh, int64_t kind, bool reverse, bool use_bf16) {
   auto xd = x.dimensions();
   auto wd = w_hh.dimensions();
-  return Sizes{xd[0], xd[1], xd[2], wd[0], wd[1], kind, reverse, use_bf16};
+  if (wd.size() == 3) return Sizes{xd[0], xd[1], xd[2], wd[0] * wd[1], wd[0] * wd[2], kind, reverse, use_bf16, wd[0]};
+  return Sizes{xd[0], xd[1], xd[2], wd[0], wd[1], kind, reverse, use_bf16, 1};
 }
+
+// The products with the recurrent weight over its gate blocks [g0, g1) (columns [g0 * H, g1 * H) of the dense
+// W_hh [H, G]), with A and C laid out as for the dense weight (gate-major):
+//   forward    C[M, (g1 - g0) * H] (+)= A[M, H] W_hh[:, g0 * H : g1 * H]
+//   transposed C[M, H] (+)= A[M, (g1 - g0) * H] W_hh[:, g0 * H : g1 * H]^T
+// Dense, that is one product. With heads (each head's block of W_hh [d, gates * d] holds its gates side by side),
+// it is one product per gate, batched over the heads: gate g of head k maps units [k d, (k + 1) d) to units
+// [k d, (k + 1) d) of the gate's block, so each is a [M, d] x [d, d] product whose A and C are strided views.
+class GateProducts {
+ public:
+  GateProducts(const Sizes& s, int64_t M, int64_t g0, int64_t g1, int64_t lda, const float* w_hh, bool transposed,
+               int64_t ldc, bool accumulate, Packs* packs)
+      : H_(s.H), transposed_(transposed), elem_(s.use_bf16 ? sizeof(bf16) : sizeof(float)), heads_(s.heads) {
+    const int64_t H = s.H, G = s.G, width = (g1 - g0) * H;
+    const bool b16 = s.use_bf16;
+    if (s.heads == 1) {
+      parts_.push_back(std::make_unique<Matmul>(M, transposed ? width : H, transposed ? H : width, lda, false,
+                                                w_hh + g0 * H, G, transposed, ldc, b16, accumulate, true, nullptr,
+                                                Batch{}, packs));
+      return;
+    }
+    const int64_t n = s.heads, d = H / n, gw = G / n;
+    for (int64_t g = g0; g < g1; ++g)
+      parts_.push_back(std::make_unique<Matmul>(M, d, d, lda, false, w_hh + g * d, gw, transposed, ldc, b16,
+                                                accumulate || (transposed && g > g0), true, nullptr,
+                                                Batch{n, d, d, d * gw}, packs));
+  }
+
+  void run(const void* a, float* c) {
+    if (heads_ == 1) return parts_[0]->run(a, c);
+    for (size_t i = 0; i < parts_.size(); ++i) {
+      const int64_t shift = static_cast<int64_t>(i) * H_;
+      if (transposed_) {
+        parts_[i]->run(static_cast<const char*>(a) + shift * elem_, c);
+      } else {
+        parts_[i]->run(a, c + shift);
+      }
+    }
+  }
+
+ private:
+  int64_t H_;
+  bool transposed_;
+  size_t elem_;
+  int64_t heads_;
+  std::vector<std::unique_ptr<Matmul>> parts_;
+};
 
 // oneDNN's blocked ("brgemm") matmul, which keeps a packed weight, needs AVX-512; without it (oneDNN 3.2 on AVX2)
 // each product runs oneDNN's jit sgemm, which packs its B anew at every call. There, a batch of fewer than
@@ -244,7 +313,7 @@ void run_shards(const Sizes& s, Fn shard) {
   const int64_t N = s.N;
   const int nt = loop_threads(N);
   if (nt == 1) return on_one_thread([&] { shard(Shard{0, N}); });
-  if (N < kTeamRows && N * s.H * s.G >= kTeamWork && !has_blocked_matmul()) return shard(Shard{0, N});
+  if (N < kTeamRows && N * s.H * s.G / s.heads >= kTeamWork && !has_blocked_matmul()) return shard(Shard{0, N});
 #pragma omp parallel num_threads(nt)
   shard(shard_of(N, omp_get_num_threads(), omp_get_thread_num()));
 }
@@ -438,11 +507,9 @@ void forward_shard(const Fwd& f, Shard sh) {
   Rows gates = save ? Rows{f.gates, 0, 0, N * G, G} : Rows{work.data(), 0, sh.n0, M * G, G};
   Rows extras = save ? Rows{f.extra, 0, 0, N * H, H} : Rows{extra.data(), 0, sh.n0, 0, H};
   Projection proj(f, sh, gates);
-  Matmul rec(M, H, rz, H, false, f.w_hh, G, false, rz, b16, false, true, nullptr, {}, f.packs);
-  std::unique_ptr<Matmul> cand;  // the Cho GRU's candidate product reads r*h from the extras (or its bf16 copy)
-  if (cho)
-    cand = std::make_unique<Matmul>(M, H, H, H, false, f.w_hh + 2 * H, G, false, H, b16, false, true, nullptr,
-                                    Batch{}, f.packs);
+  GateProducts rec(s, M, 0, rz / H, H, f.w_hh, false, rz, false, f.packs);
+  std::unique_ptr<GateProducts> cand;  // the Cho GRU's candidate product reads r*h from the extras (or its bf16 copy)
+  if (cho) cand = std::make_unique<GateProducts>(s, M, 2, 3, H, f.w_hh, false, H, false, f.packs);
   for (int64_t s0 = 0; s0 < s.T; s0 += K) {
     const int64_t k = std::min(K, s.T - s0), t_lo = s.reverse ? s.T - s0 - k : s0;
     if (!save) gates.t0 = t_lo;
@@ -641,14 +708,12 @@ void backward_shard(const Bwd& b, const float* w_hh, Shard sh, Packs* packs) {
   const Sizes& s = b.s;
   const int64_t H = s.H, G = s.G, M = sh.n1 - sh.n0;
   if (M == 0) return;
-  const bool cho = s.kind == kGruCho, b16 = s.use_bf16;
+  const bool cho = s.kind == kGruCho;
   const int64_t rz = cho ? 2 * H : G;
   // dh += src[:, :rz] W_hh[:, :rz]^T (accumulated into dh); Cho: d(r*h) = src[:, 2H:] W_hn^T first.
-  Matmul rec(M, rz, H, G, false, w_hh, G, true, H, b16, true, true, nullptr, {}, packs);
-  std::unique_ptr<Matmul> cand;
-  if (cho)
-    cand = std::make_unique<Matmul>(M, H, H, G, false, w_hh + 2 * H, G, true, H, b16, false, true, nullptr, Batch{},
-                                    packs);
+  GateProducts rec(s, M, 0, rz / H, G, w_hh, true, H, true, packs);
+  std::unique_ptr<GateProducts> cand;
+  if (cho) cand = std::make_unique<GateProducts>(s, M, 2, 3, G, w_hh, true, H, false, packs);
   for (int64_t step = s.T - 1; step >= 0; --step) {
     const int64_t t = time_at(s, step);
     for (int64_t n = sh.n0; n < sh.n1; ++n) bwd_row(b, t, n);
@@ -675,6 +740,21 @@ void column_sums(const float* a, int64_t rows, int64_t cols, int64_t ld, float* 
   }
 }
 
+// dW_hh[:, g0 * H : g1 * H] = A^T B over all R = T * N rows: A [R, H] the rows' h (the Cho GRU's n block: r*h), B
+// [R, (g1 - g0) * H] the cotangents of those gate blocks' recurrent part (leading dim ldb). Dense, one product;
+// with heads only the diagonal blocks (stored [heads, d, gates * d]), one product per gate batched over the heads.
+void recurrent_weight_grad(const Sizes& s, const void* a, const float* b, int64_t ldb, int64_t g0, int64_t g1,
+                           float* dw) {
+  const int64_t R = s.T * s.N, H = s.H, G = s.G;
+  if (s.heads == 1)
+    return Matmul(H, R, (g1 - g0) * H, H, true, b, ldb, false, G, s.use_bf16, false, false).run(a, dw + g0 * H);
+  const int64_t n = s.heads, d = H / n, gw = G / n;
+  for (int64_t g = g0; g < g1; ++g)
+    Matmul(d, R, d, H, true, b + (g - g0) * H, ldb, false, gw, s.use_bf16, false, false, nullptr,
+           Batch{n, d, d * gw, d})
+        .run(a, dw + g * d);
+}
+
 // The products after the loop: dW_ih = X^T dZx, dx = dZx W_ih^T, dW_hh = H_prev^T dZh, and the bias sums.
 void weight_grads(const Sizes& s, const float* x, const float* w_ih, const float* dzx, const float* dzh_n,
                   const float* hs_prev, const float* extra, float* dx, float* dw_ih, float* dw_hh, float* db_ih,
@@ -687,15 +767,15 @@ void weight_grads(const Sizes& s, const float* x, const float* w_ih, const float
   column_sums(dzx, R, G, G, db_ih);
   std::memcpy(db_hh, db_ih, sizeof(float) * G);
   if (s.kind == kGruCho) {  // W_hr, W_hz see h_prev; W_hn sees r*h (the extras)
-    Matmul(H, R, 2 * H, H, true, dzx, G, false, G, b, false, false).run(hpo.get(), dw_hh);
+    recurrent_weight_grad(s, hpo.get(), dzx, G, 0, 2, dw_hh);
     Operand rho(extra, R * H, b);
-    Matmul(H, R, H, H, true, dzx + 2 * H, G, false, G, b, false, false).run(rho.get(), dw_hh + 2 * H);
+    recurrent_weight_grad(s, rho.get(), dzx + 2 * H, G, 2, 3, dw_hh);
     return;
   }
-  const int64_t cols = s.kind == kGru ? 2 * H : G;  // the GRU's n block is computed from dzh_n below
-  Matmul(H, R, cols, H, true, dzx, G, false, G, b, false, false).run(hpo.get(), dw_hh);
+  const int64_t blocks = s.kind == kGru ? 2 : G / H;  // the GRU's n block is computed from dzh_n below
+  recurrent_weight_grad(s, hpo.get(), dzx, G, 0, blocks, dw_hh);
   if (s.kind == kGru) {  // the n block of the recurrent part saw r * d(n)
-    Matmul(H, R, H, H, true, dzh_n, H, false, G, b, false, false).run(hpo.get(), dw_hh + 2 * H);
+    recurrent_weight_grad(s, hpo.get(), dzh_n, H, 2, 3, dw_hh);
     column_sums(dzh_n, R, H, H, db_hh + 2 * H);
   }
 }
