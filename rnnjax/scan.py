@@ -40,7 +40,7 @@ Remat = bool | int | None
 Hoist = bool | Literal["auto"]
 Backward = Literal["auto", "fused", "autodiff"]
 Parallel = bool | Literal["auto", "associative", "loop"]
-PARALLEL = (True, False, "auto", "associative", "loop")
+PARALLEL = (True, False, "auto", "associative", "loop", "chunkwise")
 
 
 def valid_steps(fn: str, batch_shape: tuple[int, ...], T: int, *, lengths=None, mask=None,
@@ -122,7 +122,10 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
         recomputes each chunk from its input projection, stored or itself
         recomputed as the cell's ``Linear.save_projection`` says (memory for
         the chunk boundaries' states and, where stored, the projections, not
-        for every step's coefficients); ``False`` runs
+        for every step's coefficients); ``"chunkwise"`` (the mLSTM) runs
+        :data:`~rnnjax.linear_scan.CHUNKWISE_STEPS` steps at a time through
+        ``[C, C]`` matrices per head, forming the state once per chunk
+        (``Linear.chunkwise``); ``False`` runs
         the cell's step in the sequential scan;
         ``"auto"`` as :func:`auto_parallel` decides (sequential when
         ``remat`` is set). ``unroll``, ``hoist`` and ``backward`` apply to
@@ -220,12 +223,15 @@ def _compute_dtype(cell: Cell, params, xs):
 def _parallel_method(fn: str, cell: Cell, parallel, remat: Remat, batch_size: int, T: int) -> str | None:
     """``"associative"``, ``"loop"`` (the linear form) or None (the cell's step in the sequential scan)."""
     if parallel not in PARALLEL:
-        raise ValueError(f"{fn}: parallel must be one of True, False, 'auto', 'associative' or 'loop', got "
-                         f"{parallel!r}. Fix: pass one of those.")
+        raise ValueError(f"{fn}: parallel must be one of True, False, 'auto', 'associative', 'loop' or "
+                         f"'chunkwise', got {parallel!r}. Fix: pass one of those.")
     no_remat = remat is None or remat is False
-    if parallel not in ("auto", False) and (cell.linear is None or not no_remat):
+    no_chunkwise = parallel == "chunkwise" and cell.linear is not None and cell.linear.chunkwise is None
+    if parallel not in ("auto", False) and (cell.linear is None or not no_remat or no_chunkwise):
         why = (f"the cell {cell.name!r} has no linear form (its recurrence is not linear in the carry)"
-               if cell.linear is None else "remat applies to the sequential scan only")
+               if cell.linear is None else "remat applies to the sequential scan only" if not no_remat else
+               f"the cell {cell.name!r} has no chunkwise form (the mLSTM has one; 'associative' and 'loop' run "
+               "every linear cell)")
         raise ValueError(f"{fn}: parallel={parallel!r} is not available here: {why}. "
                          "Fix: pass parallel='auto' or False.")
     if parallel == "auto":

@@ -81,6 +81,36 @@ def test_parallel_equals_sequential_values_and_gradients(linear, method, name):
     assert_trees_close(grads_p, grads_s, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["resets-lengths-reverse", "resets-mask",
+                                  *(pytest.param(n, marks=pytest.mark.slow) for n in ("lengths-reverse",
+                                                                                      "mask-holes"))])
+def test_mlstm_chunkwise_equals_sequential_across_chunks(name):
+    """parallel='chunkwise': 150 steps are two whole chunks of CHUNKWISE_STEPS and a remainder. In float64 the
+    outputs, the final carry (its stabiliser included) and the gradients equal the step form's to 1e-9; in
+    float32 the outputs and carry to 2e-5 (their gradients differ from float64 by ~1e-3 relative in both forms:
+    float32 rounding, which the chunkwise form has less of)."""
+    from rnnjax.linear_scan import CHUNKWISE_STEPS
+
+    steps = 2 * CHUNKWISE_STEPS + 22
+    rng = np.random.default_rng(3)
+    cell = cells.mlstm(8, heads=2)
+    params = cell.init(jax.random.key(3), F)
+    xs = jnp.asarray(rng.normal(size=(B, steps, F)), jnp.float32)
+    long = {"lengths": jnp.array([steps, 70, 0, CHUNKWISE_STEPS + 1]),
+            "mask": jnp.asarray(rng.random((B, steps)) < 0.7),
+            "resets": jnp.asarray(rng.random((B, steps)) < 0.02).at[:, CHUNKWISE_STEPS + 5].set(True)}
+    opts = {k: long[k] if k in long else v for k, v in OPTIONS[name].items()}
+    carry = random_carry(cell, params, (B,))
+    assert_trees_close(jitted(unroll, cell, "chunkwise", opts)(params, xs, carry),
+                       jitted(unroll, cell, False, opts)(params, xs, carry), atol=2e-5, rtol=2e-5)
+    with jax.enable_x64(True):
+        p64, x64, c64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), (params, xs, carry))
+        assert_trees_close(jitted(value_and_grad, cell, "chunkwise", opts)(p64, x64, c64),
+                           jitted(value_and_grad, cell, False, opts)(p64, x64, c64), atol=1e-9, rtol=1e-9)
+        assert_trees_close(jitted(unroll, cell, "chunkwise", opts)(p64, x64, c64),
+                           jitted(unroll, cell, False, opts)(p64, x64, c64), atol=1e-9, rtol=1e-9)
+
+
 def _batch(flags, leaf):
     """``flags [B]`` shaped to broadcast over a carry leaf ``[B, ...]``."""
     return flags.reshape(flags.shape + (1,) * (leaf.ndim - 1))
@@ -361,8 +391,12 @@ ERRORS = [
      "Fix: pass parallel='auto' or False."),
     (lambda: rnnjax.unroll(cells.mingru(4), cells.mingru(4).init(jax.random.key(0), 3), jnp.ones((2, 5, 3)),
                            parallel="yes"),
-     "rnnjax.unroll: parallel must be one of True, False, 'auto', 'associative' or 'loop', got 'yes'. "
-     "Fix: pass one of those."),
+     "rnnjax.unroll: parallel must be one of True, False, 'auto', 'associative', 'loop' or 'chunkwise', got "
+     "'yes'. Fix: pass one of those."),
+    (lambda: rnnjax.unroll(cells.mingru(4), cells.mingru(4).init(jax.random.key(0), 3), jnp.ones((2, 5, 3)),
+                           parallel="chunkwise"),
+     "rnnjax.unroll: parallel='chunkwise' is not available here: the cell 'mingru' has no chunkwise form (the "
+     "mLSTM has one; 'associative' and 'loop' run every linear cell). Fix: pass parallel='auto' or False."),
     (lambda: cells.lru(4, r_min=0.9, r_max=0.5),
      "rnnjax.cells.lru: expected 0 <= r_min < r_max <= 1, got r_min=0.9, r_max=0.5. Fix: pass a ring inside the "
      "unit circle, e.g. r_min=0.9, r_max=0.999."),

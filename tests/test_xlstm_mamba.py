@@ -156,9 +156,14 @@ def test_values_and_gradients_equal_the_unstabilised_equations_in_float64(name, 
     assert_trees_close(grads, want_grads, atol=1e-5, rtol=1e-5)
 
 
+def test_mlstm_chunkwise_equals_the_unstabilised_equations_in_float64():
+    """parallel='chunkwise' (the mLSTM's [C, C] form) against the same float64 reference."""
+    test_values_and_gradients_equal_the_unstabilised_equations_in_float64("mlstm", "chunkwise")
+
+
 @pytest.mark.parametrize("name,parallel,steps", [("slstm", False, 10_000),
                                                  pytest.param("mlstm", False, 10_000, marks=pytest.mark.slow),
-                                                 ("mlstm", "associative", 1_000)])
+                                                 ("mlstm", "associative", 1_000), ("mlstm", "chunkwise", 1_000)])
 def test_finite_over_ten_thousand_steps_of_large_inputs(name, parallel, steps):
     """Gate pre-activations in the hundreds, both signs: exp(i~) alone would overflow float32 at 89."""
     cell = getattr(cells, name)(4, heads=2)

@@ -141,6 +141,15 @@ class Linear(NamedTuple):
     carry, ``output(params, (h, m), px)`` reads both. The cell's outputs must
     not depend on ``m`` (the scale cancels), so only rounding differs where the
     parallel forms' stabilisers differ from the step's in the last bits.
+
+    ``chunkwise``: for a stabilised form whose state is a sum of per-step
+    outer products (the mLSTM's matrix memory), ``(params, px [C, *B, G],
+    (h, m), ms [C, *B, K], valid, resets) -> ((h, m), ys [C, *B, O])``: a
+    chunk of ``C`` steps in order, the state formed only at its end (each
+    output reads the chunk's steps through a ``[C, C]`` matrix per head, as
+    attention does). ``ms`` are the step form's stabilisers;
+    ``valid``/``resets`` ``[C, *B]`` or None. ``parallel="chunkwise"`` runs
+    it (:mod:`rnnjax.linear_scan`).
     """
 
     coefficients: Callable[..., tuple[Array, Array]]
@@ -149,6 +158,7 @@ class Linear(NamedTuple):
     output: Callable[[Any, Any, Array], Array]
     save_projection: bool = True
     stabiliser: Callable[[Any, Array], tuple[Array, Array]] | None = None
+    chunkwise: Callable[..., tuple[Any, Array]] | None = None
 
 
 def step_from_linear(lin: Linear) -> Callable[[Any, Any, Array], tuple[Any, Array]]:

@@ -228,5 +228,33 @@ def mlstm(hidden_size: int, *, heads: int = 4, input_init: InitSpec = "xavier", 
         h = jax.nn.sigmoid(o) * jnp.einsum("...vk,...k->...v", c, q) / den
         return h.reshape(*h.shape[:-2], H).astype(px.dtype)
 
-    lin = Linear(coefficients, state, to_carry, output, stabiliser=stabiliser)
+    def chunkwise(params, px: Array, hm, ms: Array, valid, resets):
+        """``C`` steps at once: ``C_t q_t`` as ``sum_s w_ts (q_t . k_s) v_s`` plus the entering state's share,
+        with ``w_ts = exp(log_f_{s+1} + ... + log_f_t + log_i_s - m_t)`` (at most 1, since ``m_t`` is the
+        step form's stabiliser); a reset at step ``r`` cuts every ``s < r`` (and the entering state) off."""
+        q, k, v, o, log_f, log_i = parts(px)
+        if valid is not None:  # a held step forgets nothing and adds nothing
+            log_f = jnp.where(valid[..., None], log_f, 0.0)
+            log_i = jnp.where(valid[..., None], log_i, -jnp.inf)
+        seg = jnp.zeros(px.shape[:-1], jnp.int32) if resets is None else jnp.cumsum(resets, axis=0, dtype=jnp.int32)
+        if resets is not None:  # what the reset step forgets is dropped anyway
+            log_f = jnp.where(resets[..., None], 0.0, log_f)
+        F = jnp.cumsum(log_f, axis=0)
+        C = px.shape[0]
+        causal = jnp.tril(jnp.ones((C, C), bool)).reshape(C, C, *([1] * (F.ndim - 1)))
+        same = causal & (seg[:, None] == seg[None, :])[..., None]
+        log_w = jnp.where(same, F[:, None] - F[None, :] + log_i[None, :] - ms[:, None], -jnp.inf)
+        w = jnp.exp(log_w) * jnp.einsum("t...d,s...d->ts...", q, k)  # [t, s, *B, K]
+        c0, n0, m0 = to_carry(hm)
+        g0 = jnp.exp(jnp.where((seg == 0)[..., None], F + m0 - ms, -jnp.inf))  # the entering state's weight
+        num = jnp.einsum("ts...,s...d->t...d", w, v) + g0[..., None] * jnp.einsum("...vd,t...d->t...v", c0, q)
+        den = jnp.sum(w, axis=1) + g0 * jnp.einsum("...d,t...d->t...", n0, q)
+        floor = jnp.exp(jnp.clip(-ms, -LOG_FLOOR, LOG_FLOOR))
+        h = jax.nn.sigmoid(o) * num / jnp.maximum(jnp.abs(den), floor)[..., None]
+        w_end = jnp.exp(log_w[-1])  # the state after the last step: the same weights, without q
+        c = jnp.einsum("s...,s...v,s...d->...vd", w_end, v, k) + g0[-1][..., None, None] * c0
+        n = jnp.einsum("s...,s...d->...d", w_end, k) + g0[-1][..., None] * n0
+        return state(MLSTMCarry(c, n, ms[-1])), h.reshape(*h.shape[:-2], H).astype(px.dtype)
+
+    lin = Linear(coefficients, state, to_carry, output, stabiliser=stabiliser, chunkwise=chunkwise)
     return linear_cell(lin, init, initial_carry, project, lambda p: p.w.shape[0], H, "mlstm", dtype=dtype)
