@@ -3,7 +3,7 @@
     rnnjax-bench --preset all --mode fwd,fwdbwd --compare torch,flax,haiku,equinox --cell lstm
     rnnjax-bench --preset C1 --compare rnnjax,rnnjax-hoisted,rnnjax-inloop,torch --json out.jsonl
     rnnjax-bench --quick                      # tiny shapes, all modes, under a minute (CI)
-    rnnjax-bench --cell lstm --heads 4 --compare rnnjax,rnnjax-dense   # 4 heads against the dense cell
+    rnnjax-bench --cell lstm --heads 4 --compare rnnjax-native,rnnjax-native-dense   # 4 heads against 1
     rnnjax-bench --preset V1 --cell conv_lstm --compare rnnjax,flax,haiku   # ConvLSTM on frames [B, T, 8, 8, 16]
     rnnjax-bench long --time 1000,100000      # memory and compile time against T (benchmarks/long_sequences.py)
     rnnjax-bench tasks --markdown tasks.md    # every `rnnjax train` task against its baseline (benchmarks/tasks.py)
