@@ -102,7 +102,8 @@ def test_native_backend_runs_heads_in_float32_and_refuses_bfloat16_products():
     assert backend.choose("f", "auto", backend.Request(b16, jnp.bfloat16, None, "cpu")) is None
     with pytest.raises(ValueError, match=r"^rnnjax\.unroll: backend='native' cannot run this call: the native "
                                          r"kernels run heads=4 \(block-diagonal W_hh\) with float32 products "
-                                         r"only"):
+                                         r"only, and this cell computes in bfloat16 \(build it without "
+                                         r"dtype=bfloat16 for them\)\. Fix: pass backend='auto'"):
         rnnjax.unroll(b16, params, xs, backend="native")
     assert_trees_close(rnnjax.unroll(b16, params, xs), rnnjax.unroll(b16, params, xs, backend="xla"))
 

@@ -254,7 +254,7 @@ class GateProducts {
  public:
   GateProducts(const Sizes& s, int64_t M, int64_t g0, int64_t g1, int64_t lda, const float* w_hh, bool transposed,
                int64_t ldc, bool accumulate, Packs* packs)
-      : H_(s.H), transposed_(transposed), elem_(s.use_bf16 ? sizeof(bf16) : sizeof(float)), heads_(s.heads) {
+      : H_(s.H), transposed_(transposed), elem_(s.use_bf16 ? sizeof(bf16) : sizeof(float)) {
     const int64_t H = s.H, G = s.G, width = (g1 - g0) * H;
     const bool b16 = s.use_bf16;
     if (s.heads == 1) {
@@ -270,8 +270,8 @@ class GateProducts {
                                                 Batch{n, d, d, d * gw}, packs));
   }
 
+  // Part i covers gate block g0 + i: its C (forward) or A (transposed) starts i * H columns further.
   void run(const void* a, float* c) {
-    if (heads_ == 1) return parts_[0]->run(a, c);
     for (size_t i = 0; i < parts_.size(); ++i) {
       const int64_t shift = static_cast<int64_t>(i) * H_;
       if (transposed_) {
@@ -286,7 +286,6 @@ class GateProducts {
   int64_t H_;
   bool transposed_;
   size_t elem_;
-  int64_t heads_;
   std::vector<std::unique_ptr<Matmul>> parts_;
 };
 
