@@ -240,11 +240,10 @@ def _linear_chunk(cell: Cell, params, zero_state, state, xs, valid, resets, *, r
 CHUNKWISE_STEPS = 64
 
 
-def _chunkwise_chunk(cell: Cell, params, zero_state, state, xs, valid, resets, *, reverse: bool, method: str):
+def _chunkwise_chunk(cell: Cell, params, zero_state, state, xs, valid, resets, *, reverse: bool):
     """Steps ``xs [C, *B, F]`` by the cell's chunkwise form (:class:`~rnnjax.cells.base.Linear`), with
     :func:`_linear_chunk`'s contract: the stabilisers are the step form's (:func:`_stabilisers`), and
     ``reverse`` runs the chunk's steps flipped."""
-    del method
     lin = cell.linear
     px = checkpoint_name(cell.project(params, xs), PROJECTION)
     (state, m), (_, m_zero) = state, zero_state
@@ -273,8 +272,11 @@ def parallel_unroll(cell: Cell, params, xs, carry, zero_carry, valid, resets, re
     """
     lin = cell.linear
     state = lin.state(carry)
-    form = _chunkwise_chunk if method == "chunkwise" else _linear_chunk
-    chunk = functools.partial(form, cell, params, lin.state(zero_carry), reverse=reverse, method=method)
+    zero_state = lin.state(zero_carry)
+    if method == "chunkwise":
+        chunk = functools.partial(_chunkwise_chunk, cell, params, zero_state, reverse=reverse)
+    else:
+        chunk = functools.partial(_linear_chunk, cell, params, zero_state, reverse=reverse, method=method)
     T = xs.shape[0]
     C = min(T, CHUNKWISE_STEPS) if method == "chunkwise" else T
     if method == "loop":
