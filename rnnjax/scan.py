@@ -177,6 +177,7 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
         _checks.require_like(fn, "carry", carry, jax.eval_shape(lambda: zero_carry),
                              f"build it with cell.initial_carry(params, batch_shape={carry_shape}).")
 
+    _require_stable_carry(fn, cell, params, carry, xs_t)
     batch_size = math.prod(batch_shape)
     method = _parallel_method(fn, cell, parallel, remat, batch_size, T)  # validates parallel= first
     dtype = _compute_dtype(cell, params, xs)
@@ -208,6 +209,21 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
     carry, ys = _scan(body, carry, (inputs, valid, resets), T=T, reverse=reverse, unroll=unroll, remat=remat,
                       batch_shape=batch_shape)
     return carry, ys if time_major else jnp.moveaxis(ys, 0, -2 - sd)
+
+
+def _require_stable_carry(fn: str, cell: Cell, params, carry, xs_t) -> None:
+    """Raises where one step changes the carry's dtypes (float64 ``xs`` with float32 parameters under
+    ``jax_enable_x64``, float32 ``xs`` with bfloat16 ones): a scan's carry must keep its type."""
+    x = jax.ShapeDtypeStruct(xs_t.shape[1:], xs_t.dtype)
+    new, _ = jax.eval_shape(lambda p, c, x_t: cell.step(p, c, cell.project(p, x_t)), params, carry, x)
+    given = {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(carry)}
+    changed = {str(b.dtype) for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(new))
+               if a.dtype != b.dtype}
+    if changed:
+        raise TypeError(f"{fn}: xs of dtype {xs_t.dtype} turn the cell's {'/'.join(sorted(given))} carry into "
+                        f"{'/'.join(sorted(changed))} after one step, and a scan's carry must keep its dtype. "
+                        f"Fix: cast xs to the carry's dtype (xs.astype(jnp.{min(given)})), or build the cell with "
+                        f"param_dtype=jnp.{xs_t.dtype}.")
 
 
 def _compute_dtype(cell: Cell, params, xs):

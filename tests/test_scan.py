@@ -13,6 +13,7 @@ import pytest
 
 import rnnjax
 from conftest import CELLS, B, F, T, assert_trees_close, random_carry, random_inputs
+from rnnjax import cells
 
 LENGTHS = jnp.array([T, 3, 1, 5])
 
@@ -193,3 +194,32 @@ def test_jitted_loss_traces_once():
     values = [float(jax.value_and_grad(loss)(params, random_inputs(seed), LENGTHS - (seed % 2))[0])
               for seed in range(3)]
     assert len(set(values)) == 3  # each call saw its own data through the one trace
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "mingru", "mlstm", "mamba", "lru"])
+def test_float64_inputs_with_float32_params_name_the_fix(name):
+    """Under x64, float64 xs would turn a float32 carry into float64 inside the scan; unroll says so, and the
+    fix it names (casting xs) gives the float32 run."""
+    cell = CELLS[name]()
+    params = cell.init(jax.random.key(0), F)
+    xs = random_inputs()
+    expected = rnnjax.unroll(cell, params, xs)
+    with jax.enable_x64(True):
+        xs64 = jnp.asarray(np.asarray(xs), jnp.float64)
+        with pytest.raises(TypeError) as e:
+            rnnjax.unroll(cell, params, xs64)
+        got = rnnjax.unroll(cell, params, xs64.astype(jnp.float32))
+    assert str(e.value).startswith("rnnjax.unroll: xs of dtype float64 turn the cell's float32 carry into float64 "
+                                   "after one step, and a scan's carry must keep its dtype. Fix: cast xs to the "
+                                   "carry's dtype (xs.astype(jnp.float32)), or build the cell with "
+                                   "param_dtype=jnp.float64.")
+    assert_trees_close(got, expected)
+
+
+def test_float32_inputs_with_bfloat16_params_name_the_fix():
+    cell = cells.lstm(5, param_dtype=jnp.bfloat16)
+    params = cell.init(jax.random.key(0), F)
+    with pytest.raises(TypeError, match=r"^rnnjax\.unroll: xs of dtype float32 turn the cell's bfloat16 carry into "
+                                        r"float32 after one step, .* Fix: cast xs to the carry's dtype "
+                                        r"\(xs\.astype\(jnp\.bfloat16\)\)"):
+        rnnjax.unroll(cell, params, random_inputs())
