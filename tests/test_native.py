@@ -111,11 +111,13 @@ def test_native_inference_path_crosses_chunks(kind, monkeypatch):
                want)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm_heads4"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru_cho", "elman", "lstm_heads4"])
 def test_native_small_batch_of_wide_products(kind):
-    """16 rows of 256 units: on CPUs without oneDNN's blocked matmul (AVX2) the kernels run such a batch as one
-    team whose products use every core (elsewhere as row shards); either way it equals the XLA path."""
-    cell = {"lstm": cells.lstm(256), "gru": cells.gru(256), "lstm_heads4": cells.lstm(256, heads=4)}[kind]
+    """16 rows whose per-step products have at least 2^22 multiply-adds: on CPUs without oneDNN's blocked matmul
+    (AVX2) the kernels run such a batch as one team whose products and gate math use every core (elsewhere, and
+    for the four-head cell's smaller products, as row shards); either way it equals the XLA path."""
+    cell = {"lstm": cells.lstm(256), "gru": cells.gru(320), "gru_cho": cells.gru(320, reset_after=False),
+            "elman": cells.elman(512), "lstm_heads4": cells.lstm(256, heads=4)}[kind]
     params = cell.init(jax.random.key(10), F)
     xs = jax.random.normal(jax.random.key(11), (16, 6, F))
     carry = cell.initial_carry(params, (16,))

@@ -319,6 +319,17 @@ void run_shards(const Sizes& s, Fn shard) {
 
 inline int64_t time_at(const Sizes& s, int64_t step) { return s.reverse ? s.T - 1 - step : step; }
 
+// Whether a shard is a team's: every row, run outside a parallel region with oneDNN splitting its products over the
+// cores. Its per-row work (the gate math between products) is split over them too, not left to one core.
+inline bool in_team() { return !omp_in_parallel() && omp_get_max_threads() > 1; }
+
+template <typename Fn>
+void for_rows(Shard sh, bool team, Fn fn) {
+#pragma omp parallel for schedule(static) if (team)
+  for (int64_t n = sh.n0; n < sh.n1; ++n) fn(n);
+}
+
+
 inline bool is_valid(const uint8_t* valid, int64_t t, int64_t N, int64_t n) {
   return valid == nullptr || valid[t * N + n] != 0;
 }
@@ -498,7 +509,7 @@ void forward_shard(const Fwd& f, Shard sh) {
   const Sizes& s = f.s;
   const int64_t H = s.H, G = s.G, N = s.N, M = sh.n1 - sh.n0;
   if (M == 0) return;
-  const bool cho = s.kind == kGruCho, b16 = s.use_bf16, save = f.gates != nullptr;
+  const bool cho = s.kind == kGruCho, b16 = s.use_bf16, save = f.gates != nullptr, team = in_team();
   const int64_t rz = cho ? 2 * H : G, K = save ? s.T : chunk_steps(M, G);
   std::vector<float> work(save ? 0 : K * M * G), extra(save ? 0 : M * H), z(M * rz), z2(cho ? M * H : 0);
   std::vector<bf16> rhb(b16 && cho ? M * H : 0);
@@ -517,19 +528,20 @@ void forward_shard(const Fwd& f, Shard sh) {
       const int64_t t = time_at(s, step);
       begin_step(f, sh, t);
       rec.run(b16 ? static_cast<const void*>(f.hb + sh.n0 * H) : f.h + sh.n0 * H, z.data());
-      for (int64_t n = sh.n0; n < sh.n1; ++n) gates_row(f, gates.at(t, n), extras.at(t, n), &z[(n - sh.n0) * rz], t, n);
-      if (cho) {
+      for_rows(sh, team, [&](int64_t n) {
+        gates_row(f, gates.at(t, n), extras.at(t, n), &z[(n - sh.n0) * rz], t, n);
+        if (!cho) return store_h(f, t, n);
         if (b16)
-          for (int64_t n = sh.n0; n < sh.n1; ++n)
-            for (int64_t j = 0; j < H; ++j) rhb[(n - sh.n0) * H + j] = to_bf16(extras.at(t, n)[j]);
-        cand->run(b16 ? static_cast<const void*>(rhb.data()) : extras.at(t, sh.n0), z2.data());
-        for (int64_t n = sh.n0; n < sh.n1; ++n) {
-          float* g = gates.at(t, n);
-          tanh_add(g + 2 * H, &z2[(n - sh.n0) * H], f.b_hh + 2 * H, H);
-          mix_loop(g + 2 * H, g + H, f.h + n * H, f.ys + (t * N + n) * H, H);
-        }
-      }
-      for (int64_t n = sh.n0; n < sh.n1; ++n) store_h(f, t, n);
+          for (int64_t j = 0; j < H; ++j) rhb[(n - sh.n0) * H + j] = to_bf16(extras.at(t, n)[j]);
+      });
+      if (!cho) continue;
+      cand->run(b16 ? static_cast<const void*>(rhb.data()) : extras.at(t, sh.n0), z2.data());
+      for_rows(sh, team, [&](int64_t n) {
+        float* g = gates.at(t, n);
+        tanh_add(g + 2 * H, &z2[(n - sh.n0) * H], f.b_hh + 2 * H, H);
+        mix_loop(g + 2 * H, g + H, f.h + n * H, f.ys + (t * N + n) * H, H);
+        store_h(f, t, n);
+      });
     }
   }
 }
@@ -707,7 +719,7 @@ void backward_shard(const Bwd& b, const float* w_hh, Shard sh, Packs* packs) {
   const Sizes& s = b.s;
   const int64_t H = s.H, G = s.G, M = sh.n1 - sh.n0;
   if (M == 0) return;
-  const bool cho = s.kind == kGruCho;
+  const bool cho = s.kind == kGruCho, team = in_team();
   const int64_t rz = cho ? 2 * H : G;
   // dh += src[:, :rz] W_hh[:, :rz]^T (accumulated into dh); Cho: d(r*h) = src[:, 2H:] W_hn^T first.
   GateProducts rec(s, M, 0, rz / H, G, w_hh, true, H, true, packs);
@@ -715,10 +727,10 @@ void backward_shard(const Bwd& b, const float* w_hh, Shard sh, Packs* packs) {
   if (cho) cand = std::make_unique<GateProducts>(s, M, 2, 3, G, w_hh, true, H, false, packs);
   for (int64_t step = s.T - 1; step >= 0; --step) {
     const int64_t t = time_at(s, step);
-    for (int64_t n = sh.n0; n < sh.n1; ++n) bwd_row(b, t, n);
+    for_rows(sh, team, [&](int64_t n) { bwd_row(b, t, n); });
     if (cho) {
       cand->run(step_source(b, sh, t, 2 * H, H), b.drh + sh.n0 * H);
-      for (int64_t n = sh.n0; n < sh.n1; ++n) gru_cho_bwd_rz(b, t, n);
+      for_rows(sh, team, [&](int64_t n) { gru_cho_bwd_rz(b, t, n); });
     }
     rec.run(step_source(b, sh, t, 0, rz), b.dh + sh.n0 * H);
     end_bwd_step(b, sh, t);
