@@ -111,6 +111,23 @@ def test_native_inference_path_crosses_chunks(kind, monkeypatch):
                want)
 
 
+def test_native_input_gradient_is_left_out_when_unused():
+    """dx is a kernel call of its own: a gradient of the parameters alone (a first layer over data) compiles
+    without it, and one that takes dx has it, equal to the XLA path's."""
+    cell, params, xs, carry = _setup("lstm", (4,), seed=13)
+
+    def loss(p, x):
+        return jnp.sum(rnnjax.unroll(cell, p, x, backend="native")[1] ** 2)
+
+    def compiled_calls(argnums):
+        hlo = jax.jit(jax.grad(loss, argnums)).lower(params, xs).compile().as_text()
+        return hlo.count('custom_call_target="rnnjax_input_grad"'), hlo.count('custom_call_target="rnnjax_rnn_bwd"')
+
+    assert compiled_calls(0) == (0, 1)
+    assert compiled_calls((0, 1)) == (1, 1)
+    _close(_loss_and_grads(cell, params, xs, carry, "native"), _loss_and_grads(cell, params, xs, carry, "xla"))
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru", "gru_cho", "elman", "lstm_heads4"])
 def test_native_small_batch_of_wide_products(kind):
     """16 rows whose per-step products have at least 2^22 multiply-adds: on CPUs without oneDNN's blocked matmul

@@ -73,7 +73,8 @@ def _onednn_library() -> pathlib.Path | None:
 def _register(kernels: ctypes.CDLL) -> None:
     import jax
 
-    for name, symbol in (("rnnjax_rnn_fwd", kernels.RnnForward), ("rnnjax_rnn_bwd", kernels.RnnBackward)):
+    for name, symbol in (("rnnjax_rnn_fwd", kernels.RnnForward), ("rnnjax_rnn_bwd", kernels.RnnBackward),
+                         ("rnnjax_input_grad", kernels.InputGrad)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
 
 

@@ -329,7 +329,6 @@ void for_rows(Shard sh, bool team, Fn fn) {
   for (int64_t n = sh.n0; n < sh.n1; ++n) fn(n);
 }
 
-
 inline bool is_valid(const uint8_t* valid, int64_t t, int64_t N, int64_t n) {
   return valid == nullptr || valid[t * N + n] != 0;
 }
@@ -766,15 +765,14 @@ void recurrent_weight_grad(const Sizes& s, const void* a, const float* b, int64_
         .run(a, dw + g * d);
 }
 
-// The products after the loop: dW_ih = X^T dZx, dx = dZx W_ih^T, dW_hh = H_prev^T dZh, and the bias sums.
-void weight_grads(const Sizes& s, const float* x, const float* w_ih, const float* dzx, const float* dzh_n,
-                  const float* hs_prev, const float* extra, float* dx, float* dw_ih, float* dw_hh, float* db_ih,
-                  float* db_hh) {
+// The products after the loop: dW_ih = X^T dZx, dW_hh = H_prev^T dZh, and the bias sums. (dx = dZx W_ih^T is a
+// call of its own, input_grad, which XLA leaves out where dx is not used.)
+void weight_grads(const Sizes& s, const float* x, const float* dzx, const float* dzh_n, const float* hs_prev,
+                  const float* extra, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh) {
   const int64_t R = s.T * s.N, F = s.F, H = s.H, G = s.G;
   const bool b = s.use_bf16;
-  Operand xo(x, R * F, b), dzo(dzx, R * G, b), hpo(hs_prev, R * H, b);
+  Operand xo(x, R * F, b), hpo(hs_prev, R * H, b);
   Matmul(F, R, G, F, true, dzx, G, false, G, b, false, false).run(xo.get(), dw_ih);
-  Matmul(R, G, F, G, false, w_ih, G, true, F, b, false, false).run(dzo.get(), dx);
   column_sums(dzx, R, G, G, db_ih);
   std::memcpy(db_hh, db_ih, sizeof(float) * G);
   if (s.kind == kGruCho) {  // W_hr, W_hz see h_prev; W_hn sees r*h (the extras)
@@ -791,10 +789,9 @@ void weight_grads(const Sizes& s, const float* x, const float* w_ih, const float
   }
 }
 
-ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, ffi::AnyBuffer valid,
+ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer /*w_ih*/, ffi::AnyBuffer w_hh, ffi::AnyBuffer valid,
                    ffi::AnyBuffer resets, ffi::AnyBuffer hs_prev, ffi::AnyBuffer /*gates: the dzx output's buffer*/,
                    ffi::AnyBuffer extra, ffi::AnyBuffer dys, ffi::AnyBuffer dh_t, ffi::AnyBuffer dc_t,
-                   ffi::Result<ffi::AnyBuffer> dx,
                    ffi::Result<ffi::AnyBuffer> dw_ih, ffi::Result<ffi::AnyBuffer> dw_hh,
                    ffi::Result<ffi::AnyBuffer> db_ih, ffi::Result<ffi::AnyBuffer> db_hh,
                    ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::AnyBuffer> dc0,
@@ -818,9 +815,9 @@ ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
   Packs packs;
   run_shards(s, [&](Shard sh) { backward_shard(b, w_hh.typed_data<float>(), sh, &packs); });
   auto grads = [&] {
-    weight_grads(s, x.typed_data<float>(), w_ih.typed_data<float>(), dzx->typed_data<float>(),
+    weight_grads(s, x.typed_data<float>(), dzx->typed_data<float>(),
                  kind == kGru ? dzh_n->typed_data<float>() : nullptr, hs_prev.typed_data<float>(),
-                 extra.typed_data<float>(), dx->typed_data<float>(), dw_ih->typed_data<float>(),
+                 extra.typed_data<float>(), dw_ih->typed_data<float>(),
                  dw_hh->typed_data<float>(), db_ih->typed_data<float>(), db_hh->typed_data<float>());
   };
   if (loop_threads(N) == 1) {  // a batch too small to split: its products are small too
@@ -829,6 +826,24 @@ ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
     grads();
   }
   if (kind != kLstm) std::memset(dc, 0, sizeof(float) * N * H);
+  return ffi::Error::Success();
+}
+
+// dx [T, N, F] = dzx [T, N, G] W_ih^T: the input's cotangent, from the backward call's dzx.
+ffi::Error input_grad(ffi::AnyBuffer dzx, ffi::AnyBuffer w_ih, ffi::Result<ffi::AnyBuffer> dx, bool use_bf16) {
+  std::lock_guard<std::mutex> lock(call_mutex());
+  auto zd = dzx.dimensions();
+  const int64_t R = zd[0] * zd[1], G = zd[2], F = w_ih.dimensions()[0];
+  auto run = [&] {
+    Operand dzo(dzx.typed_data<float>(), R * G, use_bf16);
+    Matmul product(R, G, F, G, false, w_ih.typed_data<float>(), G, true, F, use_bf16, false, false);
+    product.run(dzo.get(), dx->typed_data<float>());
+  };
+  if (loop_threads(zd[1]) == 1) {  // as the backward call's products after the loop
+    on_one_thread(run);
+  } else {
+    run();
+  }
   return ffi::Error::Success();
 }
 
@@ -854,6 +869,11 @@ auto buffers(Binding binding) {
 // x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets -> ys, h, c, hs_prev, gates, extra
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnForward, rnn_fwd, (buffers<9, 6>(ffi::Ffi::Bind()).Attr<bool>("save")));
 
-// x, w_ih, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc -> dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0,
-// dzx, dzh_n
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnBackward, rnn_bwd, (buffers<11, 9>(ffi::Ffi::Bind())));
+// x, w_ih, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc -> dw_ih, dw_hh, db_ih, db_hh, dh0, dc0, dzx,
+// dzh_n
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnBackward, rnn_bwd, (buffers<11, 8>(ffi::Ffi::Bind())));
+
+// dzx, w_ih -> dx
+XLA_FFI_DEFINE_HANDLER_SYMBOL(InputGrad, input_grad,
+                              (ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+                                   .Attr<bool>("bf16")));
