@@ -213,17 +213,19 @@ def unroll(cell: Cell, params: Params, xs: Array, *, carry: Carry | None = None,
 
 def _require_stable_carry(fn: str, cell: Cell, params, carry, xs_t) -> None:
     """Raises where one step changes the carry's dtypes (float64 ``xs`` with float32 parameters under
-    ``jax_enable_x64``, float32 ``xs`` with bfloat16 ones): a scan's carry must keep its type."""
+    ``jax_enable_x64``, float32 ``xs`` with bfloat16 ones): a scan's carry must keep its type. A carry of the
+    inputs' dtype throughout (the parameters' too: the initial carry has theirs) needs no trace of the step."""
+    if all(leaf.dtype == xs_t.dtype for leaf in jax.tree_util.tree_leaves(carry)):
+        return
     x = jax.ShapeDtypeStruct(xs_t.shape[1:], xs_t.dtype)
     new, _ = jax.eval_shape(lambda p, c, x_t: cell.step(p, c, cell.project(p, x_t)), params, carry, x)
-    given = {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(carry)}
-    changed = {str(b.dtype) for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(new))
-               if a.dtype != b.dtype}
+    changed = [(str(a.dtype), str(b.dtype)) for a, b in zip(jax.tree_util.tree_leaves(carry),
+                                                             jax.tree_util.tree_leaves(new)) if a.dtype != b.dtype]
     if changed:
-        raise TypeError(f"{fn}: xs of dtype {xs_t.dtype} turn the cell's {'/'.join(sorted(given))} carry into "
-                        f"{'/'.join(sorted(changed))} after one step, and a scan's carry must keep its dtype. "
-                        f"Fix: cast xs to the carry's dtype (xs.astype(jnp.{min(given)})), or build the cell with "
-                        f"param_dtype=jnp.{xs_t.dtype}.")
+        was, now = ("/".join(sorted(set(names))) for names in zip(*changed))
+        raise TypeError(f"{fn}: xs of dtype {xs_t.dtype} turn the cell's {was} carry into {now} after one step, "
+                        f"and a scan's carry must keep its dtype. Fix: cast xs to the carry's dtype "
+                        f"(xs.astype(jnp.{changed[0][0]})), or build the cell with param_dtype=jnp.{xs_t.dtype}.")
 
 
 def _compute_dtype(cell: Cell, params, xs):
