@@ -146,7 +146,7 @@ def test_native_small_batch_of_wide_products(kind):
 @pytest.mark.parametrize("kind", ["lstm", "gru", "gru_heads2"])
 def test_native_under_vmap(kind):
     """vmap over inputs folds into the kernel's batch; per-example gradients and vmapped params (a population)
-    run one call per slice; both equal the XLA path."""
+    run one call per slice; input gradients under both; all equal the XLA path."""
     cell, params, xs, _ = _setup(kind, (3, 4), seed=6)
 
     def run(name):
@@ -155,7 +155,11 @@ def test_native_under_vmap(kind):
                                (None, 0))(params, xs)
         stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a, -a]), params)
         population = jax.vmap(lambda p, x: rnnjax.unroll(cell, p, x, backend=name)[1])(stacked, xs)
-        return ys, per_example, population
+        # the input gradient's own call, folded into the batch (shared weights) or one per member (a population)
+        dx = jax.vmap(jax.grad(lambda x: jnp.sum(rnnjax.unroll(cell, params, x, backend=name)[1] ** 2)))(xs)
+        dx_population = jax.vmap(jax.grad(lambda p, x: jnp.sum(rnnjax.unroll(cell, p, x, backend=name)[1] ** 2),
+                                          argnums=1))(stacked, xs)
+        return ys, per_example, population, dx, dx_population
 
     _close(run("native"), run("xla"))
 

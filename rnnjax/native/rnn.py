@@ -112,11 +112,11 @@ def _backward_call(kind: str, reverse: bool, bf16: bool):
         shapes = [(F, G), w_hh.shape, (G,), (G,), (N, H), (N, H), (T, N, G), (T, N, H) if kind == "gru" else (0,)]
         out = [jax.ShapeDtypeStruct(s, F32) for s in shapes]
         # The kernel works in place: its dzx output is the gates' buffer, and the GRU's dzh_n the extras'.
-        aliases = {6: 6, 7: 7} if kind == "gru" else {6: 6}
+        aliases = {5: 6, 6: 7} if kind == "gru" else {5: 6}
         *grads, dzx, _ = jax.ffi.ffi_call("rnnjax_rnn_bwd", out, vmap_method="sequential",
                                           input_output_aliases=aliases)(
-            x, w_ih, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc, kind=np.int64(KINDS[kind]),
-            reverse=reverse, bf16=bf16)
+            x, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc, kind=np.int64(KINDS[kind]), reverse=reverse,
+            bf16=bf16)
         return input_grad(dzx, w_ih)[0], *grads
 
     return call

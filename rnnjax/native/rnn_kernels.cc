@@ -789,7 +789,7 @@ void weight_grads(const Sizes& s, const float* x, const float* dzx, const float*
   }
 }
 
-ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer /*w_ih*/, ffi::AnyBuffer w_hh, ffi::AnyBuffer valid,
+ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_hh, ffi::AnyBuffer valid,
                    ffi::AnyBuffer resets, ffi::AnyBuffer hs_prev, ffi::AnyBuffer /*gates: the dzx output's buffer*/,
                    ffi::AnyBuffer extra, ffi::AnyBuffer dys, ffi::AnyBuffer dh_t, ffi::AnyBuffer dc_t,
                    ffi::Result<ffi::AnyBuffer> dw_ih, ffi::Result<ffi::AnyBuffer> dw_hh,
@@ -869,9 +869,8 @@ auto buffers(Binding binding) {
 // x, w_ih, w_hh, b_ih, b_hh, h0, c0, valid, resets -> ys, h, c, hs_prev, gates, extra
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnForward, rnn_fwd, (buffers<9, 6>(ffi::Ffi::Bind()).Attr<bool>("save")));
 
-// x, w_ih, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc -> dw_ih, dw_hh, db_ih, db_hh, dh0, dc0, dzx,
-// dzh_n
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnBackward, rnn_bwd, (buffers<11, 8>(ffi::Ffi::Bind())));
+// x, w_hh, valid, resets, hs_prev, gates, extra, dys, dh, dc -> dw_ih, dw_hh, db_ih, db_hh, dh0, dc0, dzx, dzh_n
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnBackward, rnn_bwd, (buffers<10, 8>(ffi::Ffi::Bind())));
 
 // dzx, w_ih -> dx
 XLA_FFI_DEFINE_HANDLER_SYMBOL(InputGrad, input_grad,
