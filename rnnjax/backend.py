@@ -53,8 +53,9 @@ class Backend(NamedTuple):
 # CPU features under which "auto" prefers the native kernels. Measured with ``rnnjax-bench --compare
 # rnnjax-native,rnnjax-xla,torch`` (docs, Performance): on AMD EPYC Zen 5 (AVX-512) oneDNN runs the recurrent
 # products at 1.5-3x XLA's rate; on AMD EPYC Zen 3 (AVX2 only) the kernels ran LSTM and GRU at 0.89-3.4x the XLA
-# path's tokens/s (C1-C4; under 1x in 3 of 16 cases, at 0.89-0.97x). The kernels load only on x86-64-v3 CPUs, so
-# every CPU that loads them has avx2.
+# path's tokens/s (C1-C4; under 1x in 3 of 16 cases, at 0.89-0.97x, all at C1 and C4), and after two later changes
+# at 1.06-1.34x in those eight C1 and C4 cases. The kernels load only on x86-64-v3 CPUs, so every CPU that loads
+# them has avx2.
 NATIVE_FLOAT32_FLAGS = ("avx512f", "avx2")
 # bf16 products: oneDNN uses the CPU's bf16 dot-product or AMX instructions; without them it emulates bf16 with
 # AVX-512, and without AVX-512 (e.g. AMD Zen 3) oneDNN 3.2 has no bfloat16 matmul at all.
