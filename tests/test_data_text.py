@@ -280,6 +280,24 @@ def test_token_stream_resets_at_document_starts():
     assert sorted(x[resets].tolist()) == [0, 33, 95, 120]  # the lane starts and the documents
 
 
+def test_token_stream_reset_every_staggers_fresh_starts_over_lanes():
+    ids = np.arange(1000, dtype=np.int32)
+    plain = data.TokenStream(ids, batch_size=4, seq_len=10, seed=0)
+    fresh = data.TokenStream(ids, batch_size=4, seq_len=10, seed=0, reset_every=3)
+    resets = np.stack([fresh.batch(j)["resets"] for j in range(fresh.windows_per_epoch + 1)])  # [J, B, T]
+    assert not resets[:, :, 1:].any()  # only ever before a window's first token
+    for j in range(1, fresh.windows_per_epoch):  # lane b afresh at the windows j with (j + b) % 3 == 0
+        assert resets[j, :, 0].tolist() == [(j + b) % 3 == 0 for b in range(4)], j
+    assert resets[0, :, 0].all() and resets[fresh.windows_per_epoch, :, 0].all()  # the epochs' starts still
+    for j in (0, 5, 24):  # the same text as without: only the resets differ
+        for key in ("x", "y"):
+            np.testing.assert_array_equal(fresh.batch(j)[key], plain.batch(j)[key])
+    with pytest.raises(ValueError) as e:
+        data.TokenStream(ids, 4, 10, reset_every=0)
+    assert str(e.value) == ("rnnjax.data.TokenStream: expected reset_every to be None or an integer >= 1 (windows "
+                            "between fresh starts of a lane), got 0.")
+
+
 def test_token_stream_too_short_message():
     with pytest.raises(ValueError) as e:
         data.TokenStream(np.arange(100), batch_size=8, seq_len=16)

@@ -401,6 +401,28 @@ def test_cli_bad_cell_prompt_and_resume_exit_2(tmp_path, capsys):
     assert not (tmp_path / "run").exists() and not (tmp_path / "nothing").exists()
 
 
+def test_cli_reset_every_reaches_the_stream_and_an_older_run_resumes_without_it(tmp_path, capsys):
+    """--reset-every sets the stream's periodic fresh starts; a run saved before the flag existed resumes with the
+    stream it started with (none), not with today's default."""
+    from rnnjax import engine
+    from rnnjax.recipes import charlm
+
+    text, run = _tiny_text(tmp_path / "tiny.txt"), tmp_path / "run"
+    assert cli.main(["train", "charlm", "--text", str(text), "--steps", "2", "--evals", "1", *TINY, "--reset-every",
+                     "3", "--sample-length", "0", "--eval-sample-length", "0", "--out", str(run)]) == 0
+
+    def resumed_stream():
+        return charlm.prepare(engine.plan_run(charlm.RECIPE, {}, {"out": str(run), "resume": True})).batches
+
+    assert resumed_stream().reset_every == 3
+    config = json.loads((run / "config.json").read_text())
+    del config["settings"]["reset_every"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert resumed_stream().reset_every is None
+    assert charlm.DEFAULTS["reset_every"] == 256
+    capsys.readouterr()
+
+
 def test_cli_generate_and_eval_bad_checkpoints(tmp_path, capsys):
     missing = tmp_path / "missing"
     assert cli.main(["generate", "--checkpoint", str(missing)]) == 2

@@ -401,15 +401,26 @@ class TokenStream:
     (``doc_starts``). Each epoch shifts all lanes by a random offset in
     ``[0, seq_len)`` (from ``seed``), so window edges fall in new places.
 
+    ``reset_every=K`` also starts each lane afresh once every ``K`` windows,
+    staggered over the lanes (lane ``b`` at the windows ``j`` with ``(j + b)
+    % K == 0``), so the model keeps learning to read from the state that
+    sampling and evaluation start from. Without it a lane starts afresh only
+    once per epoch, and a short run sees almost no fresh starts.
+
     A batch is a pure function of its index (:meth:`batch`), so a run
     resumes at any position exactly: iterating yields ``batch(position)``
     and advances ``position``.
     """
 
     def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, *, doc_starts=None, seed: int = 0,
-                 position: int = 0):
+                 position: int = 0, reset_every: int | None = None):
         fn = "rnnjax.data.TokenStream"
         ids = _check_window(fn, "ids", ids, batch_size, seq_len)
+        if reset_every is not None and (isinstance(reset_every, bool) or not isinstance(reset_every, (int, np.integer))
+                                        or reset_every < 1):
+            raise ValueError(f"{fn}: expected reset_every to be None or an integer >= 1 (windows between fresh "
+                             f"starts of a lane), got {reset_every!r}.")
+        self.reset_every = None if reset_every is None else int(reset_every)
         self.ids, self.batch_size, self.seq_len, self.seed = ids, int(batch_size), int(seq_len), int(seed)
         # Every epoch offset o in [0, T) leaves len - 1 - o >= len - T targets for B lanes of W windows.
         self.windows_per_epoch = (len(ids) - seq_len) // (batch_size * seq_len)
@@ -442,6 +453,8 @@ class TokenStream:
         resets = self.doc_starts[pos]
         if j == 0:
             resets[:, 0] = True
+        if self.reset_every is not None:
+            resets[(j + np.arange(B)) % self.reset_every == 0, 0] = True
         return {"x": self.ids[pos].astype(np.int32), "y": self.ids[pos + 1].astype(np.int32), "resets": resets}
 
     def __iter__(self):

@@ -18,11 +18,13 @@ from rnnjax.recipes.flags import OPTIMISATION, Flag, in_range, non_negative_floa
 # developed on, measured by 3-minute runs on Tiny Shakespeare (README, Training): a 1-layer LSTM of
 # 512 units reading 64 long streams in windows of only 8 characters, its state carried from one
 # window to the next. Short windows mean many updates per second; the carried state still gives
-# the model long contexts.
+# the model long contexts. Each stream also starts afresh once every 256 windows (2,048 characters):
+# sampling and evaluation start from the fresh state, and a model that never trained from it can
+# fail there (a 500-step run on the bundled corpus sampled digits and symbols without it).
 DEFAULTS = dict(
     text=None, cell="lstm", layers=1, hidden=512, embed=64, batch=64, seq_len=8, lr=5e-3, warmup=None, end_lr=0.0,
     weight_decay=0.01, clip=1.0, dropout=0.0, residual=False, layer_norm=False, block=False, accumulate=1, seed=0,
-    population=None, dtype="auto", heads=1,
+    population=None, dtype="auto", heads=1, reset_every=256,
 )
 HEADS_CELLS = ("lstm", "gru", "elman")  # the cells that take --heads
 # Run options of its own (the prompt's default depends on the text: the opening of its first line,
@@ -68,6 +70,9 @@ def _flags() -> tuple[Flag, ...]:
         Flag("batch", positive(int), "parallel streams per batch", "optimisation"),
         Flag("seq_len", positive(int), "characters per window; the state is carried from one window to the next "
                                        "(truncated BPTT)", "optimisation"),
+        Flag("reset_every", non_negative_int, "start each stream from a fresh state once every N windows, "
+                                              "staggered over the streams, as sampling does; 0: only where an epoch "
+                                              "or a document starts", "optimisation"),
         *OPTIMISATION,
         flags.DTYPE,
         Flag("seed", int, "seed for initialisation, data order and sampling", "optimisation"),
@@ -189,6 +194,13 @@ def build_model(config: dict, cmd: str):
         raise UsageError(f"{cmd}: {e}") from None
 
 
+def _adjust(settings: dict, given: dict, saved: dict | None) -> dict:
+    """A run saved before --reset-every existed resumes with the stream it started with (no periodic resets)."""
+    if saved is not None and "reset_every" not in saved["settings"]:
+        settings["reset_every"] = 0
+    return settings
+
+
 def _same(k, a, b) -> bool:
     if k != "text":
         return a == b
@@ -204,7 +216,8 @@ def _stream(d: CharData, s: dict, cmd: str):
 
     B, T = s["batch"], s["seq_len"]
     try:
-        stream = data.TokenStream(d.train_ids, B, T, doc_starts=d.train_starts, seed=s["seed"])
+        stream = data.TokenStream(d.train_ids, B, T, doc_starts=d.train_starts, seed=s["seed"],
+                                  reset_every=s["reset_every"] or None)
     except ValueError:
         fit_b = max(1, (len(d.train_ids) - 1) // (2 * T)) if len(d.train_ids) > 2 * T else None
         hint = (f"a smaller --batch (e.g. --batch {fit_b})" if fit_b else "a smaller --batch and --seq-len")
@@ -410,4 +423,4 @@ RECIPE = Recipe(
                 "for training and its last 10% for validation. Losses are in nats per character, the validation "
                 "loss over every character of the validation part (its first 200,000 when it is longer).",
     defaults=DEFAULTS, flags=_flags(), prepare=prepare, budget={"minutes": 5.0}, options=OPTIONS, run_files=RUN_FILES,
-    same=_same, evaluate=evaluate, generate=generate_text)
+    same=_same, adjust=_adjust, evaluate=evaluate, generate=generate_text)
