@@ -169,6 +169,7 @@ def _max_plus(earlier, later):
     return f1 + f2, jnp.maximum(i1 + f2, i2)
 
 
+@functools.partial(jax.jit, static_argnames="reverse")  # one program, not an op-by-op dispatch, when called eagerly
 def _stabilisers(log_f, log_i, m, m_zero, valid, resets, reverse: bool):
     """The stabilisers of all steps of a stabilised linear form (:class:`~rnnjax.cells.base.Linear`):
     ``(m_prev, m_new)``, each ``[C, *B, K]``, the stabiliser before and after each step.

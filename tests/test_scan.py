@@ -179,7 +179,7 @@ def test_check_grads(name):
             return jnp.sum(ys * jnp.arange(ys.size).reshape(ys.shape) / ys.size) + sum(
                 jnp.sum(jnp.sin(c)) for c in jax.tree_util.tree_leaves(carry))
 
-        jax.test_util.check_grads(f, (params, xs), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+        jax.test_util.check_grads(jax.jit(f), (params, xs), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
 def test_jitted_loss_traces_once():

@@ -256,5 +256,6 @@ def mlstm(hidden_size: int, *, heads: int = 4, input_init: InitSpec = "xavier", 
         n = jnp.einsum("s...,s...d->...d", w_end, k) + g0[-1][..., None] * n0
         return state(MLSTMCarry(c, n, ms[-1])), h.reshape(*h.shape[:-2], H).astype(px.dtype)
 
-    lin = Linear(coefficients, state, to_carry, output, stabiliser=stabiliser, chunkwise=chunkwise)
+    # chunkwise jitted: eager calls (unroll outside jit) compile it as one program, not op by op (4.5 s a shape).
+    lin = Linear(coefficients, state, to_carry, output, stabiliser=stabiliser, chunkwise=jax.jit(chunkwise))
     return linear_cell(lin, init, initial_carry, project, lambda p: p.w.shape[0], H, "mlstm", dtype=dtype)
