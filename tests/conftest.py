@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,13 @@ from rnnjax import cells
 # equal in-process ones bit for bit.
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 jax.config.update("jax_disable_most_optimizations", True)
+# A compilation cache on disk, shared by the xdist workers and those subprocesses: the many identical programs
+# (the same tiny models in different tests and processes) compile once. JAX keys an entry by the program, the
+# jax/jaxlib versions, the compile options and the CPU, so a stale entry is never read.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "rnnjax-tests-jax-cache"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 F, H, T, B = 5, 6, 7, 4
 
