@@ -11,7 +11,7 @@ function's name, names the faulty argument, says what it got and how to fix it.
 Cost: a valid call runs under ``jax.disable_jit()``, so JAX compiles each primitive once per shape and
 not the whole scan once per call (0.4 s each here); the same call is traced once per distinct signature
 with ``jax.eval_shape``, so the errors that only tracing raises are not missed. An invalid call runs
-exactly as a user's would. Profiles: "ci" (the default, 200 examples per entry point) and "long"
+exactly as a user's would. Profiles: "ci" (the default, 100 examples per entry point) and "long"
 (``RNNJAX_HYPOTHESIS=long``, 2,000).
 """
 
@@ -32,7 +32,7 @@ from rnnjax import cells, decode, layers
 from rnnjax.models import generate, language_model
 
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True, database=None,
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, database=None,
                           suppress_health_check=_QUIET)
 settings.register_profile("long", max_examples=2000, deadline=None, database=None, suppress_health_check=_QUIET)
 PROFILE = settings.get_profile(os.environ.get("RNNJAX_HYPOTHESIS", "ci"))
