@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import jax
@@ -19,13 +20,22 @@ from rnnjax import cells
 # equal in-process ones bit for bit.
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 jax.config.update("jax_disable_most_optimizations", True)
-# A compilation cache on disk, shared by the xdist workers and those subprocesses: the many identical programs
-# (the same tiny models in different tests and processes) compile once. JAX keys an entry by the program, the
-# jax/jaxlib versions, the compile options and the CPU, so a stale entry is never read.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "rnnjax-tests-jax-cache"))
+# A compilation cache on disk for one run of the suite, shared by the xdist workers (they inherit the variable
+# from the process that starts them) and those subprocesses: the many identical programs (the same tiny models in
+# different tests and processes) compile once. It lives only as long as the run: JAX's key for an entry names
+# the platform ("cpu") but not the CPU's features, so a cache kept across runs could be read on another CPU.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rnnjax-tests-jax-cache-")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 F, H, T, B = 5, 6, 7, 4
 
