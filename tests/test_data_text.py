@@ -294,8 +294,9 @@ def test_token_stream_reset_every_staggers_fresh_starts_over_lanes():
             np.testing.assert_array_equal(fresh.batch(j)[key], plain.batch(j)[key])
     with pytest.raises(ValueError) as e:
         data.TokenStream(ids, 4, 10, reset_every=0)
-    assert str(e.value) == ("rnnjax.data.TokenStream: expected reset_every to be None or an integer >= 1 (windows "
-                            "between fresh starts of a lane), got 0.")
+    assert str(e.value) == ("rnnjax.data.TokenStream: reset_every must be None or an integer >= 1 (windows between "
+                            "fresh starts of a lane), got 0. Fix: pass a number of windows such as 256, or None for "
+                            "fresh starts only where an epoch or a document starts.")
 
 
 def test_token_stream_too_short_message():

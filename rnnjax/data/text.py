@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rnnjax import _checks
+
 Batch = Mapping[str, np.ndarray]
 
 # Bump when the Markdown -> text conversion changes, so stale caches are rebuilt.
@@ -416,10 +418,9 @@ class TokenStream:
                  position: int = 0, reset_every: int | None = None):
         fn = "rnnjax.data.TokenStream"
         ids = _check_window(fn, "ids", ids, batch_size, seq_len)
-        if reset_every is not None and (isinstance(reset_every, bool) or not isinstance(reset_every, (int, np.integer))
-                                        or reset_every < 1):
-            raise ValueError(f"{fn}: expected reset_every to be None or an integer >= 1 (windows between fresh "
-                             f"starts of a lane), got {reset_every!r}.")
+        _checks.require_int(fn, "reset_every", reset_every, optional=True, why="windows between fresh starts of a "
+                            "lane", fix="pass a number of windows such as 256, or None for fresh starts only where "
+                            "an epoch or a document starts.")
         self.reset_every = None if reset_every is None else int(reset_every)
         self.ids, self.batch_size, self.seq_len, self.seed = ids, int(batch_size), int(seq_len), int(seed)
         # Every epoch offset o in [0, T) leaves len - 1 - o >= len - T targets for B lanes of W windows.
