@@ -70,6 +70,12 @@ def cell_name(request):
     return request.param
 
 
+def slow_unless(keep: bool, *values):
+    """The parameters ``values``, marked slow (left out of the default run, which keeps one of each code path)
+    unless ``keep``."""
+    return pytest.param(*values, marks=() if keep else pytest.mark.slow)
+
+
 @pytest.fixture
 def cell(cell_name):
     return CELLS[cell_name]()

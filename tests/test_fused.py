@@ -10,31 +10,45 @@ import numpy as np
 import pytest
 
 import rnnjax
-from conftest import CELLS, B, F, T, assert_trees_close, random_carry, random_inputs
+from conftest import CELLS, B, F, T, assert_trees_close, random_carry, random_inputs, slow_unless
 from rnnjax import cells, fused, scan
 
 LENGTHS = jnp.array([T, 3, 1, 5])
 
 
-@pytest.fixture(params=sorted(name for name, make in CELLS.items() if make().recurrence is not None))
+FUSED_CELLS = sorted(name for name, make in CELLS.items() if make().recurrence is not None)
+
+
+@pytest.fixture(params=FUSED_CELLS)
 def cell_name(request):
     """The cells with a Recurrence split (the linear ones have a parallel path instead, the sLSTM neither)."""
     return request.param
 
 
 def loss(cell, params, xs, carry, *, backward, **kw):
-    final, ys = rnnjax.unroll(cell, params, xs, carry=carry, backward=backward, **kw)
+    # backward= chooses between two XLA paths; backend="auto" would run the native kernels' own backward for
+    # LSTM, GRU and Elman on most x86-64 CPUs, and the comparison would be of the kernels with themselves
+    final, ys = rnnjax.unroll(cell, params, xs, carry=carry, backward=backward, backend="xla", **kw)
     weights = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)
     return jnp.sum(ys * weights) + sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(final))
 
 
-@pytest.mark.parametrize("save_pointwise,options", [
-    (True, dict(hoist=False, lengths=LENGTHS)),
-    (False, dict(hoist=True, lengths=LENGTHS, reverse=True)),
-    (True, dict(hoist=True, resets=jnp.zeros((B, T), bool).at[:, 3].set(True).at[0, 5].set(True))),
-    (False, dict(hoist=False, mask=jnp.asarray(np.random.default_rng(0).random((B, T)) < 0.7), unroll=2)),
-], ids=["saved-lengths", "recomputed-reverse", "saved-resets", "recomputed-mask-unroll2"])
-def test_fused_gradients_equal_autodiff(cell, params, options, save_pointwise, monkeypatch):
+FUSED_OPTIONS = {
+    "saved-lengths": (True, dict(hoist=False, lengths=LENGTHS)),
+    "recomputed-reverse": (False, dict(hoist=True, lengths=LENGTHS, reverse=True)),
+    "saved-resets": (True, dict(hoist=True, resets=jnp.zeros((B, T), bool).at[:, 3].set(True).at[0, 5].set(True))),
+    "recomputed-mask-unroll2": (False, dict(hoist=False, unroll=2,
+                                            mask=jnp.asarray(np.random.default_rng(0).random((B, T)) < 0.7))),
+}
+
+
+# The default run gives each cell one pair of options, a saved and a recomputed pointwise backward, alternating
+# between the two pairs from cell to cell (so each option runs on half the cells); every pair with -m slow.
+@pytest.mark.parametrize("cell_name,option", [
+    slow_unless(i // 2 == k % 2, name, option) for k, name in enumerate(FUSED_CELLS)
+    for i, option in enumerate(FUSED_OPTIONS)])
+def test_fused_gradients_equal_autodiff(cell, params, option, monkeypatch):
+    save_pointwise, options = FUSED_OPTIONS[option]
     monkeypatch.setattr(scan, "fused_unroll", functools.partial(fused.fused_unroll, save_pointwise=save_pointwise))
     xs = random_inputs()
     carry = random_carry(cell, params, (B,))
@@ -52,7 +66,7 @@ def test_fused_under_vmap_and_two_batch_dims():
     lengths = jnp.array([[T, 2, 5], [1, 4, T]])
 
     def one(p, x, n, backward):
-        return jnp.sum(rnnjax.unroll(cell, p, x, lengths=n, backward=backward)[1] ** 2)
+        return jnp.sum(rnnjax.unroll(cell, p, x, lengths=n, backward=backward, backend="xla")[1] ** 2)
 
     for backward in ("fused", "autodiff"):
         batched = jax.grad(lambda p: jnp.sum(jax.vmap(jax.vmap(lambda x, n: one(p, x, n, backward)))(xs, lengths)))
@@ -65,8 +79,10 @@ def test_fused_bfloat16_accumulates_weight_gradients_in_float32():
     cell = cells.gru(8, param_dtype=jnp.bfloat16)
     params = cell.init(jax.random.key(0), 3)
     xs = random_inputs(shape=(4, 256, 3)).astype(jnp.bfloat16)
-    grads = jax.grad(lambda p: jnp.sum(rnnjax.unroll(cell, p, xs, backward="fused")[1].astype(jnp.float32)))(params)
-    ref = jax.grad(lambda p: jnp.sum(rnnjax.unroll(cell, p, xs.astype(jnp.float32), backward="autodiff")[1]))(
+    grads = jax.grad(lambda p: jnp.sum(rnnjax.unroll(cell, p, xs, backward="fused", backend="xla")[1]
+                                       .astype(jnp.float32)))(params)
+    ref = jax.grad(lambda p: jnp.sum(rnnjax.unroll(cell, p, xs.astype(jnp.float32), backward="autodiff",
+                                                   backend="xla")[1]))(
         jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params))
     assert grads.w_hh.dtype == jnp.bfloat16
     error = np.abs(np.asarray(grads.w_hh, np.float32) - np.asarray(ref.w_hh)).max()
@@ -90,7 +106,8 @@ def test_a_cell_without_recurrence_uses_autodiff_and_refuses_fused():
     xs = random_inputs(shape=(2, T, F))
 
     def loss(cell, backward):
-        return jax.grad(lambda p: jnp.sum(rnnjax.unroll(cell, p, xs, backward=backward)[1] ** 2))(params)
+        return jax.grad(lambda p: jnp.sum(rnnjax.unroll(cell, p, xs, backward=backward, backend="xla")[1] ** 2))(
+            params)
 
     assert_trees_close(loss(plain, "auto"), loss(elman, "fused"))
     with pytest.raises(ValueError) as info:

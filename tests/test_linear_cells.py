@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import rnnjax
-from conftest import CELLS, LINEAR, assert_trees_close, random_carry
+from conftest import CELLS, LINEAR, assert_trees_close, random_carry, slow_unless
 from rnnjax import cells, layers
 
 F, T, B = 5, 13, 4
@@ -59,11 +59,6 @@ def unroll(cell, params, xs, carry, parallel, **kw):
 
 def value_and_grad(cell, params, xs, carry, parallel, **kw):
     return jax.value_and_grad(loss, argnums=(1, 2, 3))(cell, params, xs, carry, parallel, **kw)
-
-
-def slow_unless(keep: bool, *values):
-    """The parameters ``values``, marked slow (left out of the default run) unless ``keep``."""
-    return pytest.param(*values, marks=() if keep else pytest.mark.slow)
 
 
 @pytest.mark.parametrize("method,name", [
