@@ -12,10 +12,25 @@ import numpy as np
 import pytest
 
 import rnnjax
-from conftest import CELLS, B, F, T, assert_trees_close, random_carry, random_inputs
+from conftest import CELLS, B, F, T, assert_trees_close, random_carry, random_inputs, slow_unless
 from rnnjax import cells
 
 LENGTHS = jnp.array([T, 3, 1, 5])
+
+# The driver is the same for every cell; what differs is the path it takes and the carry's shape. The default run
+# checks each path and shape on one cell: the native kernels with a pair and an array carry (lstm, gru); the XLA
+# scan with a pair of two widths (lstm_proj), output feedback (jordan) and four arrays (slstm); a linear cell's
+# step in the sequential scan (lru, and the Mamba's state of state_size columns per unit), the mLSTM's chunkwise
+# form and its matrix carry. Every cell with -m slow.
+DRIVER_CELLS = ("gru", "jordan", "lru", "lstm", "lstm_proj", "mamba", "mlstm", "slstm")
+# Cells whose gradients have an independent reference elsewhere (PyTorch's in tests/test_torch_parity.py, the
+# float64 equations in tests/test_xlstm_mamba.py): their finite-difference check runs with -m slow.
+GRADIENTS_ELSEWHERE = ("elman_relu", "elman_tanh", "gru", "lstm_proj", "mamba", "mlstm", "slstm")
+
+
+@pytest.fixture(params=[slow_unless(name in DRIVER_CELLS, name) for name in sorted(CELLS)])
+def cell_name(request):
+    return request.param
 
 
 def python_loop(cell, params, xs, carry):
@@ -165,7 +180,7 @@ def test_streaming_reset_equals_fresh_carry(cell, params):
     assert_trees_close(y, expected_y)
 
 
-@pytest.mark.parametrize("name", sorted(CELLS))
+@pytest.mark.parametrize("name", [slow_unless(name not in GRADIENTS_ELSEWHERE, name) for name in sorted(CELLS)])
 def test_check_grads(name):
     """Reverse-mode gradients of the driver (with lengths and reverse) against finite differences, in float64."""
     with jax.enable_x64(True):
