@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import rnnjax
 from rnnjax import cells
 
 # The tests compile thousands of tiny programs and run each once or twice: compile time, not run time, is
@@ -68,6 +69,13 @@ LINEAR = ("lru", "mingru", "minlstm", "rglru")
 @pytest.fixture(params=sorted(CELLS))
 def cell_name(request):
     return request.param
+
+
+# rnnjax.unroll and rnnjax.step compiled whole: a test's many small calls run in half the time they take op by op
+# (each eager op compiles on its own). tests/test_scan.py checks jit against eager once per cell.
+jit_unroll = jax.jit(rnnjax.unroll, static_argnums=0, static_argnames=(
+    "reverse", "time_major", "hoist", "backward", "parallel", "remat", "unroll", "backend"))
+jit_step = jax.jit(rnnjax.step, static_argnums=0)
 
 
 def slow_unless(keep: bool, *values):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import rnnjax
-from conftest import CELLS, B, F, T, assert_trees_close, random_carry, random_inputs, slow_unless
+from conftest import CELLS, B, F, T, assert_trees_close, jit_step, jit_unroll, random_carry, random_inputs, slow_unless
 from rnnjax import cells
 
 LENGTHS = jnp.array([T, 3, 1, 5])
@@ -47,7 +47,7 @@ def test_unroll_equals_python_loop(cell, params, hoist):
     xs = random_inputs()
     carry0 = random_carry(cell, params, (B,))
     expected = python_loop(cell, params, xs, carry0)
-    assert_trees_close(rnnjax.unroll(cell, params, xs, carry=carry0, hoist=hoist), expected)
+    assert_trees_close(jit_unroll(cell, params, xs, carry=carry0, hoist=hoist), expected)
 
 
 def test_unroll_equals_streaming(cell, params):
@@ -55,16 +55,16 @@ def test_unroll_equals_streaming(cell, params):
     carry = cell.initial_carry(params, (B,))
     ys = []
     for t in range(T):
-        carry, y = rnnjax.step(cell, params, carry, xs[:, t])
+        carry, y = jit_step(cell, params, carry, xs[:, t])
         ys.append(y)
-    assert_trees_close(rnnjax.unroll(cell, params, xs), (carry, jnp.stack(ys, 1)))
+    assert_trees_close(jit_unroll(cell, params, xs), (carry, jnp.stack(ys, 1)))
 
 
 def test_padded_equals_unpadded(cell, params):
     xs = random_inputs()
-    carry, ys = rnnjax.unroll(cell, params, xs, lengths=LENGTHS)
+    carry, ys = jit_unroll(cell, params, xs, lengths=LENGTHS)
     for b, n in enumerate(np.asarray(LENGTHS)):
-        c_b, y_b = rnnjax.unroll(cell, params, xs[b, :n])
+        c_b, y_b = jit_unroll(cell, params, xs[b, :n])
         assert_trees_close(jax.tree_util.tree_map(lambda a: a[b], carry), c_b)
         assert_trees_close(ys[b, :n], y_b)
         np.testing.assert_array_equal(np.asarray(ys[b, n:]), 0.0)
@@ -72,9 +72,9 @@ def test_padded_equals_unpadded(cell, params):
 
 def test_reverse_equals_flipped_within_length(cell, params):
     xs = random_inputs()
-    carry, ys = rnnjax.unroll(cell, params, xs, lengths=LENGTHS, reverse=True)
+    carry, ys = jit_unroll(cell, params, xs, lengths=LENGTHS, reverse=True)
     for b, n in enumerate(np.asarray(LENGTHS)):
-        c_b, y_b = rnnjax.unroll(cell, params, xs[b, :n][::-1])
+        c_b, y_b = jit_unroll(cell, params, xs[b, :n][::-1])
         assert_trees_close(jax.tree_util.tree_map(lambda a: a[b], carry), c_b)
         assert_trees_close(ys[b, :n], y_b[::-1])
         np.testing.assert_array_equal(np.asarray(ys[b, n:]), 0.0)
@@ -84,8 +84,8 @@ def test_mask_equals_lengths(cell, params):
     xs = random_inputs()
     mask = jnp.arange(T)[None, :] < LENGTHS[:, None]
     for reverse in (False, True):
-        assert_trees_close(rnnjax.unroll(cell, params, xs, mask=mask, reverse=reverse),
-                           rnnjax.unroll(cell, params, xs, lengths=LENGTHS, reverse=reverse))
+        assert_trees_close(jit_unroll(cell, params, xs, mask=mask, reverse=reverse),
+                           jit_unroll(cell, params, xs, lengths=LENGTHS, reverse=reverse))
 
 
 def test_mask_holds_carry_on_masked_steps(cell, params):
@@ -93,8 +93,8 @@ def test_mask_holds_carry_on_masked_steps(cell, params):
     xs = random_inputs()
     keep = np.array([1, 0, 1, 1, 0, 0, 1], bool)
     mask = jnp.broadcast_to(jnp.asarray(keep), (B, T))
-    carry, ys = rnnjax.unroll(cell, params, xs, mask=mask)
-    c_ref, y_ref = rnnjax.unroll(cell, params, xs[:, keep])
+    carry, ys = jit_unroll(cell, params, xs, mask=mask)
+    c_ref, y_ref = jit_unroll(cell, params, xs[:, keep])
     assert_trees_close(carry, c_ref)
     assert_trees_close(ys[:, keep], y_ref)
     np.testing.assert_array_equal(np.asarray(ys[:, ~keep]), 0.0)
@@ -103,8 +103,8 @@ def test_mask_holds_carry_on_masked_steps(cell, params):
 def test_time_major_equals_batch_major(cell, params):
     xs = random_inputs()
     mask = jnp.arange(T)[None, :] < LENGTHS[:, None]
-    c_b, y_b = rnnjax.unroll(cell, params, xs, mask=mask)
-    c_t, y_t = rnnjax.unroll(cell, params, jnp.swapaxes(xs, 0, 1), mask=mask.T, time_major=True)
+    c_b, y_b = jit_unroll(cell, params, xs, mask=mask)
+    c_t, y_t = jit_unroll(cell, params, jnp.swapaxes(xs, 0, 1), mask=mask.T, time_major=True)
     assert_trees_close(c_t, c_b)
     assert_trees_close(jnp.swapaxes(y_t, 0, 1), y_b)
 
@@ -117,15 +117,15 @@ def test_jit_equals_eager(cell, params):
 
 def test_vmap_of_unbatched_equals_batched(cell, params):
     xs = random_inputs()
-    one = lambda x, n: rnnjax.unroll(cell, params, x, lengths=n)  # noqa: E731
-    assert_trees_close(jax.vmap(one)(xs, LENGTHS), rnnjax.unroll(cell, params, xs, lengths=LENGTHS))
+    one = lambda x, n: jit_unroll(cell, params, x, lengths=n)  # noqa: E731
+    assert_trees_close(jax.vmap(one)(xs, LENGTHS), jit_unroll(cell, params, xs, lengths=LENGTHS))
 
 
 def test_two_batch_dimensions_equal_flattened(cell, params):
     xs = random_inputs(shape=(2, 3, T, F))
     lengths = jnp.array([[T, 2, 5], [1, 4, T]])
-    carry, ys = rnnjax.unroll(cell, params, xs, lengths=lengths, reverse=True)
-    c_flat, y_flat = rnnjax.unroll(cell, params, xs.reshape(6, T, F), lengths=lengths.reshape(6), reverse=True)
+    carry, ys = jit_unroll(cell, params, xs, lengths=lengths, reverse=True)
+    c_flat, y_flat = jit_unroll(cell, params, xs.reshape(6, T, F), lengths=lengths.reshape(6), reverse=True)
     assert_trees_close(carry, jax.tree_util.tree_map(lambda a: a.reshape(2, 3, *a.shape[1:]), c_flat))
     assert_trees_close(ys, y_flat.reshape(ys.shape))
 
@@ -157,10 +157,10 @@ def test_resets_start_new_sequences(cell, params):
     """A reset at step 3 equals running steps 3.. from a fresh carry."""
     xs = random_inputs()
     resets = jnp.zeros((B, T), bool).at[:, 3].set(True).at[1, 3].set(False)
-    carry, ys = rnnjax.unroll(cell, params, xs, resets=resets)
-    _, y_head = rnnjax.unroll(cell, params, xs[:, :3])
-    c_tail, y_tail = rnnjax.unroll(cell, params, xs[:, 3:])
-    c_all, y_all = rnnjax.unroll(cell, params, xs)
+    carry, ys = jit_unroll(cell, params, xs, resets=resets)
+    _, y_head = jit_unroll(cell, params, xs[:, :3])
+    c_tail, y_tail = jit_unroll(cell, params, xs[:, 3:])
+    c_all, y_all = jit_unroll(cell, params, xs)
     keep = np.array([True, False, True, True])
     assert_trees_close(ys[keep, :3], y_head[keep])
     assert_trees_close(ys[keep, 3:], y_tail[keep])
@@ -171,11 +171,11 @@ def test_resets_start_new_sequences(cell, params):
 
 def test_streaming_reset_equals_fresh_carry(cell, params):
     xs = random_inputs()
-    warm, _ = rnnjax.unroll(cell, params, xs)
+    warm, _ = jit_unroll(cell, params, xs)
     reset = jnp.array([True, False, True, False])
-    carry, y = rnnjax.step(cell, params, warm, xs[:, 0], reset=reset)
-    c_fresh, y_fresh = rnnjax.step(cell, params, cell.initial_carry(params, (B,)), xs[:, 0])
-    c_warm, y_warm = rnnjax.step(cell, params, warm, xs[:, 0])
+    carry, y = jit_step(cell, params, warm, xs[:, 0], reset=reset)
+    c_fresh, y_fresh = jit_step(cell, params, cell.initial_carry(params, (B,)), xs[:, 0])
+    c_warm, y_warm = jit_step(cell, params, warm, xs[:, 0])
     expected_y = jnp.where(reset[:, None], y_fresh, y_warm)
     assert_trees_close(y, expected_y)
 
