@@ -32,7 +32,9 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(params=LINEAR)
+# The batteries over the masking options run on a complex (lru) and a real (minlstm) linear form by default; the
+# four linear cells share one scan, and every cell runs with -m slow.
+@pytest.fixture(params=[slow_unless(name in ("lru", "minlstm"), name) for name in LINEAR])
 def linear(request):
     cell = CELLS[request.param]()
     return cell, cell.init(jax.random.key(0), F)
@@ -76,9 +78,7 @@ def test_parallel_equals_sequential_values_and_gradients(linear, method, name):
     assert_trees_close(grads_p, grads_s, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["resets-lengths-reverse", "resets-mask",
-                                  *(pytest.param(n, marks=pytest.mark.slow) for n in ("lengths-reverse",
-                                                                                      "mask-holes"))])
+@pytest.mark.parametrize("name", [slow_unless(name == "resets-lengths-reverse", name) for name in sorted(OPTIONS)])
 def test_mlstm_chunkwise_equals_sequential_across_chunks(name):
     """parallel='chunkwise': 150 steps are two whole chunks of CHUNKWISE_STEPS and a remainder. In float64 the
     outputs, the final carry (its stabiliser included) and the gradients equal the step form's to 1e-9; in
@@ -222,7 +222,7 @@ def test_parallel_check_grads_float64(name):
         jax.test_util.check_grads(f, (params, xs), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", LINEAR)
+@pytest.mark.parametrize("name", [slow_unless(name in ("lru", "minlstm"), name) for name in LINEAR])
 def test_bfloat16_accumulates_in_float32(name):
     """bfloat16 parameters and inputs: the carry stays float32 on both paths, and the two paths agree to
     float32 round-off (each step is rounded to bfloat16 nowhere but in the input projection)."""
