@@ -11,8 +11,13 @@ import os
 import shutil
 import tempfile
 
+import jax
 from sybil import Sybil
 from sybil.parsers.markdown import PythonCodeBlockParser, SkipParser
+
+# The blocks compile many small programs and run each once: with XLA's optimisations off they take 40% less
+# time, and their checks are tolerances that hold either way (tests/conftest.py does the same for the suite).
+jax.config.update("jax_disable_most_optimizations", True)
 
 
 def _enter_scratch_dir(namespace):

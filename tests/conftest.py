@@ -16,7 +16,7 @@ from rnnjax import cells
 
 # The tests compile thousands of tiny programs and run each once or twice: compile time, not run time, is
 # what they spend (30% less with this). Every comparison runs both sides under the same setting; the
-# benchmarks and the documentation's examples run fully optimised code.
+# benchmarks run fully optimised code (the documentation's examples do not: the conftest.py beside README.md).
 # The variable carries the setting into the `rnnjax train` subprocesses of the fault tests, whose runs must
 # equal in-process ones bit for bit.
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
