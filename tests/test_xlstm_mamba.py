@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import rnnjax
-from conftest import assert_trees_close
+from conftest import assert_trees_close, slow_unless
 from rnnjax import backend, cells, layers
 from rnnjax.models import language_model
 
@@ -134,7 +134,7 @@ def _weighted(ys):
 
 
 @pytest.mark.parametrize("parallel", [False, "associative"])  # the loop form: tests/test_linear_cells.py
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", [slow_unless("-" not in name, name) for name in sorted(CASES)])  # variants: slow
 def test_values_and_gradients_equal_the_unstabilised_equations_in_float64(name, parallel):
     make, reference = CASES[name]
     cell = make()
