@@ -161,6 +161,7 @@ def test_native_under_vmap(kind):
                                           argnums=1))(stacked, xs)
         return ys, per_example, population, dx, dx_population
 
+    run = jax.jit(run, static_argnums=0)  # one compile, not op by op (3x faster)
     _close(run("native"), run("xla"))
 
 
@@ -173,11 +174,11 @@ def test_native_layers_stack_and_bidirectional():
     xs = jax.random.normal(jax.random.key(1), (4, T, F))
     lengths = jnp.array([9, 4, 1, 7])
 
-    def grads(m):
-        return jax.grad(lambda p: jnp.sum(m.apply(p, xs, lengths=lengths)[1] ** 2))(params)
+    def outputs_and_grads(m):
+        return jax.jit(lambda p: (m.apply(p, xs, lengths=lengths),
+                                  jax.grad(lambda q: jnp.sum(m.apply(q, xs, lengths=lengths)[1] ** 2))(p)))(params)
 
-    _close(model.apply(params, xs, lengths=lengths), reference.apply(params, xs, lengths=lengths))
-    _close(grads(model), grads(reference))
+    _close(outputs_and_grads(model), outputs_and_grads(reference))
 
 
 @pytest.mark.parametrize("make, why", [
