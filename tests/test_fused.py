@@ -10,19 +10,22 @@ import numpy as np
 import pytest
 
 import rnnjax
-from conftest import CELLS, B, F, T, assert_trees_close, random_carry, random_inputs, slow_unless
+from conftest import CELLS, B, F, H, T, assert_trees_close, random_carry, random_inputs, slow_unless
 from rnnjax import cells, fused, scan
 
 LENGTHS = jnp.array([T, 3, 1, 5])
 
 
-FUSED_CELLS = sorted(name for name, make in CELLS.items() if make().recurrence is not None)
+# The cells with a Recurrence split (the linear ones have a parallel path instead, the sLSTM neither), and a
+# multi-head LSTM (block-diagonal W_hh: its own recurrent product and weight gradient).
+FUSED = {**{name: make for name, make in CELLS.items() if make().recurrence is not None},
+         "lstm_heads2": lambda: cells.lstm(H, heads=2)}
+FUSED_CELLS = sorted(FUSED)
 
 
-@pytest.fixture(params=FUSED_CELLS)
-def cell_name(request):
-    """The cells with a Recurrence split (the linear ones have a parallel path instead, the sLSTM neither)."""
-    return request.param
+@pytest.fixture
+def cell(cell_name):
+    return FUSED[cell_name]()
 
 
 def loss(cell, params, xs, carry, *, backward, **kw):

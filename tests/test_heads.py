@@ -36,18 +36,21 @@ def _loss(cell, params, xs, carry, **kw):
 _grads = jax.grad(_loss, argnums=(1, 2, 3), has_aux=True)
 
 
+@pytest.mark.parametrize("path", ["xla", "auto"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_heads_equal_the_dense_cell_with_zero_off_diagonal_blocks(name):
-    """Values, final carry and the gradients of params, inputs and initial carry (the fused backward pass, which
-    test_fused.py checks against autodiff for an LSTM with heads)."""
+def test_heads_equal_the_dense_cell_with_zero_off_diagonal_blocks(name, path):
+    """Values, final carry and the gradients of params, inputs and initial carry, on the XLA path (its fused
+    backward pass, which test_fused.py checks against autodiff for an LSTM with heads) and on "auto" (the native
+    kernels where they run, the XLA path elsewhere)."""
     factory, gates, n = CASES[name]
     multi = factory(H, heads=n)
     params = multi.init(jax.random.key(0), F)
     assert params.w_hh.shape == (n, H // n, gates * H // n)
     dense_params = params._replace(w_hh=jnp.asarray(dense_from_heads(params.w_hh, gates)))
     xs, carry = random_inputs(), random_carry(multi, params, (B,))
-    (g, gx, gc), out = _grads(multi, params, xs, carry, lengths=LENGTHS, reverse=True)
-    (g_d, gx_d, gc_d), out_d = _grads(factory(H), dense_params, xs, carry, lengths=LENGTHS, reverse=True)
+    (g, gx, gc), out = _grads(multi, params, xs, carry, lengths=LENGTHS, reverse=True, backend=path)
+    (g_d, gx_d, gc_d), out_d = _grads(factory(H), dense_params, xs, carry, lengths=LENGTHS, reverse=True,
+                                      backend=path)
     assert_trees_close(out, out_d)
     on_blocks = dense_from_heads(np.ones(params.w_hh.shape), gates) > 0
     np.testing.assert_allclose(dense_from_heads(g.w_hh, gates), np.where(on_blocks, g_d.w_hh, 0.0), atol=1e-5,

@@ -103,6 +103,10 @@ def test_nnx_cell_options_reach_the_driver():
     module = Recurrent(rnnjax.cells.lstm(H), input_size=F, rngs=nnx.Rngs(3), reverse=True, remat=True)
     expected = rnnjax.unroll(rnnjax.cells.lstm(H), module.rnnjax_params(), xs, lengths=lengths, reverse=True)[1]
     np.testing.assert_allclose(module(xs, lengths=lengths), expected, rtol=1e-6, atol=1e-6)
+    # remat changes no value; that it reaches the driver shows where the native kernels refuse it
+    native = Recurrent(rnnjax.cells.lstm(H), input_size=F, rngs=nnx.Rngs(3), remat=True, backend="native")
+    with pytest.raises(ValueError, match="remat recomputes steps in the backward pass"):
+        native(xs)
 
 
 class LinenTagger(linen.Module):

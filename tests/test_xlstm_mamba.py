@@ -174,8 +174,8 @@ def test_finite_over_ten_thousand_steps_of_large_inputs(name, parallel, steps):
         leaves = (carry, ys)
         np.testing.assert_allclose(ys, rnnjax.unroll(cell, params, xs, parallel=False)[1], atol=2e-4, rtol=1e-3)
     else:
-        def loss(p, x):
-            carry, ys = rnnjax.unroll(cell, p, x)
+        def loss(p, x):  # parallel=False: "auto" would run the mLSTM's chunkwise form
+            carry, ys = rnnjax.unroll(cell, p, x, parallel=False)
             return jnp.mean(ys), (carry, ys)
 
         (value, (carry, ys)), grads = jax.value_and_grad(loss, has_aux=True)(params, xs)
