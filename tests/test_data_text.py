@@ -44,12 +44,21 @@ def test_vocabulary_encode_unknown_characters_message():
 
 
 def test_vocabulary_rejects_unsorted_and_bad_json():
-    with pytest.raises(ValueError, match="sorted"):
+    with pytest.raises(ValueError) as e:
         Vocabulary("ba")
-    with pytest.raises(ValueError, match=re.escape("Vocabulary.from_json: expected")):
-        Vocabulary.from_json('{"chars": 3}')
-    with pytest.raises(ValueError, match=re.escape("ids in [0, 2)")):
+    assert str(e.value) == ("rnnjax.data.Vocabulary: expected distinct characters sorted by code point, got 'ba'. "
+                            "Fix: build it with Vocabulary.from_text(text).")
+    for data_ in ('{"chars": 3}', "not json"):
+        with pytest.raises(ValueError) as e:
+            Vocabulary.from_json(data_)
+        assert str(e.value) == ('rnnjax.data.Vocabulary.from_json: expected {"type": "char", "chars": "..."} as '
+                                f"written by Vocabulary.to_json, got {data_!r}. Fix: pass the string that "
+                                "Vocabulary.to_json wrote (a run's vocabulary file).")
+    with pytest.raises(ValueError) as e:
         Vocabulary("ab").decode([0, 2])
+    assert str(e.value) == ("rnnjax.data.Vocabulary.decode: expected integer ids in [0, 2), got int64 values in "
+                            "[0, 2]. Fix: decode ids that this vocabulary's encode or a model over its characters "
+                            "produced.")
 
 
 # ----------------------------------------------------------------------------
@@ -194,10 +203,14 @@ def test_split_text_first_90_last_10():
 
 
 def test_split_text_errors():
-    with pytest.raises(ValueError, match=re.escape("val_fraction must be in (0, 1), got 1.0")):
+    with pytest.raises(ValueError) as e:
         data.split_text(np.arange(10), val_fraction=1.0)
-    with pytest.raises(ValueError, match="leaves an empty validation part"):
+    assert str(e.value) == ("rnnjax.data.split_text: val_fraction must be in (0, 1), got 1.0. Fix: pass a fraction "
+                            "such as 0.1.")
+    with pytest.raises(ValueError) as e:
         data.split_text(np.arange(3), val_fraction=0.1)
+    assert str(e.value) == ("rnnjax.data.split_text: a text of 3 tokens leaves an empty validation part with "
+                            "val_fraction=0.1. Fix: use a longer text.")
 
 
 def test_batches_are_windows_with_next_token_targets():

@@ -249,8 +249,8 @@ class Vocabulary:
             raise ValueError("rnnjax.data.Vocabulary: expected at least one character, got none. "
                              "Fix: build it with Vocabulary.from_text(text) on a non-empty text.")
         if list(self.chars) != sorted(set(self.chars)):
-            raise ValueError("rnnjax.data.Vocabulary: expected distinct characters sorted by code point. "
-                             "Fix: build it with Vocabulary.from_text(text).")
+            raise ValueError("rnnjax.data.Vocabulary: expected distinct characters sorted by code point, got "
+                             f"{self.chars[:40]!r}. Fix: build it with Vocabulary.from_text(text).")
         object.__setattr__(self, "_codes", np.frombuffer(self.chars.encode("utf-32-le"), np.uint32))
 
     @classmethod
@@ -284,7 +284,8 @@ class Vocabulary:
         ids = np.asarray(ids).reshape(-1)
         if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= self.size):
             raise ValueError(f"rnnjax.data.Vocabulary.decode: expected integer ids in [0, {self.size}), got "
-                             f"{ids.dtype} values in [{ids.min()}, {ids.max()}].")
+                             f"{ids.dtype} values in [{ids.min()}, {ids.max()}]. Fix: decode ids that this "
+                             "vocabulary's encode or a model over its characters produced.")
         return "".join(self.chars[i] for i in ids.tolist())
 
     def to_json(self) -> str:
@@ -292,10 +293,14 @@ class Vocabulary:
 
     @classmethod
     def from_json(cls, data: str) -> Vocabulary:
-        obj = json.loads(data)
+        try:
+            obj = json.loads(data)
+        except ValueError:  # not JSON: the same message as JSON of another shape
+            obj = None
         if not isinstance(obj, dict) or obj.get("type") != "char" or not isinstance(obj.get("chars"), str):
             raise ValueError('rnnjax.data.Vocabulary.from_json: expected {"type": "char", "chars": "..."} '
-                             "as written by Vocabulary.to_json.")
+                             f"as written by Vocabulary.to_json, got {data[:80]!r}. Fix: pass the string that "
+                             "Vocabulary.to_json wrote (a run's vocabulary file).")
         return cls(obj["chars"])
 
 
@@ -308,7 +313,8 @@ def split_text(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, 
     (the usual Tiny-Shakespeare split: no shuffling, so no leakage of nearby text)."""
     fn = "rnnjax.data.split_text"
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"{fn}: val_fraction must be in (0, 1), got {val_fraction}.")
+        raise ValueError(f"{fn}: val_fraction must be in (0, 1), got {val_fraction}. Fix: pass a fraction such "
+                         "as 0.1.")
     n = len(ids)
     cut = int(round(n * (1.0 - val_fraction)))
     if cut == 0 or cut == n:
