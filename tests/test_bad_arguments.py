@@ -18,6 +18,7 @@ its shapes and dtypes. Profiles: "ci" (the default, 100 examples per entry point
 from __future__ import annotations
 
 import os
+import re
 from functools import cache, partial
 
 import jax
@@ -170,8 +171,10 @@ def assert_refused(name: str, faults: list[str], fn, *args, **kwargs) -> None:
         fn(*args, **kwargs)
     message = str(info.value)
     assert message.startswith(f"{name}: "), message
-    assert any(f in message for f in faults), (faults, message)
-    assert "got" in message and "Fix: " in message, message
+    # the faulty argument named as a word before the fix ("x" would otherwise match the "x" of "Fix")
+    said, _, _ = message.partition("Fix: ")
+    assert any(re.search(rf"\b{re.escape(f)}\b", said) for f in faults), (faults, message)
+    assert "got" in said and "Fix: " in message, message
 
 
 def assert_refused_by(names: tuple[str, ...], faults: list[str], fn, *args, **kwargs) -> None:
@@ -477,9 +480,9 @@ def test_generate(data):
     a = held(prompt)
     faults = []
     if not (is_kind(a, "int") and a.ndim >= 1 and a.shape[-1] >= 1):
-        faults.append("prompt")
+        faults.append("prompt_ids")
     elif a.size and not 0 <= a.min() <= a.max() < V:
-        faults.append("prompt")
+        faults.append("prompt_ids")
     for name, _value, ok in (("length", length, isinstance(length, int) and length >= 0),
                             ("temperature", temperature, isinstance(temperature, (int, float)) and temperature >= 0),
                             ("top_k", top_k, top_k is None or (isinstance(top_k, int) and 1 <= top_k <= V))):

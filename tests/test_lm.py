@@ -115,8 +115,11 @@ def test_generate_samples_depend_on_key_and_respect_top_k():
 def test_generate_and_model_errors():
     model = language_model(5, layers=1, hidden=8)
     params = model.init(jax.random.key(0))
-    with pytest.raises(ValueError, match=re.escape("generate: expected a non-empty prompt")):
+    with pytest.raises(ValueError) as e:
         generate(model, params, jax.random.key(0), jnp.zeros((0,), jnp.int32), 3)
+    assert str(e.value) == ("rnnjax.models.generate: expected prompt_ids, a non-empty prompt of integer ids "
+                            "[*batch, P] with P >= 1, got int32[0]. Fix: pass at least one integer token id per "
+                            "row, e.g. vocab.encode(text).")
     with pytest.raises(ValueError, match=re.escape("top_k must be None or an integer in [1, 5]")):
         generate(model, params, jax.random.key(0), jnp.array([1]), 3, top_k=6)
     with pytest.raises(ValueError) as e:

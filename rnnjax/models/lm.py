@@ -239,13 +239,13 @@ def generate(model: LanguageModel, params: LMParams, key: PRNGKey, prompt_ids, l
     (model, prompt shape, length, temperature, top_k, top_p).
     """
     fn = "rnnjax.models.generate"
-    fix = "start from at least one token (e.g. a newline)."
+    fix = "pass at least one integer token id per row, e.g. vocab.encode(text)."
     prompt = as_array(fn, "prompt_ids", prompt_ids, "integer ids [*batch, P]", fix)
     if prompt.ndim < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer) or prompt.shape[-1] == 0:
-        raise ValueError(f"{fn}: expected a non-empty prompt of integer ids [*batch, P] with P >= 1, got "
-                         f"{prompt.dtype}{list(prompt.shape)}. Fix: {fix}")
+        raise ValueError(f"{fn}: expected prompt_ids, a non-empty prompt of integer ids [*batch, P] with P >= 1, "
+                         f"got {prompt.dtype}{list(prompt.shape)}. Fix: {fix}")
     if is_concrete(prompt) and prompt.size and not 0 <= int(prompt.min()) <= int(prompt.max()) < model.vocab_size:
-        raise ValueError(f"{fn}: prompt ids must be in [0, {model.vocab_size}) (the vocabulary), got values in "
+        raise ValueError(f"{fn}: prompt_ids must be in [0, {model.vocab_size}) (the vocabulary), got values in "
                          f"[{int(prompt.min())}, {int(prompt.max())}]. Fix: encode the prompt with the model's "
                          "vocabulary.")
     typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 0
