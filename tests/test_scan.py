@@ -24,7 +24,8 @@ LENGTHS = jnp.array([T, 3, 1, 5])
 # form and its matrix carry. Every cell with -m slow.
 DRIVER_CELLS = ("gru", "jordan", "lru", "lstm", "lstm_proj", "mamba", "mlstm", "slstm")
 # Cells whose gradients have an independent reference elsewhere (PyTorch's in tests/test_torch_parity.py, the
-# float64 equations in tests/test_xlstm_mamba.py): their finite-difference check runs with -m slow.
+# float64 equations in tests/test_xlstm_mamba.py): their finite-difference check runs with -m slow. The LSTM has
+# PyTorch's too, but stays: the default run's finite-difference check of the driver on a native-capable cell.
 GRADIENTS_ELSEWHERE = ("elman_relu", "elman_tanh", "gru", "lstm_proj", "mamba", "mlstm", "slstm")
 
 
