@@ -16,6 +16,15 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def concrete_range(x) -> tuple | None:
+    """``(min, max)`` of a non-empty array whose values are known now, read with NumPy; None for a tracer or an
+    empty array. (Not ``x.min()``: under a jit trace that is traced even for a constant the function closes over.)"""
+    if not is_concrete(x) or not np.size(x):
+        return None
+    values = np.asarray(x)
+    return values.min().item(), values.max().item()
+
+
 def is_int(value) -> bool:
     """A whole number: a Python or NumPy integer, and not a bool (``True`` is an ``int`` in Python)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -55,6 +64,14 @@ def require_choice(fn: str, name: str, value, choices, *, fix: str | None = "pas
     if value not in choices:
         raise ValueError(f"{fn}: unknown {name} {value!r}; expected one of {', '.join(map(str, choices))}."
                          f"{f' Fix: {fix}' if fix else ''}")
+    return value
+
+
+def require_rate(fn: str, name: str, value) -> float:
+    """Checks that ``value`` is a rate in ``[0, 1)`` (a dropout probability) and returns it; else a ValueError
+    ``"{fn}: {name} must be in [0, 1), got {value}. Fix: pass a rate such as 0.2."``."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{fn}: {name} must be in [0, 1), got {value}. Fix: pass a rate such as 0.2.")
     return value
 
 

@@ -57,6 +57,7 @@ class Backend(NamedTuple):
 # at 1.06-1.34x in those eight C1 and C4 cases. The kernels load only on x86-64-v3 CPUs, so every CPU that loads
 # them has avx2.
 NATIVE_FLOAT32_FLAGS = ("avx512f", "avx2")
+NATIVE_CELLS = ("lstm", "gru", "elman")  # the cells with a native kernel (some of their settings have none)
 # bf16 products: oneDNN uses the CPU's bf16 dot-product or AMX instructions; without them it emulates bf16 with
 # AVX-512, and without AVX-512 (e.g. AMD Zen 3) oneDNN 3.2 has no bfloat16 matmul at all.
 NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -66,9 +67,11 @@ NATIVE_BFLOAT16_NEEDS = ("avx512f", "avx512bw")
 def _native_unsupported(request: Request) -> str | None:
     if request.platform != "cpu":
         return f"the native kernels run on CPU, and JAX's default backend here is {request.platform!r}"
+    if request.cell.native is None and request.cell.name in NATIVE_CELLS:
+        return (f"the cell {request.cell.name!r} has no native kernel with these settings (the kernels run lstm "
+                "without peepholes or proj_size, gru, and elman with tanh or relu)")
     if request.cell.native is None:
-        return (f"the cell {request.cell.name!r} has no native kernel with these settings (peepholes, proj_size, "
-                "layer norm, other activations and the linear cells run on XLA)")
+        return f"the cell {request.cell.name!r} has no native kernel (the kernels run lstm, gru and elman)"
     if not (request.remat is None or request.remat is False):
         return "remat recomputes steps in the backward pass, which the native kernels do not"
     if jnp.dtype(request.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):

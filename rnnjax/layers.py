@@ -188,8 +188,7 @@ def stack(layers: Sequence[Cell | Layer], *, dropout: float = 0.0, variational: 
     layers = tuple(rnn(layer) if isinstance(layer, Cell) else layer for layer in layers)
     if not layers:
         raise ValueError(f"{fn}: expected at least one layer, got none. Fix: pass a list of cells or layers.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout}. Fix: pass a rate such as 0.2.")
+    _checks.require_rate(fn, "dropout", dropout)
     if residual:
         for i in range(1, len(layers)):
             if layers[i].output_size != layers[i - 1].output_size:
@@ -290,7 +289,7 @@ def residual_block(cell: Cell, *, mlp_expansion: int = 3, reverse: bool = False,
     fn = "rnnjax.layers.residual_block"
     dtype = compute_dtype(fn, dtype)
     D = cell.output_size
-    M = check_size(fn, "mlp_expansion", mlp_expansion) * D
+    M = check_size(fn, "mlp_expansion", mlp_expansion, example=4) * D
 
     def init(key, input_size: int) -> BlockParams:
         if input_size != D:
@@ -403,7 +402,7 @@ def mamba_block(cell: Cell, *, features: int, conv_kernel: int = 4, remat: scan.
     fn = "rnnjax.layers.mamba_block"
     dtype = compute_dtype(fn, dtype)
     D = check_size(fn, "features", features)
-    K = check_size(fn, "conv_kernel", conv_kernel)
+    K = check_size(fn, "conv_kernel", conv_kernel, example=4)
     E = cell.output_size
 
     def init(key, input_size: int) -> MambaBlockParams:
@@ -528,9 +527,10 @@ def embedding(vocab_size: int, features: int, *, param_dtype=jnp.float32, dtype=
 
     def apply(table: Array, ids: Array) -> Array:
         ids = _checks.as_int_array(fn, "ids", ids, "of token ids [...]")
-        if _checks.is_concrete(ids) and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
-            raise ValueError(f"{fn}: token ids must be in [0, {V}), got values in [{int(ids.min())}, "
-                             f"{int(ids.max())}]. Fix: map tokens through the model's vocabulary.")
+        seen = _checks.concrete_range(ids)
+        if seen and not 0 <= seen[0] <= seen[1] < V:
+            raise ValueError(f"{fn}: token ids must be in [0, {V}), got values in [{seen[0]}, {seen[1]}]. "
+                             "Fix: map tokens through the model's vocabulary.")
         return cast_output(table[ids], dtype)
 
     return Module(init_fn, apply, E)

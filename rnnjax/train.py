@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnnjax._checks import is_int, is_number, require_int
+from rnnjax._checks import is_int, is_number, require_choice, require_int
 from rnnjax.types import Array, PRNGKey
 
 LossFn = Callable[..., Any]
@@ -319,8 +319,8 @@ def make_population_step(loss_fn: LossFn, optimizer: optax.GradientTransformatio
     "Populations"), else ``"vmap"``.
     """
     fn = "rnnjax.train.make_population_step"
-    if strategy not in ("auto", "vmap", "map"):
-        raise ValueError(f"{fn}: strategy must be 'auto', 'vmap' or 'map', got {strategy!r}.")
+    require_choice(fn, "strategy", strategy, ("auto", "vmap", "map"),
+                   fix="pass one of those ('auto' picks 'map' on CPU and 'vmap' elsewhere).")
     if strategy == "auto":
         strategy = "map" if jax.default_backend() == "cpu" else "vmap"
     single = make_train_step(loss_fn, optimizer, carry=carry, accumulate=accumulate, donate=False)

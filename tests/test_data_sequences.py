@@ -64,20 +64,20 @@ def test_read_ts_sktime_japanese_vowels_is_ragged_and_complete():
 
 @pytest.mark.parametrize("line, message", [
     ("1,2:3,4:5,6:a", "expected 2 dimension(s) and a class label (3 fields separated by ':'), got 4 fields. "
-                      "Fix: give every case the same number of dimensions"),
+                      "Fix: give every case the same number of dimensions."),
     ("1,x:3,4:a", "dimension 1 has 'x', which is not a number or '?' (missing). Fix: correct the value, or write ? "
-                  "for a missing one"),
+                  "for a missing one."),
     ("1,2,3", "expected the values of each dimension separated by ':' and the class label last, got no ':' in "
-              "'1,2,3'. Fix: write each case as v,v,...:v,v,...:label"),
+              "'1,2,3'. Fix: write each case as v,v,...:v,v,...:label."),
 ])
 def test_read_ts_malformed_line_is_named(tmp_path, line, message):
     path = _write(tmp_path, TS + line + "\n")
-    with pytest.raises(ValueError, match=re.escape(f"rnnjax.data.read_ts: {str(path)!r}, line 13: {message}")):
+    with pytest.raises(ValueError, match=re.escape(f"rnnjax.data.read_ts: {str(path)!r}, line 13: {message}") + "$"):
         data.read_ts(path)
     bad_label = _write(tmp_path, TS + "1:2:z\n", "Bad_TRAIN.ts")
     with pytest.raises(ValueError, match=re.escape(
             f"rnnjax.data.read_ts: {str(bad_label)!r} has class label(s) ['z'] outside the classes ['a', 'b', 'c']. "
-            "Fix: list every class in @classLabel (or pass classes=).")):
+            "Fix: list every class in @classLabel (or pass classes=).") + "$"):
         data.read_ts(bad_label)
 
 
@@ -107,7 +107,7 @@ def test_stratified_split_and_sliding_windows():
     assert x[-1, :, 0].tolist() == [8, 9, 10, 11] and y[-1].tolist() == [12, 13, 14]
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.data.sliding_windows: no window of 30 inputs and 3 targets fits in steps [0, 20) of a series of "
-            "20. Fix: use a shorter window or horizon.")):
+            "20. Fix: use a shorter window or horizon.") + "$"):
         data.sliding_windows(series, 30, 3)
 
 
@@ -144,11 +144,11 @@ def test_unknown_dataset_lists_the_known_ones():
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.data.load_classification: unknown dataset 'mnist'; known: japanese_vowels, gunpoint, "
             "basic_motions, arrow_head, italy_power_demand, digits. Fix: pass one of those, or the path of a "
-            "UCR/UEA _TRAIN.ts file.")):
+            "UCR/UEA _TRAIN.ts file.") + "$"):
         data.load_classification("mnist")
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.data.load_series: unknown dataset 'airline'; known: taylor, sunspots, nile, co2, seattle_temps. "
-            "Fix: pass one of those.")):
+            "Fix: pass one of those.") + "$"):
         data.load_series("airline")
 
 
@@ -163,7 +163,7 @@ def test_missing_optional_package_names_the_extra(monkeypatch):
     monkeypatch.setattr(datasets.importlib, "import_module", fake)
     with pytest.raises(ImportError, match=re.escape(
             "rnnjax.data.load_series: the dataset 'taylor' needs the package 'pmdarima', which is not installed. "
-            "Fix: pip install 'rnnjax[tasks]' (or pip install pmdarima).")):
+            "Fix: pip install 'rnnjax[tasks]' (or pip install pmdarima).") + "$"):
         data.load_series("taylor")
 
 

@@ -182,5 +182,38 @@ def test_value_checks_are_skipped_under_jit_but_shapes_are_not():
     run = jax.jit(lambda n: rnnjax.unroll(CELL, PARAMS, XS + 1.0, lengths=n)[1])
     full = rnnjax.unroll(CELL, PARAMS, XS + 1.0)[1]
     assert jnp.allclose(run(jnp.array([8, 8, 8, 8])), full)
-    with pytest.raises(ValueError, match="expected lengths of shape"):
-        run(jnp.array([1, 2]))
+    assert message(ValueError, lambda: run(jnp.array([1, 2]))) == (
+        "rnnjax.unroll: expected lengths of shape (4,) (the batch dimensions of xs), got shape (2,). "
+        "Fix: pass one length per sequence.")
+
+
+def test_value_checks_read_constants_that_a_jitted_function_closes_over():
+    """Ids, prompts and source lengths closed over by a jitted function are known at trace time: their values
+    are checked there (with NumPy: jnp's min of a constant is traced under jit) and the function runs."""
+    from rnnjax.models import generate, language_model, seq2seq
+
+    table = jax.random.normal(jax.random.key(0), (10, 4))
+    ids, bad = jnp.array([[0, 9, 3]]), jnp.array([[3, 10]])  # indexed outside the jitted lambdas: constants
+    emb = layers.embedding(10, 4)
+    np.testing.assert_array_equal(jax.jit(lambda t: emb.apply(t, ids))(table), np.asarray(table)[np.asarray(ids)])
+    assert message(ValueError, lambda: jax.jit(lambda t: emb.apply(t, bad))(table)) == (
+        "rnnjax.layers.embedding: token ids must be in [0, 10), got values in [3, 10]. Fix: map tokens through "
+        "the model's vocabulary.")
+    lm = language_model(10, hidden=4, embed=3)
+    lm_params = lm.init(jax.random.key(1))
+    prompt, bad_prompt = ids[0], bad[0]
+    greedy = jax.jit(lambda p: generate(lm, p, jax.random.key(2), prompt, 4, temperature=0.0))
+    np.testing.assert_array_equal(greedy(lm_params), generate(lm, lm_params, jax.random.key(2), prompt, 4,
+                                                              temperature=0.0))
+    assert message(ValueError, lambda: jax.jit(lambda p: generate(lm, p, jax.random.key(2), bad_prompt, 4))(
+        lm_params)) == ("rnnjax.models.generate: prompt_ids must be in [0, 10) (the vocabulary), got values in "
+                        "[3, 10]. Fix: encode the prompt with the model's vocabulary.")
+    s2s = seq2seq(10, 10, hidden=4, embed=3)
+    s2s_params = s2s.init(jax.random.key(3))
+    src, lengths = jnp.array([[1, 2], [3, 0]]), jnp.array([2, 1])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.jit(lambda p: s2s.encode(p, src, lengths))(s2s_params),
+                           s2s.encode(s2s_params, src, lengths))
+    empty = jnp.array([2, 0])
+    assert message(ValueError, lambda: jax.jit(lambda p: s2s.encode(p, src, empty))(s2s_params)) == (
+        "rnnjax.models.seq2seq.encode: every source needs at least one token, got a length of 0. Fix: drop empty "
+        "sources before encoding.")

@@ -239,7 +239,7 @@ def test_classify_refuses_infinite_features_naming_their_position(tmp_path, caps
     assert cli.main(["train", "classify", "--dataset", str(train), "--steps", "2", "--out", str(out)]) == 2
     assert capsys.readouterr().err == (
         f"rnnjax: error: rnnjax train classify: rnnjax.data.read_ts: {str(train)!r}, line 7: dimension 1, value 2 is "
-        f"{value!r}, which is not a finite float32 number. Fix: correct the value, or write ? for a missing one\n")
+        f"{value!r}, which is not a finite float32 number. Fix: correct the value, or write ? for a missing one.\n")
     assert not out.exists()
 
 

@@ -68,17 +68,18 @@ def test_members_with_their_own_batches(strategy):
 
 def test_stack_states_errors():
     with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.train.stack_states: got no states. Fix: pass one TrainState per population member.")):
+            "rnnjax.train.stack_states: got no states. Fix: pass one TrainState per population member.") + "$"):
         train.stack_states([])
     model, opt, states, _ = _setup([1e-2], [0])
     other = language_model(11, layers=2, hidden=16, embed=8)
     odd = train.init_train_state(other.init(jax.random.key(0)), opt, jax.random.key(0))
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.train.stack_states: member 1's state has a different structure from member 0's. Fix: build "
-            "every member with the same model and optimiser (hyperparameters may differ).")):
+            "every member with the same model and optimiser (hyperparameters may differ).") + "$"):
         train.stack_states([states[0], odd])
     with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.train.make_population_step: strategy must be 'auto', 'vmap' or 'map', got 'pmap'.")):
+            "rnnjax.train.make_population_step: unknown strategy 'pmap'; expected one of auto, vmap, map. Fix: pass "
+            "one of those ('auto' picks 'map' on CPU and 'vmap' elsewhere).") + "$"):
         train.make_population_step(train.language_model_loss(model), opt, strategy="pmap")
 
 

@@ -125,22 +125,22 @@ def test_bad_input():
     params = model.init(jax.random.key(0))
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.models.seq2seq.encode: every source needs at least one token, got a length of 0. "
-            "Fix: drop empty sources before encoding.")):
+            "Fix: drop empty sources before encoding.") + "$"):
         model.encode(params, np.array([[1, 2], [0, 0]]), np.array([2, 0]))
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.models.seq2seq.encode: expected integer source ids of shape [B, S] with S >= 1, got "
-            "int32[2, 0]. Fix: encode each word with the source vocabulary and pad with 0.")):
+            "int32[2, 0]. Fix: encode each word with the source vocabulary and pad with 0.") + "$"):
         model.encode(params, np.zeros((2, 0), np.int32), np.array([0, 0]))
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.models.seq2seq: unknown cell 'rnn'; expected one of lstm, gru, elman, layer_norm_lstm, "
             "layer_norm_gru, lru, mingru, minlstm, rglru, mgu, slstm, mlstm, mamba. Fix: pass one of those names or a "
-            "factory hidden_size -> Cell.")):
+            "factory hidden_size -> Cell.") + "$"):
         seq2seq(VS, VT, cell="rnn")
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.models.seq2seq_loss: label_smoothing must be in [0, 1), got 1.0. Fix: pass e.g. 0.1, or 0 "
-            "for none.")):
+            "for none.") + "$"):
         seq2seq_loss(model, label_smoothing=1.0)
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.data.synthetic.seq2seq_task: expected 1 <= min_len <= max_len, got min_len=0, max_len=3. "
-            "Fix: every source needs at least one symbol.")):
+            "Fix: every source needs at least one symbol.") + "$"):
         seq2seq_task("reverse", 3, min_len=0, max_len=3)

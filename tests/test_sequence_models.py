@@ -50,7 +50,8 @@ def test_pool_against_numpy():
     np.testing.assert_allclose(sequence.pool(ys, lengths, "attention", attention=att)[0], w @ ys[0, :2],
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=re.escape(
-            "rnnjax.models.pool: unknown pooling 'max'; expected one of last, mean, attention.")):
+            "rnnjax.models.pool: unknown pooling 'max'; expected one of last, mean, attention. Fix: pass one of "
+            "those.") + "$"):
         sequence.pool(ys, lengths, "max")
 
 
@@ -83,7 +84,7 @@ def test_autoregressive_forecast_feeds_its_predictions_back():
     np.testing.assert_array_equal(direct.forecast(p2, x2), direct.apply(p2, x2))
     with pytest.raises(ValueError, match=re.escape(
             "rnnjax.models.forecaster: mode='autoregressive' feeds its predictions back as inputs, so it needs "
-            "input_size=1 (the series alone), got 2. Fix: use mode='direct' with covariates.")):
+            "input_size=1 (the series alone), got 2. Fix: use mode='direct' with covariates.") + "$"):
         models.forecaster(4, input_size=2, mode="autoregressive")
 
 

@@ -336,10 +336,12 @@ def get_activation(fn: str, name: str) -> Callable[[Array], Array]:
     return ACTIVATIONS[name]
 
 
-def check_size(fn: str, name: str, value: int, minimum: int = 1) -> int:
+def check_size(fn: str, name: str, value: int, minimum: int = 1, example: int | None = None) -> int:
+    """``value`` if it is an integer >= ``minimum``; else a ValueError whose fix suggests ``{name}={example}``
+    (default: 64 times the minimum, a width)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{fn}: expected {name} to be an integer >= {minimum}, got {value!r}. "
-                         f"Fix: pass a whole number such as {name}={max(minimum, 1) * 64}.")
+                         f"Fix: pass a whole number such as {name}={example or max(minimum, 1) * 64}.")
     return value
 
 
@@ -402,7 +404,7 @@ def affine(x: Array, w: Array, b: Array | None, dtype=None) -> Array:
 
 def check_heads(fn: str, heads: int, hidden_size: int) -> int:
     """Validates ``heads``: an integer >= 1 that divides ``hidden_size``."""
-    n = check_size(fn, "heads", heads)
+    n = check_size(fn, "heads", heads, example=1)
     if hidden_size % n:
         raise ValueError(f"{fn}: heads={n} must divide hidden_size={hidden_size} (each head has hidden_size / heads "
                          f"units). Fix: pass heads=1 or a divisor of {hidden_size}, or a hidden_size that is a "

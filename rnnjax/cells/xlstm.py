@@ -42,7 +42,7 @@ LOG_FLOOR = 80.0
 
 def _heads(fn: str, hidden_size: int, heads: int) -> tuple[int, int]:
     H = check_size(fn, "hidden_size", hidden_size)
-    K = check_size(fn, "heads", heads)
+    K = check_size(fn, "heads", heads, example=1)
     if H % K:
         raise ValueError(f"{fn}: hidden_size={H} must be a multiple of heads={K} (each head has hidden_size / heads "
                          f"units). Fix: pass heads dividing {H}, e.g. heads=1.")

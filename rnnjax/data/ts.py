@@ -28,7 +28,7 @@ FN = "rnnjax.data.read_ts"
 
 
 def _error(path, line_no: int, what: str, fix: str) -> ValueError:
-    return ValueError(f"{FN}: {str(path)!r}, line {line_no}: {what}. Fix: {fix}")
+    return ValueError(f"{FN}: {str(path)!r}, line {line_no}: {what}. Fix: {fix}.")
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -48,7 +48,7 @@ def _import_torch(fn: str):
         import torch
     except ImportError as err:  # pragma: no cover - exercised only without torch
         raise ImportError(
-            f"{fn}: PyTorch is not installed; `pip install torch` is needed for rnnjax.interop.torch "
+            f"{fn}: rnnjax.interop.torch needs PyTorch, which is not installed. Fix: `pip install torch` "
             "(it is a test-only dependency of rnnjax, not a runtime one)."
         ) from err
     return torch
@@ -231,7 +231,7 @@ class TorchModel:
         if self.is_lstm:
             if not isinstance(carry, (tuple, list)) or len(carry) != 2:
                 raise ValueError(f"{fn}: expected an LSTM carry (h_0, c_0) with h_0 {list(h_shape)} and c_0 "
-                                 f"{list(c_shape)}, got a {type(carry).__name__}. Fix: pass a pair, as to "
+                                 f"{list(c_shape)}, got {type(carry).__name__}. Fix: pass a pair, as to "
                                  "torch.nn.LSTM.")
             h0, c0 = (jnp.asarray(a) for a in carry)
         else:
@@ -241,7 +241,7 @@ class TorchModel:
                 raise ValueError(
                     f"{fn}: expected {name} of shape {list(shape)} ([num_layers * num_directions"
                     f"{', B' if batch_shape else ''}, {'hidden_size' if name == 'c_0' else 'H_out'}]), got shape "
-                    f"{list(value.shape)}. Fix: lay the carry out as torch does (h_0 is not batch_first).")
+                    f"{list(value.shape)}. Fix: lay the carry out as torch does ({name} is not batch_first).")
         h0 = h0.astype(dtype)
         c0 = None if c0 is None else c0.astype(dtype)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from rnnjax import cells
 from rnnjax import layers as L
-from rnnjax._checks import as_array, is_concrete, require_int
+from rnnjax._checks import as_array, concrete_range, require_choice, require_int, require_rate
 from rnnjax.cells.base import Cell, affine, check_size, compute_dtype
 from rnnjax.decode import check_sampling, sample_logits
 from rnnjax.types import Array, PRNGKey
@@ -127,7 +127,7 @@ def language_model(vocab_size: int, *, cell: str | Callable[[int], Cell] = "lstm
     fn = "rnnjax.models.language_model"
     dtype = compute_dtype(fn, dtype)
     V = check_size(fn, "vocab_size", vocab_size)
-    n_layers = check_size(fn, "layers", layers)
+    n_layers = check_size(fn, "layers", layers, example=2)
     H = check_size(fn, "hidden", hidden)
     own_block = OWN_BLOCKS.get(cell) if isinstance(cell, str) else None
     block = block or own_block is not None
@@ -135,11 +135,10 @@ def language_model(vocab_size: int, *, cell: str | Callable[[int], Cell] = "lstm
     if block and E != H:
         raise ValueError(f"{fn}: block=True adds each block's input to its output, so embed must equal hidden "
                          f"({H}), got embed={E}. Fix: leave embed unset or pass embed={H}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout}.")
+    require_rate(fn, "dropout", dropout)
     if isinstance(cell, str):
         if cell not in CELLS:
-            raise ValueError(f"{fn}: unknown cell {cell!r}; expected one of {', '.join(CELLS)}.")
+            require_choice(fn, "cell", cell, CELLS, fix="pass one of those names or a factory hidden_size -> Cell.")
         factory, defaults = CELLS[cell]
         make_cell = partial(factory, **{**defaults, **(cell_options or {})})
         cell_name = cell
@@ -244,10 +243,10 @@ def generate(model: LanguageModel, params: LMParams, key: PRNGKey, prompt_ids, l
     if prompt.ndim < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer) or prompt.shape[-1] == 0:
         raise ValueError(f"{fn}: expected prompt_ids, a non-empty prompt of integer ids [*batch, P] with P >= 1, "
                          f"got {prompt.dtype}{list(prompt.shape)}. Fix: {fix}")
-    if is_concrete(prompt) and prompt.size and not 0 <= int(prompt.min()) <= int(prompt.max()) < model.vocab_size:
+    seen = concrete_range(prompt)
+    if seen and not 0 <= seen[0] <= seen[1] < model.vocab_size:
         raise ValueError(f"{fn}: prompt_ids must be in [0, {model.vocab_size}) (the vocabulary), got values in "
-                         f"[{int(prompt.min())}, {int(prompt.max())}]. Fix: encode the prompt with the model's "
-                         "vocabulary.")
+                         f"[{seen[0]}, {seen[1]}]. Fix: encode the prompt with the model's vocabulary.")
     typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 0
     if not (typed or (np.shape(key) == (2,) and getattr(key, "dtype", None) == jnp.uint32)):
         raise TypeError(f"{fn}: expected key, one PRNG key (jax.random.key(seed)), got "

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from rnnjax import layers as L
 from rnnjax import scan
+from rnnjax._checks import concrete_range, require_choice, require_rate
 from rnnjax.attention import DecoderCarry, attention_decoder, bind_memory
 from rnnjax.attention import attention as make_attention
 from rnnjax.cells.base import Cell, affine, check_size, compute_dtype
@@ -100,8 +101,7 @@ def _cell_factory(fn: str, cell, cell_options, dtype=None):
     policy = {} if dtype is None else {"dtype": dtype}
     if isinstance(cell, str):
         if cell not in CELLS:
-            raise ValueError(f"{fn}: unknown cell {cell!r}; expected one of {', '.join(CELLS)}. "
-                             "Fix: pass one of those names or a factory hidden_size -> Cell.")
+            require_choice(fn, "cell", cell, CELLS, fix="pass one of those names or a factory hidden_size -> Cell.")
         factory, defaults = CELLS[cell]
         return partial(factory, **{**defaults, **(cell_options or {}), **policy}), cell
     if callable(cell):
@@ -119,9 +119,10 @@ def _check_src(fn: str, src, src_lengths):
     if tuple(src_lengths.shape) != src.shape[:1]:
         raise ValueError(f"{fn}: expected src_lengths of shape ({src.shape[0]},), got "
                          f"{tuple(src_lengths.shape)}. Fix: pass one length per source.")
-    if not isinstance(src_lengths, jax.core.Tracer) and src_lengths.size and int(src_lengths.min()) < 1:
+    seen = concrete_range(src_lengths)
+    if seen and seen[0] < 1:
         raise ValueError(f"{fn}: every source needs at least one token, got a length of "
-                         f"{int(src_lengths.min())}. Fix: drop empty sources before encoding.")
+                         f"{seen[0]}. Fix: drop empty sources before encoding.")
     return src, src_lengths
 
 
@@ -157,13 +158,12 @@ def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: str | Callable[[int], Cell]
     Vs = check_size(fn, "src_vocab", src_vocab)
     Vt = check_size(fn, "tgt_vocab", tgt_vocab, minimum=EOS + 2)
     H = check_size(fn, "hidden", hidden)
-    n_layers = check_size(fn, "layers", layers)
+    n_layers = check_size(fn, "layers", layers, example=2)
     Hd = check_size(fn, "decoder_hidden", 2 * H if decoder_hidden is None else decoder_hidden)
     E = check_size(fn, "embed", embed)
     if bridge not in BRIDGES:
         raise ValueError(f"{fn}: unknown bridge {bridge!r}; expected 'dense' or 'zeros'. Fix: pass one of those.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout}. Fix: pass a rate such as 0.2.")
+    require_rate(fn, "dropout", dropout)
     make_enc, cell_name = _cell_factory(fn, cell, cell_options, dtype)
     make_dec, _ = (make_enc, None) if decoder_cell is None else _cell_factory(fn, decoder_cell, cell_options, dtype)
 
@@ -368,7 +368,8 @@ def translate(model: Seq2Seq, params, src, src_lengths, *, beam_width: int = 1, 
 
     fn = "rnnjax.models.translate"
     src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
-    if src.ndim != 2 or src.shape[1] == 0 or (src_lengths.size and int(src_lengths.min()) < 1):
+    seen = concrete_range(src_lengths)
+    if src.ndim != 2 or src.shape[1] == 0 or (seen and seen[0] < 1):
         raise ValueError(f"{fn}: every source needs at least one token, got source ids of shape "
                          f"{tuple(src.shape)} and lengths {src_lengths.tolist()}. Fix: drop empty sources.")
     decode.check_decode(fn, max_length, EOS, PAD, model.tgt_vocab)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax import layers as L
+from rnnjax._checks import require_choice, require_rate
 from rnnjax.cells.base import affine, check_size, compute_dtype
 from rnnjax.models.lm import CELLS
 from rnnjax.types import Array, PRNGKey
@@ -96,8 +97,7 @@ def pool(ys: Array, lengths=None, how: str = "last", *, attention: AttentionPool
     backward pass, whose final output is at step 0; ``"last"`` takes them from there.
     """
     fn = "rnnjax.models.pool"
-    if how not in POOLINGS:
-        raise ValueError(f"{fn}: unknown pooling {how!r}; expected one of {', '.join(POOLINGS)}.")
+    require_choice(fn, "pooling", how, POOLINGS)
     T = ys.shape[-2]
     mask = valid_mask(lengths, T, ys.shape[:-2])
     if how == "last":
@@ -165,7 +165,7 @@ def _make_cell(fn: str, cell, cell_options, dtype=None):
     policy = {} if dtype is None else {"dtype": dtype}
     if isinstance(cell, str):
         if cell not in CELLS:
-            raise ValueError(f"{fn}: unknown cell {cell!r}; expected one of {', '.join(CELLS)}.")
+            require_choice(fn, "cell", cell, CELLS, fix="pass one of those names or a factory hidden_size -> Cell.")
         factory, defaults = CELLS[cell]
         return partial(factory, **{**defaults, **(cell_options or {}), **policy}), cell
     if callable(cell):
@@ -179,15 +179,14 @@ def _build(fn: str, outputs: int, *, input_size: int | None, vocab_size: int | N
            cell_options, unroll, remat, hoist, backward, dtype=None, suffix: str = ""):
     dtype = compute_dtype(fn, dtype)
     O = check_size(fn, "outputs", outputs)
-    n_layers = check_size(fn, "layers", layers)
+    n_layers = check_size(fn, "layers", layers, example=2)
     H = check_size(fn, "hidden", hidden)
     if (input_size is None) == (vocab_size is None):
         raise ValueError(f"{fn}: expected exactly one of input_size (real-valued inputs [*B, T, F]) and "
                          f"vocab_size (token ids [*B, T]), got input_size={input_size!r}, vocab_size={vocab_size!r}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout}.")
-    if pooling is not None and pooling not in POOLINGS:
-        raise ValueError(f"{fn}: unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}.")
+    require_rate(fn, "dropout", dropout)
+    if pooling is not None:
+        require_choice(fn, "pooling", pooling, POOLINGS, fix="pass one of those, or None.")
     make_cell, cell_name = _make_cell(fn, cell, cell_options, dtype)
     opts = dict(unroll=unroll, remat=remat, hoist=hoist, backward=backward)
     if bidirectional:
