@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -167,18 +168,39 @@ def test_eval_generate_and_help_of_a_g2p_run(run, capsys):
                                           "--population", "--resume"))
 
 
+def _early_stop(records: list, patience: int, min_delta: float) -> tuple[int, float, int] | None:
+    """Where early stopping should stop, from the recorded validation losses: ``(index of the evaluation,
+    best loss, its step)`` at the first evaluation that makes ``patience`` in a row without an improvement
+    of more than ``min_delta`` on the best so far; None when none does."""
+    best, best_step, bad = math.inf, None, 0
+    for i, r in enumerate(records):
+        if r["val_loss"] < best - min_delta:
+            best, best_step, bad = r["val_loss"], r["step"], 0
+        else:
+            bad += 1
+        if bad == patience:
+            return i, best, best_step
+    return None
+
+
 def test_g2p_population_and_early_stopping_run_on_the_engine(run, capsys):
     root, _ = run
     out = root / "pop"
-    # Two members; patience 1 stops after the second evaluation unless it improved.
+    # Two members, evaluated after each of the 4 steps; the validation loss (the best member's) counts as improved
+    # only when it falls by more than 0.01, which a few tiny steps never do: patience 2 stops the run at its
+    # third evaluation, step 3, before the step budget.
     assert cli.main(["train", "g2p", "--data", str(root / "tiny.dict"), "--hidden", "8", "--decoder-hidden", "8",
-                     "--embed", "4", "--batch", "4", "--steps", "4", "--evals", "2", "--lr", "3e-3,1e-7",
-                     "--patience", "1", "--no-plot", "--out", str(out)]) == 0
+                     "--embed", "4", "--batch", "4", "--steps", "4", "--evals", "4", "--lr", "3e-3,1e-7",
+                     "--patience", "2", "--min-delta", "0.01", "--no-plot", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "a population of 2 (seeds 0..1, lr 0.003,1e-07) in one compiled step" in err
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["member_val_loss"]) == 2 and r["val_loss"] == min(r["member_val_loss"]) for r in records)
     assert "rnnjax: score it with: rnnjax g2p --checkpoint" in err
+    stop = _early_stop(records, 2, 0.01)
+    assert stop is not None and stop[0] == len(records) - 1  # the run's last evaluation is the one that stops it
+    assert [r["step"] for r in records] == [1, 2, 3] and "; stopped: early_stopping\n" in err
+    assert f"rnnjax: early stopping: no improvement for 2 evaluations (best {stop[1]:.4f} at step {stop[2]})\n" in err
 
 
 @pytest.mark.slow

@@ -27,6 +27,20 @@ def _tiny_ts(tmp_path, seed=0):
     return tmp_path / "Toy_TRAIN.ts"
 
 
+def _best(out, model):
+    """The parameters of a run's best checkpoint (the ones its test metrics are computed with) and its step."""
+    ckpt, step = checkpoint.open_run(out, which="best")
+    params, _ = ckpt.restore_params(step, jax.eval_shape(model.init, jax.random.key(0)))
+    ckpt.close()
+    return params, step
+
+
+def _test_record(out):
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["split"] == "test"
+    return record
+
+
 def test_cli_classify_end_to_end_test_metrics_match_the_best_checkpoint(tmp_path, capsys):
     path = _tiny_ts(tmp_path)
     out = tmp_path / "run"
@@ -92,13 +106,57 @@ def test_cli_forecast_baselines_match_numpy(tmp_path, capsys):
     assert abs(m["vs_ridge"] - m["test_rmse"] / m["ridge_rmse"]) < 1e-5
     assert not (out / "forecast.png").exists()
 
+    # Independently: the series scaled with the mean and deviation of its fitting part (the first 90% of the
+    # part before the test part), the best checkpoint's forecasts of the test windows, and ridge regression on
+    # the same scaled windows plus a bias (least squares on the penalty's extra rows, its penalty chosen on the
+    # validation windows, refitted on training and validation), both in the series' own units.
+    val_start = int(round(start * 0.9))
+    mean, sd = y[:val_start].mean(), y[:val_start].std()
+    z = (y - mean) / sd
+
+    def windows(first, stop):
+        o = np.arange(first, stop - 48 + 1)
+        return z[o[:, None] - 48 + np.arange(48)], z[o[:, None] + np.arange(48)]
+
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = windows(48, val_start), windows(val_start, start), windows(start, len(y))
+    model = models.forecaster(48, hidden=4)
+    params, _ = _best(out, model)
+    pred = np.asarray(jax.jit(model.forecast, static_argnums=2)(params, x_te[..., None].astype(np.float32), 48),
+                      np.float64)
+    assert abs(np.sqrt(np.mean((pred - y_te) ** 2)) * sd / m["test_rmse"] - 1) < 1e-5
+    errors = {lam: np.mean((_ridge(x_tr, y_tr, lam, x_va) - y_va) ** 2) for lam in (1e-3, 1e-2, 1e-1, 1, 10, 100)}
+    lam = min(errors, key=errors.get)
+    ridge = _ridge(np.r_[x_tr, x_va], np.r_[y_tr, y_va], lam, x_te)
+    assert m["ridge_lambda"] == lam
+    assert abs(np.sqrt(np.mean((ridge - y_te) ** 2)) * sd / m["ridge_rmse"] - 1) < 1e-5
+
+
+def _ridge(x, y, lam, x_eval):
+    """Ridge regression of ``y`` on ``x`` and a bias (not penalised), as the least-squares solution of ``x``
+    stacked on ``sqrt(lam) * I`` (targets 0 for those rows): no normal equations."""
+    a = np.c_[x, np.ones(len(x))]
+    penalty = np.c_[np.sqrt(lam) * np.eye(x.shape[1]), np.zeros(x.shape[1])]
+    w = np.linalg.lstsq(np.r_[a, penalty], np.r_[y, np.zeros((x.shape[1], y.shape[1]))], rcond=None)[0]
+    return np.c_[x_eval, np.ones(len(x_eval))] @ w
+
 
 def test_cli_adding_and_copy_write_their_metrics_and_curves(tmp_path, capsys):
     assert cli.main(["train", "adding", "--length", "12", "--hidden", "4", "--steps", "2", "--evals", "1",
                      "--out", str(tmp_path / "add")]) == 0
     m = json.loads(capsys.readouterr().out)
     # Predicting the mean of a fixed test set of 2,000 sums of two uniforms: close to 1/6.
-    assert abs(m["baseline_mse"] - 1 / 6) < 0.02 and m["test_mse"] > 0
+    assert abs(m["baseline_mse"] - 1 / 6) < 0.02
+    # Independently: the fixed test set (2,000 sequences from the seed's third stream), the best checkpoint's
+    # predictions, their MSE in NumPy.
+    test = data.synthetic.adding(np.random.default_rng([0, 3]), 2000, length=12)
+    marked = test["x"][..., 0] * test["x"][..., 1]
+    assert np.allclose(marked.sum(-1), test["y"]) and (test["x"][..., 1].sum(-1) == 2).all()
+    model = models.regressor(1, input_size=2, hidden=4, pooling="last")
+    params, step = _best(tmp_path / "add", model)
+    pred = np.asarray(jax.jit(model.apply)(params, test["x"]), np.float64)[:, 0]
+    assert step == _test_record(tmp_path / "add")["step"]
+    assert abs(np.mean((pred - test["y"]) ** 2) - m["test_mse"]) < 1e-5
+
     assert cli.main(["train", "copy", "--delay", "4", "--symbols", "3", "--hidden", "4", "--steps", "2",
                      "--evals", "2", "--out", str(tmp_path / "copy")]) == 0
     m = json.loads(capsys.readouterr().out)
@@ -106,6 +164,15 @@ def test_cli_adding_and_copy_write_their_metrics_and_curves(tmp_path, capsys):
     assert (tmp_path / "copy" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     records = [json.loads(line) for line in (tmp_path / "copy" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("split") for r in records] == [None, None, "test"]
+    # Independently: the recalled symbols of the fixed test set are its last 3 steps' targets, the first 3
+    # inputs; the best checkpoint's argmax there, right or wrong, counted in NumPy.
+    test = data.synthetic.copy(np.random.default_rng([0, 3]), 2000, 4, symbols=3, alphabet=8)
+    assert np.array_equal(test["y"][:, -3:], test["x"][:, :3]) and (test["x"][:, 6] == 9).all()
+    model = models.tagger(9, vocab_size=10, hidden=4)
+    params, step = _best(tmp_path / "copy", model)
+    pred = np.argmax(np.asarray(jax.jit(model.apply)(params, test["x"])), -1)
+    assert step == records[-1]["step"]
+    assert abs(np.mean(pred[:, -3:] == test["x"][:, :3]) - m["test_accuracy"]) < 1e-5
 
 
 def test_shifted_images_are_translations_with_the_blank_fill():

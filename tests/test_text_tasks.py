@@ -4,10 +4,11 @@ scikit-learn, and the errors for malformed files, word for word."""
 import csv
 import json
 
+import jax
 import numpy as np
 import pytest
 
-from rnnjax import cli, data, metrics
+from rnnjax import checkpoint, cli, data, metrics, models
 
 FILLER = "the a movie plot actor scene was it this and of story".split()
 CUES = {"pos": ["great", "loved"], "neg": ["awful", "hated"], "mixed": ["okay", "fine"]}
@@ -47,6 +48,21 @@ def _write_conll(path, sentences, header=""):
     return path
 
 
+def _best_outputs(out, model, sequences):
+    """The run's best-checkpoint outputs for token-id ``sequences`` (of the vocabulary in its config), all in one
+    batch padded to the longest, masked by the lengths; and the checkpoint's step."""
+    vocab = json.loads((out / "config.json").read_text())["vocab"]
+    ids = {t: i + len(vocab["specials"]) for i, t in enumerate(vocab["symbols"])}
+    lengths = np.array([len(seq) for seq in sequences])
+    x = np.zeros((len(sequences), lengths.max()), np.int32)
+    for row, seq in zip(x, sequences):
+        row[:len(seq)] = [ids.get(t, data.labelled.UNK) for t in seq]
+    ckpt, step = checkpoint.open_run(out, which="best")
+    params, _ = ckpt.restore_params(step, jax.eval_shape(model.init, jax.random.key(0)))
+    ckpt.close()
+    return np.asarray(jax.jit(model.apply)(params, x, lengths=lengths)), step
+
+
 def _train(task, files, *flags):
     return cli.main(["train", task, "--train", str(files[0]), "--test", str(files[1]), "--no-plot",
                      "--hidden", "16", "--embed", "16", "--lr", "2e-2", *flags])
@@ -54,8 +70,8 @@ def _train(task, files, *flags):
 
 def test_textclass_learns_cue_words_and_eval_reproduces_its_metrics(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    files = (_write_csv(tmp_path / "train.csv", _reviews(rng, 150)),
-             _write_csv(tmp_path / "test.csv", _reviews(rng, 60)))
+    train, test = _reviews(rng, 150), _reviews(rng, 60)
+    files = (_write_csv(tmp_path / "train.csv", train), _write_csv(tmp_path / "test.csv", test))
     out = tmp_path / "run"
     assert _train("textclass", files, "--text-column", "review", "--label-column", "sentiment", "--steps", "60",
                   "--evals", "2", "--batch", "16", "--no-bidirectional", "--out", str(out)) == 0
@@ -70,13 +86,22 @@ def test_textclass_learns_cue_words_and_eval_reproduces_its_metrics(tmp_path, ca
     assert cli.main(["eval", "--checkpoint", str(out)]) == 0
     again = json.loads(capsys.readouterr().out)
     assert {k: again[k] for k in m} == m
+    # Independently: the best checkpoint's answers for the test texts, all in one batch (not in length groups),
+    # right on the reported fraction, with the reported macro-F1 (metrics.macro_f1: scikit-learn's, below).
+    model = models.classifier(3, vocab_size=len(config["vocab"]["symbols"]) + 2, embed=16, hidden=16,
+                              pooling="mean")
+    logits, step = _best_outputs(out, model, [data.tokenize(t, lowercase=True) for t, _ in test])
+    pred, y = np.argmax(logits, -1), np.array([config["labels"].index(label) for _, label in test])
+    assert step == json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert abs(np.mean(pred == y) - m["test_accuracy"]) < 1e-6
+    assert abs(metrics.macro_f1(y.tolist(), pred.tolist()) - m["test_macro_f1"]) < 1e-6
 
 
 def test_tag_learns_entities_in_context_and_eval_reproduces_its_metrics(tmp_path, capsys):
     rng = np.random.default_rng(1)
     header = "-DOCSTART- O\n\n# sent_id = 1\n"
-    files = (_write_conll(tmp_path / "train.conll", [_sentence(rng) for _ in range(120)], header),
-             _write_conll(tmp_path / "test.conll", [_sentence(rng) for _ in range(40)]))
+    train, test = [_sentence(rng) for _ in range(120)], [_sentence(rng) for _ in range(40)]
+    files = (_write_conll(tmp_path / "train.conll", train, header), _write_conll(tmp_path / "test.conll", test))
     out = tmp_path / "run"
     assert _train("tag", files, "--steps", "60", "--evals", "1", "--out", str(out)) == 0
     m = json.loads(capsys.readouterr().out)
@@ -86,6 +111,17 @@ def test_tag_learns_entities_in_context_and_eval_reproduces_its_metrics(tmp_path
     assert cli.main(["eval", "--checkpoint", str(out)]) == 0
     again = json.loads(capsys.readouterr().out)
     assert {k: again[k] for k in m} == m
+    # Independently: the best checkpoint's tags for the test sentences, all in one batch (not in length groups):
+    # the reported per-token accuracy, and the reported entity F1 (metrics.span_f1, checked by hand below).
+    config = json.loads((out / "config.json").read_text())
+    tags = config["labels"]
+    model = models.tagger(len(tags), vocab_size=len(config["vocab"]["symbols"]) + 2, embed=16, hidden=16,
+                          bidirectional=True)
+    logits, _ = _best_outputs(out, model, [[w for w, _ in sent] for sent in test])
+    pred = [[tags[i] for i in np.argmax(row[:len(sent)], -1)] for row, sent in zip(logits, test)]
+    true = [[t for _, t in sent] for sent in test]
+    assert abs(np.mean(np.concatenate(pred) == np.concatenate(true)) - m["test_accuracy"]) < 1e-6
+    assert abs(metrics.span_f1(true, pred)["f1"] - m["test_entity_f1"]) < 1e-6
 
 
 def test_bio_spans_and_span_f1_against_a_hand_count():
