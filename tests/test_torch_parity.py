@@ -363,52 +363,92 @@ def test_jit_with_traced_lengths(kind):
 
 
 def test_unsupported_module_is_a_type_error():
-    with pytest.raises(TypeError) as info:
-        from_torch(nn.Linear(3, 4))
-    assert str(info.value) == (
-        "rnnjax.interop.torch.from_torch: expected a torch.nn.RNN, torch.nn.LSTM or torch.nn.GRU module, "
-        "got torch.nn.modules.linear.Linear. Fix: pass the recurrent module itself (e.g. model.rnn); "
-        "other layers have no rnnjax counterpart here."
-    )
-    with pytest.raises(TypeError, match=r"expected a torch.nn.RNN, torch.nn.LSTM or torch.nn.GRU module, "
-                                        r"got torch.nn.modules.rnn.LSTMCell"):
-        from_torch(nn.LSTMCell(3, 4))
+    for module, name in ((nn.Linear(3, 4), "linear.Linear"), (nn.LSTMCell(3, 4), "rnn.LSTMCell")):
+        with pytest.raises(TypeError) as info:
+            from_torch(module)
+        assert str(info.value) == (
+            "rnnjax.interop.torch.from_torch: expected a torch.nn.RNN, torch.nn.LSTM or torch.nn.GRU module, "
+            f"got torch.nn.modules.{name}. Fix: pass the recurrent module itself (e.g. model.rnn); "
+            "other layers have no rnnjax counterpart here."
+        )
+
+
+def _gru(n_in):
+    return f"Weights(w_ih=float32[{n_in}, 21], w_hh=float32[7, 21], b_ih=float32[21], b_hh=float32[21])"
+
+
+def _lstm(n_in):
+    return (f"LSTMParams(w_ih=float32[{n_in}, 28], w_hh=float32[7, 28], b_ih=float32[28], b_hh=float32[28], "
+            "w_hr=None, w_peep=None)")
+
+
+def _bi(weights):
+    return f"BidirectionalParams(forward={weights}, backward={weights})"
+
+
+def _mismatch(fn, num_layers, bidirectional, expected, given):
+    return (f"rnnjax.interop.torch.{fn}: params do not match the model TorchSpec(mode='GRU', input_size=5, "
+            f"hidden_size=7, num_layers={num_layers}, bias=True, batch_first=False, dropout=0.0, "
+            f"bidirectional={bidirectional}, proj_size=0): expected StackParams(layers=({expected}), norms=None), "
+            f"got StackParams(layers=({given}), norms=None). Fix: pass the params returned by from_torch(module) "
+            "(or model.init(key)) for this same model.")
 
 
 def test_mismatched_params_are_a_value_error():
     lstm_model, lstm_params = from_torch(make_module("lstm", "deep_bi"))
     gru_model, gru_params = from_torch(make_module("gru", "deep_bi"))
-    phrase = r"params do not match the model TorchSpec\(mode='GRU'.*Fix: pass the params returned by from_torch"
-    with pytest.raises(ValueError, match=r"rnnjax\.interop\.torch\.to_torch: " + phrase):
+    deep_gru, deep_lstm = f"{_bi(_gru(5))}, {_bi(_gru(14))}", f"{_bi(_lstm(5))}, {_bi(_lstm(14))}"
+    with pytest.raises(ValueError) as info:
         to_torch(gru_model, lstm_params)
-    with pytest.raises(ValueError, match=r"rnnjax\.interop\.torch\.TorchModel: " + phrase):
+    assert str(info.value) == _mismatch("to_torch", 2, True, deep_gru, deep_lstm)
+    with pytest.raises(ValueError) as info:
         gru_model(lstm_params, np.zeros((T, B, F), np.float32))
+    assert str(info.value) == _mismatch("TorchModel", 2, True, deep_gru, deep_lstm)
     single, _ = from_torch(make_module("gru", "single"))
-    with pytest.raises(ValueError, match=r"rnnjax\.interop\.torch\.to_torch: params do not match the model"):
+    with pytest.raises(ValueError) as info:
         to_torch(single, gru_params)
-    with pytest.raises(TypeError, match=r"rnnjax\.interop\.torch\.to_torch: expected a TorchModel \(from "
-                                        r"from_torch\) or a TorchSpec, got StackParams"):
+    assert str(info.value) == _mismatch("to_torch", 1, False, f"{_gru(5)},", deep_gru)
+    with pytest.raises(TypeError) as info:
         to_torch(gru_params, gru_model)
+    assert str(info.value) == ("rnnjax.interop.torch.to_torch: expected a TorchModel (from from_torch) or a "
+                               "TorchSpec, got StackParams. Fix: pass the model returned by from_torch(module), "
+                               "or TorchModel(TorchSpec(...)).")
 
 
 def test_bad_inputs_and_carry_are_value_errors():
     model, params = from_torch(make_module("lstm_proj", "deep_bi", batch_first=True))
-    with pytest.raises(ValueError, match=r"TorchModel: expected xs with input_size=5 features"):
-        model(params, np.zeros((B, T, F + 1), np.float32))
-    with pytest.raises(ValueError, match=r"TorchModel: expected xs of shape \[B, T, F\] \(batch_first=True\)"):
-        model(params, np.zeros((1, B, T, F), np.float32))
     h0, c0 = np.zeros((4, B, P), np.float32), np.zeros((4, B, H), np.float32)
-    with pytest.raises(ValueError, match=r"TorchModel: expected an LSTM carry \(h_0, c_0\)"):
-        model(params, np.zeros((B, T, F), np.float32), carry=h0)
-    with pytest.raises(ValueError, match=r"TorchModel: expected h_0 of shape \[4, 4, 3\]"):
-        model(params, np.zeros((B, T, F), np.float32), carry=(h0[:2], c0))
-    with pytest.raises(ValueError, match=r"TorchModel: expected c_0 of shape \[4, 4, 7\]"):
-        model(params, np.zeros((B, T, F), np.float32), carry=(h0, c0[..., :P]))
+    xs = np.zeros((B, T, F), np.float32)
+    fn = "rnnjax.interop.torch.TorchModel"
+    cases = [
+        (np.zeros((B, T, F + 1), np.float32), None,
+         f"{fn}: expected xs with input_size=5 features in the last axis, got shape (4, 6, 6). "
+         "Fix: pass inputs of shape [B, T, 5]."),
+        (np.zeros((1, B, T, F), np.float32), None,
+         f"{fn}: expected xs of shape [B, T, F] (batch_first=True) or an unbatched [T, F], got shape (1, 4, 6, 5). "
+         "Fix: pass one batch of sequences."),
+        (xs, h0,
+         f"{fn}: expected an LSTM carry (h_0, c_0) with h_0 [4, 4, 3] and c_0 [4, 4, 7], got ndarray. "
+         "Fix: pass a pair, as to torch.nn.LSTM."),
+        (xs, (h0[:2], c0),
+         f"{fn}: expected h_0 of shape [4, 4, 3] ([num_layers * num_directions, B, H_out]), got shape [2, 4, 3]. "
+         "Fix: lay the carry out as torch does (h_0 is not batch_first)."),
+        (xs, (h0, c0[..., :P]),
+         f"{fn}: expected c_0 of shape [4, 4, 7] ([num_layers * num_directions, B, hidden_size]), got shape "
+         "[4, 4, 3]. Fix: lay the carry out as torch does (c_0 is not batch_first)."),
+    ]
+    for x, carry, message in cases:
+        with pytest.raises(ValueError) as info:
+            model(params, x, carry=carry)
+        assert str(info.value) == message
 
 
 def test_missing_torch_is_an_import_error(monkeypatch):
     model, params = from_torch(make_module("gru"))
     monkeypatch.setitem(sys.modules, "torch", None)
-    for call in (lambda: from_torch(object()), lambda: to_torch(model, params)):
-        with pytest.raises(ImportError, match=r"`pip install torch` is needed for rnnjax.interop.torch"):
+    for fn, call in (("from_torch", lambda: from_torch(object())), ("to_torch", lambda: to_torch(model, params))):
+        with pytest.raises(ImportError) as info:
             call()
+        assert str(info.value) == (f"rnnjax.interop.torch.{fn}: rnnjax.interop.torch needs PyTorch, which is not "
+                                   "installed. Fix: `pip install torch` (it is a test-only dependency of rnnjax, "
+                                   "not a runtime one).")
