@@ -288,25 +288,30 @@ def test_native_bfloat16_needs_avx512(monkeypatch):
 
 @pytest.mark.skipif(not {"avx512f", "avx512bw"} <= native.cpu_flags(),
                     reason="oneDNN's bfloat16 matmul needs AVX-512 (test_native_bfloat16_needs_avx512)")
+@pytest.mark.parametrize("option", ["lengths", "reverse_resets"])
+@pytest.mark.parametrize("rows", [6, 9])
 @pytest.mark.parametrize("kind", CELLS)
-def test_native_bfloat16_policy_equals_the_xla_policy(kind):
+def test_native_bfloat16_policy_equals_the_xla_policy(kind, rows, option):
     """dtype=bfloat16 (float32 params): bf16 products with float32 accumulation and state in both backends, so
-    they agree to bfloat16 tolerance; outputs come back in bfloat16, carries in float32."""
+    they agree to bfloat16 tolerance; outputs come back in bfloat16, carries in float32. 6 rows run on one thread,
+    9 on two; the gradients of the params and of the inputs (the input gradient's own call) are compared."""
     make = {"lstm": lambda: cells.lstm(12, dtype=jnp.bfloat16), "gru": lambda: cells.gru(12, dtype=jnp.bfloat16),
             "gru_cho": lambda: cells.gru(12, reset_after=False, dtype=jnp.bfloat16),
             "elman_tanh": lambda: cells.elman(12, dtype=jnp.bfloat16),
             "elman_relu": lambda: cells.elman(12, activation="relu", dtype=jnp.bfloat16)}
     cell = make[kind]()
     params = cell.init(jax.random.key(0), F)
-    xs = jax.random.normal(jax.random.key(1), (6, T, F))
-    lengths = jnp.array([9, 4, 0, 7, 9, 1])
+    xs = jax.random.normal(jax.random.key(1), (rows, T, F)).astype(jnp.bfloat16)
+    kw = dict(lengths=jnp.array([9, 4, 0, 7, 9, 1, 3, 8, 5][:rows]))
+    if option == "reverse_resets":
+        kw.update(reverse=True, resets=jax.random.bernoulli(jax.random.key(2), 0.25, (rows, T)))
 
     def run(name):
-        def loss(p):
-            c, ys = rnnjax.unroll(cell, p, xs, lengths=lengths, backend=name)
+        def loss(p, x):
+            c, ys = rnnjax.unroll(cell, p, x, backend=name, **kw)
             return jnp.sum(ys.astype(jnp.float32) ** 2), (c, ys)
 
-        return jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, xs)
 
     (_, (c_n, y_n)), g_n = run("native")
     (_, (c_x, y_x)), g_x = run("xla")
@@ -314,4 +319,5 @@ def test_native_bfloat16_policy_equals_the_xla_policy(kind):
     _close(y_n.astype(jnp.float32), y_x.astype(jnp.float32), tol=2e-2)
     _close(c_n, c_x, tol=1e-2)
     for a, b in zip(jax.tree_util.tree_leaves(g_n), jax.tree_util.tree_leaves(g_x), strict=True):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) < 1e-2

@@ -118,26 +118,40 @@ memory::desc padded_weights(int64_t K, int64_t N, memory::data_type dt, int64_t 
   return count > 0 ? memory::desc({count, K, N}, dt, {K * ld, ld, 1}) : memory::desc({K, N}, dt, {ld, 1});
 }
 
+// A product's B operand as it is stored: float32 (converted where the product runs in bf16) or already bf16.
+struct BOperand {
+  const void* data;
+  bool is_bf16;
+  BOperand(const float* p) : data(p), is_bf16(false) {}  // NOLINT: implicit, as the float32 weights are passed
+  BOperand(const bf16* p) : data(p), is_bf16(true) {}    // NOLINT
+  memory::data_type type() const { return is_bf16 ? memory::data_type::bf16 : memory::data_type::f32; }
+  BOperand plus(int64_t elements) const {  // the operand `elements` further on
+    BOperand out = *this;
+    out.data = static_cast<const char*>(data) + elements * (is_bf16 ? sizeof(bf16) : sizeof(float));
+    return out;
+  }
+};
+
 // C[M, N] (+)= A[M, K] B[K, N] (+ bias[N]), C float32 with leading dim ldc (or a Batch of them). With `packed`, B
 // is reordered once into oneDNN's preferred layout (for products run at every step); otherwise it is read in
-// place. Each Matmul has its own stream, so threads running their own Matmuls need no lock; called inside an
+// place (a float32 B of a bf16 product as a bf16 copy). Each Matmul has its own stream, so threads running their own Matmuls need no lock; called inside an
 // OpenMP parallel region, oneDNN runs it on the calling thread alone.
 class Matmul {
  public:
-  Matmul(int64_t M, int64_t K, int64_t N, int64_t lda, bool a_transposed, const float* b, int64_t ldb,
+  Matmul(int64_t M, int64_t K, int64_t N, int64_t lda, bool a_transposed, BOperand b, int64_t ldb,
          bool b_transposed, int64_t ldc, bool use_bf16, bool accumulate, bool packed, const float* bias = nullptr,
          Batch batch = {}, Packs* packs = nullptr) {
     auto& eng = cpu_engine();
     auto dt = op_type(use_bf16);
     auto a_md = matrix_desc(M, K, dt, lda, a_transposed);
-    auto b_plain = matrix_desc(K, N, memory::data_type::f32, ldb, b_transposed);
+    auto b_plain = matrix_desc(K, N, b.type(), ldb, b_transposed);
     auto b_md = packed ? memory::desc({K, N}, dt, memory::format_tag::any) : matrix_desc(K, N, dt, ldb, b_transposed);
     auto c_md = memory::desc({M, N}, memory::data_type::f32, {ldc, 1});
     auto bias_md = memory::desc({1, N}, memory::data_type::f32, {N, 1});
     const int64_t b_count = batch.b_stride > 0 ? batch.count : 1;
     if (batch.count > 0) {  // plain A and C with batch strides; B (and the bias) broadcast over the batch or not
       a_md = batch_desc(batch.count, M, K, dt, lda, a_transposed, batch.a_stride);
-      b_plain = batch_desc(b_count, K, N, memory::data_type::f32, ldb, b_transposed,
+      b_plain = batch_desc(b_count, K, N, b.type(), ldb, b_transposed,
                            batch.b_stride > 0 ? batch.b_stride : K * ldb);
       b_md = packed ? memory::desc({b_count, K, N}, dt, memory::format_tag::any)
                     : batch_desc(b_count, K, N, dt, ldb, b_transposed, batch.b_stride > 0 ? batch.b_stride : K * ldb);
@@ -163,11 +177,11 @@ class Matmul {
     prim_ = dnnl::matmul(pd);
     a_mem_ = memory(pd.src_desc(), eng, DNNL_MEMORY_NONE);
     c_mem_ = memory(pd.dst_desc(), eng, DNNL_MEMORY_NONE);
-    memory plain(b_plain, eng, const_cast<float*>(b));
+    memory plain(b_plain, eng, const_cast<void*>(b.data));
     memory weights = plain;
     if (packs != nullptr) {
       weights = packs->get(pd.weights_desc(), plain, strm_);
-    } else if (packed || use_bf16) {
+    } else if (packed || (use_bf16 && !b.is_bf16)) {
       weights = memory(pd.weights_desc(), eng);
       dnnl::reorder(plain, weights).execute(strm_, plain, weights);
     }
@@ -607,7 +621,8 @@ struct Bwd {
   float* tmp;            // [N, H] Cho GRU: dh of this step
   float* nsave;          // [N, H] Cho GRU: n of this step (overwritten by its cotangent before the second half)
   float* drh;            // [N, H] Cho GRU: d(r*h)
-  bf16* srcb;            // [N, G] bf16 copy of the products' source (bf16 only)
+  bf16* srcb;            // [N, G] GRU: bf16 copy of gs (bf16 only)
+  bf16* dzb;             // [T, N, G] bf16 copy of dzx, the products' source (bf16 only)
 };
 
 // An invalid row outputs zero and passes its carry cotangents through: its pre-activation cotangents are zero.
@@ -713,15 +728,21 @@ void end_bwd_step(const Bwd& b, Shard sh, int64_t t) {
   }
 }
 
+// Rows [n0, n1) of `in` (leading dim G), columns [col, col + width), into the same places of `out` as bf16.
+void to_bf16_rows(const float* in, bf16* out, int64_t rows, int64_t G, int64_t col, int64_t width) {
+  for (int64_t n = 0; n < rows; ++n)
+    for (int64_t j = col; j < col + width; ++j) out[n * G + j] = to_bf16(in[n * G + j]);
+}
+
 // This step's source rows [n0, n1) of a product with W_hh^T, columns [col, col + width) (leading dim G): the rows
-// of dzx (the GRU's own gs), or their bf16 copy.
+// of dzx (the GRU's own gs), or their bf16 copy (dzx's kept in dzb for the weight gradients after the loop).
 const void* step_source(const Bwd& b, Shard sh, int64_t t, int64_t col, int64_t width) {
-  const int64_t G = b.s.G;
-  const float* rows = (b.s.kind == kGru ? b.gs : b.dzx + t * b.s.N * G) + sh.n0 * G;
-  if (b.srcb == nullptr) return rows + col;
-  bf16* out = b.srcb + sh.n0 * G;
-  for (int64_t n = 0; n < sh.n1 - sh.n0; ++n)
-    for (int64_t j = col; j < col + width; ++j) out[n * G + j] = to_bf16(rows[n * G + j]);
+  const int64_t G = b.s.G, row = t * b.s.N + sh.n0;
+  const bool gru = b.s.kind == kGru;
+  const float* rows = gru ? b.gs + sh.n0 * G : b.dzx + row * G;
+  if (b.dzb == nullptr) return rows + col;
+  bf16* out = gru ? b.srcb + sh.n0 * G : b.dzb + row * G;
+  to_bf16_rows(rows, out, sh.n1 - sh.n0, G, col, width);
   return out + col;
 }
 
@@ -743,6 +764,10 @@ void backward_shard(const Bwd& b, const float* w_hh, Shard sh, Packs* packs) {
       for_rows(sh, team, [&](int64_t n) { gru_cho_bwd_rz(b, t, n); });
     }
     rec.run(step_source(b, sh, t, 0, rz), b.dh + sh.n0 * H);
+    if (s.kind == kGru && b.dzb != nullptr) {  // the GRU's products read gs: dzx's bf16 copy is one more pass
+      const int64_t row = t * s.N + sh.n0;
+      to_bf16_rows(b.dzx + row * G, b.dzb + row * G, M, G, 0, G);
+    }
     end_bwd_step(b, sh, t);
   }
 }
@@ -764,36 +789,38 @@ void column_sums(const float* a, int64_t rows, int64_t cols, int64_t ld, float* 
 // dW_hh[:, g0 * H : g1 * H] = A^T B over all R = T * N rows: A [R, H] the rows' h (the Cho GRU's n block: r*h), B
 // [R, (g1 - g0) * H] the cotangents of those gate blocks' recurrent part (leading dim ldb). Dense, one product;
 // with heads only the diagonal blocks (stored [heads, d, gates * d]), one product per gate batched over the heads.
-void recurrent_weight_grad(const Sizes& s, const void* a, const float* b, int64_t ldb, int64_t g0, int64_t g1,
+void recurrent_weight_grad(const Sizes& s, const void* a, BOperand b, int64_t ldb, int64_t g0, int64_t g1,
                            float* dw) {
   const int64_t R = s.T * s.N, H = s.H, G = s.G;
   if (s.heads == 1)
     return Matmul(H, R, (g1 - g0) * H, H, true, b, ldb, false, G, s.use_bf16, false, false).run(a, dw + g0 * H);
   const int64_t n = s.heads, d = H / n, gw = G / n;
   for (int64_t g = g0; g < g1; ++g)
-    Matmul(d, R, d, H, true, b + (g - g0) * H, ldb, false, gw, s.use_bf16, false, false, nullptr,
+    Matmul(d, R, d, H, true, b.plus((g - g0) * H), ldb, false, gw, s.use_bf16, false, false, nullptr,
            Batch{n, d, d * gw, d})
         .run(a, dw + g * d);
 }
 
-// The products after the loop: dW_ih = X^T dZx, dW_hh = H_prev^T dZh, and the bias sums. (dx = dZx W_ih^T is a
-// call of its own, input_grad, which XLA leaves out where dx is not used.)
-void weight_grads(const Sizes& s, const float* x, const float* dzx, const float* dzh_n, const float* hs_prev,
-                  const float* extra, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh) {
+// The products after the loop: dW_ih = X^T dZx, dW_hh = H_prev^T dZh, and the bias sums; in bf16, dZx is read from
+// its copy dzb, made during the loop. (dx = dZx W_ih^T is a call of its own, input_grad, which XLA leaves out
+// where dx is not used.)
+void weight_grads(const Sizes& s, const float* x, const float* dzx, const bf16* dzb, const float* dzh_n,
+                  const float* hs_prev, const float* extra, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh) {
   const int64_t R = s.T * s.N, F = s.F, H = s.H, G = s.G;
   const bool b = s.use_bf16;
   Operand xo(x, R * F, b), hpo(hs_prev, R * H, b);
-  Matmul(F, R, G, F, true, dzx, G, false, G, b, false, false).run(xo.get(), dw_ih);
+  const BOperand dz = b ? BOperand(dzb) : BOperand(dzx);
+  Matmul(F, R, G, F, true, dz, G, false, G, b, false, false).run(xo.get(), dw_ih);
   column_sums(dzx, R, G, G, db_ih);
   std::memcpy(db_hh, db_ih, sizeof(float) * G);
   if (s.kind == kGruCho) {  // W_hr, W_hz see h_prev; W_hn sees r*h (the extras)
-    recurrent_weight_grad(s, hpo.get(), dzx, G, 0, 2, dw_hh);
+    recurrent_weight_grad(s, hpo.get(), dz, G, 0, 2, dw_hh);
     Operand rho(extra, R * H, b);
-    recurrent_weight_grad(s, rho.get(), dzx + 2 * H, G, 2, 3, dw_hh);
+    recurrent_weight_grad(s, rho.get(), dz.plus(2 * H), G, 2, 3, dw_hh);
     return;
   }
   const int64_t blocks = s.kind == kGru ? 2 : G / H;  // the GRU's n block is computed from dzh_n below
-  recurrent_weight_grad(s, hpo.get(), dzx, G, 0, blocks, dw_hh);
+  recurrent_weight_grad(s, hpo.get(), dz, G, 0, blocks, dw_hh);
   if (s.kind == kGru) {  // the n block of the recurrent part saw r * d(n)
     recurrent_weight_grad(s, hpo.get(), dzh_n, H, 2, 3, dw_hh);
     column_sums(dzh_n, R, H, H, db_hh + 2 * H);
@@ -817,16 +844,17 @@ ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_hh, ffi::AnyBuffer valid,
   std::memcpy(dc, dc_t.typed_data<float>(), sizeof(float) * N * H);
   std::vector<float> gs(kind == kGru ? N * G : 0), tmp(N * H), nsave(kind == kGruCho ? N * H : 0),
       drh(kind == kGruCho ? N * H : 0);
-  std::vector<bf16> srcb(use_bf16 ? N * G : 0);
+  std::vector<bf16> srcb(use_bf16 && kind == kGru ? N * G : 0);
+  std::unique_ptr<bf16[]> dzb(use_bf16 ? new bf16[s.T * N * G] : nullptr);  // every element is written in the loop
   Bwd b{s, valid.element_count() ? valid.typed_data<uint8_t>() : nullptr,
         resets.element_count() ? resets.typed_data<uint8_t>() : nullptr, dys.typed_data<float>(),
         hs_prev.typed_data<float>(), extra.typed_data<float>(), dzx->typed_data<float>(),
         kind == kGru ? dzh_n->typed_data<float>() : nullptr, dh, kind == kLstm ? dc : nullptr, gs.data(), tmp.data(),
-        nsave.data(), drh.data(), use_bf16 ? srcb.data() : nullptr};
+        nsave.data(), drh.data(), srcb.data(), dzb.get()};
   Packs packs;
   run_shards(s, [&](Shard sh) { backward_shard(b, w_hh.typed_data<float>(), sh, &packs); });
   auto grads = [&] {
-    weight_grads(s, x.typed_data<float>(), dzx->typed_data<float>(),
+    weight_grads(s, x.typed_data<float>(), dzx->typed_data<float>(), dzb.get(),
                  kind == kGru ? dzh_n->typed_data<float>() : nullptr, hs_prev.typed_data<float>(),
                  extra.typed_data<float>(), dw_ih->typed_data<float>(),
                  dw_hh->typed_data<float>(), db_ih->typed_data<float>(), db_hh->typed_data<float>());
