@@ -298,23 +298,43 @@ def test_token_stream_resets_at_document_starts():
     assert sorted(x[resets].tolist()) == [0, 33, 95, 120]  # the lane starts and the documents
 
 
-def test_token_stream_reset_every_staggers_fresh_starts_over_lanes():
+@pytest.mark.parametrize("stagger, every, phases", [
+    ("spread", 8, [0, 2, 4, 6]),  # lane b's phase b * K // B: one lane every K / B = 2 windows
+    ("spread", 3, [0, 0, 1, 2]),  # more lanes than windows: some lanes share a phase
+    ("consecutive", 8, [0, 1, 2, 3]),  # lane b's phase b (runs saved before the spread)
+])
+def test_token_stream_reset_every_staggers_fresh_starts_over_lanes(stagger, every, phases):
     ids = np.arange(1000, dtype=np.int32)
     plain = data.TokenStream(ids, batch_size=4, seq_len=10, seed=0)
-    fresh = data.TokenStream(ids, batch_size=4, seq_len=10, seed=0, reset_every=3)
+    fresh = data.TokenStream(ids, batch_size=4, seq_len=10, seed=0, reset_every=every, stagger=stagger)
     resets = np.stack([fresh.batch(j)["resets"] for j in range(fresh.windows_per_epoch + 1)])  # [J, B, T]
     assert not resets[:, :, 1:].any()  # only ever before a window's first token
-    for j in range(1, fresh.windows_per_epoch):  # lane b afresh at the windows j with (j + b) % 3 == 0
-        assert resets[j, :, 0].tolist() == [(j + b) % 3 == 0 for b in range(4)], j
+    for j in range(1, fresh.windows_per_epoch):  # lane b afresh at the windows j with (j + phase(b)) % K == 0
+        assert resets[j, :, 0].tolist() == [(j + p) % every == 0 for p in phases], j
     assert resets[0, :, 0].all() and resets[fresh.windows_per_epoch, :, 0].all()  # the epochs' starts still
     for j in (0, 5, 24):  # the same text as without: only the resets differ
         for key in ("x", "y"):
             np.testing.assert_array_equal(fresh.batch(j)[key], plain.batch(j)[key])
+
+
+def test_token_stream_spread_resets_every_few_windows_at_the_charlm_defaults():
+    """64 lanes, a fresh start every 256 windows: one lane starts afresh every 4 windows, from the first on."""
+    stream = data.TokenStream(np.arange(64 * 8 * 600, dtype=np.int32), 64, 8, reset_every=256)
+    fresh = np.array([stream.batch(j)["resets"][:, 0].sum() for j in range(1, 257)])
+    assert fresh.tolist() == [int(j % 4 == 0) for j in range(1, 257)]
+
+
+def test_token_stream_bad_reset_options():
+    ids = np.arange(1000, dtype=np.int32)
     with pytest.raises(ValueError) as e:
         data.TokenStream(ids, 4, 10, reset_every=0)
     assert str(e.value) == ("rnnjax.data.TokenStream: reset_every must be None or an integer >= 1 (windows between "
                             "fresh starts of a lane), got 0. Fix: pass a number of windows such as 256, or None for "
                             "fresh starts only where an epoch or a document starts.")
+    with pytest.raises(ValueError) as e:
+        data.TokenStream(ids, 4, 10, reset_every=8, stagger="random")
+    assert str(e.value) == ("rnnjax.data.TokenStream: unknown stagger 'random'; expected one of spread, consecutive. "
+                            "Fix: pass one of those.")
 
 
 def test_token_stream_too_short_message():

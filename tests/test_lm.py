@@ -433,8 +433,9 @@ def test_cli_bad_cell_prompt_and_resume_exit_2(tmp_path, capsys):
 
 
 def test_cli_reset_every_reaches_the_stream_and_an_older_run_resumes_without_it(tmp_path):
-    """--reset-every sets the stream's periodic fresh starts; a run saved before the flag existed resumes with the
-    stream it started with (none), not with today's default."""
+    """--reset-every sets the stream's periodic fresh starts, spread over the streams; a run saved before the flag
+    existed resumes with the stream it started with (none), and one saved before the spread with consecutive
+    ones, not with today's defaults."""
     from rnnjax import engine
     from rnnjax.recipes import charlm
 
@@ -445,9 +446,12 @@ def test_cli_reset_every_reaches_the_stream_and_an_older_run_resumes_without_it(
     def resumed_stream():
         return charlm.prepare(engine.plan_run(charlm.RECIPE, {}, {"out": str(run), "resume": True})).batches
 
-    assert resumed_stream().reset_every == 3
+    assert (resumed_stream().reset_every, resumed_stream().stagger) == (3, "spread")
     config = json.loads((run / "config.json").read_text())
-    del config["settings"]["reset_every"]
+    del config["settings"]["reset_stagger"]  # saved before the fresh starts were spread over the streams
+    (run / "config.json").write_text(json.dumps(config))
+    assert (resumed_stream().reset_every, resumed_stream().stagger) == (3, "consecutive")
+    del config["settings"]["reset_every"]  # saved before --reset-every
     (run / "config.json").write_text(json.dumps(config))
     assert resumed_stream().reset_every is None
     assert charlm.DEFAULTS["reset_every"] == 256  # the default the docs give

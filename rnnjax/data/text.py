@@ -396,6 +396,9 @@ def _doc_start_mask(n: int, doc_starts, fn: str) -> np.ndarray:
     return starts
 
 
+STAGGERS = ("spread", "consecutive")  # TokenStream(stagger=...): where the lanes' periodic fresh starts fall
+
+
 class TokenStream:
     """Consecutive windows for stateful training with truncated backpropagation through time.
 
@@ -410,10 +413,17 @@ class TokenStream:
     ``[0, seq_len)`` (from ``seed``), so window edges fall in new places.
 
     ``reset_every=K`` also starts each lane afresh once every ``K`` windows,
-    staggered over the lanes (lane ``b`` at the windows ``j`` with ``(j + b)
-    % K == 0``), so the model keeps learning to read from the state that
-    sampling and evaluation start from. Without it a lane starts afresh only
-    once per epoch, and a short run sees almost no fresh starts.
+    staggered over the lanes, so the model keeps learning to read from the
+    state that sampling and evaluation start from. Without it a lane starts
+    afresh only once per epoch, and a short run sees almost no fresh starts.
+    ``stagger`` says where each lane's fresh starts fall: lane ``b`` starts
+    afresh at the windows ``j`` with ``(j + phase(b)) % K == 0``, where
+    ``phase(b)`` is ``b * K // B`` for ``"spread"`` (the default: the lanes'
+    fresh starts spread evenly over every ``K`` windows, one lane every 4
+    windows for ``K = 256`` and ``B = 64``) and ``b`` for ``"consecutive"``
+    (``B`` lanes in ``B`` consecutive windows, then none for ``K - B``: what
+    rnnjax did before 2026-12-07, kept so that a run saved then resumes
+    with its own stream).
 
     A batch is a pure function of its index (:meth:`batch`), so a run
     resumes at any position exactly: iterating yields ``batch(position)``
@@ -421,12 +431,13 @@ class TokenStream:
     """
 
     def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, *, doc_starts=None, seed: int = 0,
-                 position: int = 0, reset_every: int | None = None):
+                 position: int = 0, reset_every: int | None = None, stagger: str = "spread"):
         fn = "rnnjax.data.TokenStream"
         ids = _check_window(fn, "ids", ids, batch_size, seq_len)
         _checks.require_int(fn, "reset_every", reset_every, optional=True, why="windows between fresh starts of a "
                             "lane", fix="pass a number of windows such as 256, or None for fresh starts only where "
                             "an epoch or a document starts.")
+        self.stagger = _checks.require_choice(fn, "stagger", stagger, STAGGERS)
         self.reset_every = None if reset_every is None else int(reset_every)
         self.ids, self.batch_size, self.seq_len, self.seed = ids, int(batch_size), int(seq_len), int(seed)
         # Every epoch offset o in [0, T) leaves len - 1 - o >= len - T targets for B lanes of W windows.
@@ -461,7 +472,9 @@ class TokenStream:
         if j == 0:
             resets[:, 0] = True
         if self.reset_every is not None:
-            resets[(j + np.arange(B)) % self.reset_every == 0, 0] = True
+            K, lanes = self.reset_every, np.arange(B)
+            phase = lanes * K // B if self.stagger == "spread" else lanes
+            resets[(j + phase) % K == 0, 0] = True
         return {"x": self.ids[pos].astype(np.int32), "y": self.ids[pos + 1].astype(np.int32), "resets": resets}
 
     def __iter__(self):

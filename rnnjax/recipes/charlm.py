@@ -18,13 +18,14 @@ from rnnjax.recipes.flags import OPTIMISATION, Flag, in_range, non_negative_floa
 # developed on, measured by 3-minute runs on Tiny Shakespeare (README, Training): a 1-layer LSTM of
 # 512 units reading 64 long streams in windows of only 8 characters, its state carried from one
 # window to the next. Short windows mean many updates per second; the carried state still gives
-# the model long contexts. Each stream also starts afresh once every 256 windows (2,048 characters):
+# the model long contexts. Each stream also starts afresh once every 256 windows (2,048 characters;
+# one of the 64 streams every 4 windows, reset_stagger):
 # sampling and evaluation start from the fresh state, and a model that never trained from it can
 # fail there (a 500-step run on the bundled corpus sampled digits and symbols without it).
 DEFAULTS = dict(
     text=None, cell="lstm", layers=1, hidden=512, embed=64, batch=64, seq_len=8, lr=5e-3, warmup=None, end_lr=0.0,
     weight_decay=0.01, clip=1.0, dropout=0.0, residual=False, layer_norm=False, block=False, accumulate=1, seed=0,
-    population=None, dtype="auto", heads=1, reset_every=256,
+    population=None, dtype="auto", heads=1, reset_every=256, reset_stagger="spread",
 )
 HEADS_CELLS = ("lstm", "gru", "elman")  # the cells that take --heads
 # Run options of its own (the prompt's default depends on the text: the opening of its first line,
@@ -195,9 +196,12 @@ def build_model(config: dict, cmd: str):
 
 
 def _adjust(settings: dict, given: dict, saved: dict | None) -> dict:
-    """A run saved before --reset-every existed resumes with the stream it started with (no periodic resets)."""
+    """A run saved before --reset-every existed resumes with the stream it started with (no periodic resets), and
+    one saved before its fresh starts were spread over the streams with its consecutive ones."""
     if saved is not None and "reset_every" not in saved["settings"]:
         settings["reset_every"] = 0
+    if saved is not None and "reset_stagger" not in saved["settings"]:
+        settings["reset_stagger"] = "consecutive"
     return settings
 
 
@@ -217,7 +221,7 @@ def _stream(d: CharData, s: dict, cmd: str):
     B, T = s["batch"], s["seq_len"]
     try:
         stream = data.TokenStream(d.train_ids, B, T, doc_starts=d.train_starts, seed=s["seed"],
-                                  reset_every=s["reset_every"] or None)
+                                  reset_every=s["reset_every"] or None, stagger=s["reset_stagger"])
     except ValueError:
         fit_b = max(1, (len(d.train_ids) - 1) // (2 * T)) if len(d.train_ids) > 2 * T else None
         hint = (f"a smaller --batch (e.g. --batch {fit_b})" if fit_b else "a smaller --batch and --seq-len")
