@@ -50,6 +50,8 @@ kernels = Extension(
     optional=True,  # a build that fails (or is skipped) installs rnnjax without it
     language="c++",
     extra_compile_args=["-std=c++17", "-O3", "-g0", "-ffast-math", "-march=x86-64-v3", "-fopenmp", "-Wno-return-type"],
+    # No -ffast-math when linking: gcc would link crtfastmath.o, whose constructor turns on flush-to-zero for the
+    # whole process when the library loads (tests/test_native.py checks that subnormal floats survive).
     extra_link_args=["-fopenmp", "-l:libdnnl.so.3", "-lstdc++"],
 )
 

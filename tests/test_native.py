@@ -321,3 +321,12 @@ def test_native_bfloat16_policy_equals_the_xla_policy(kind, rows, option):
     for a, b in zip(jax.tree_util.tree_leaves(g_n), jax.tree_util.tree_leaves(g_x), strict=True):
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) < 1e-2
+
+
+def test_loading_the_kernels_keeps_subnormal_floats():
+    """The kernels are compiled with -ffast-math but linked without it: gcc would otherwise link crtfastmath.o,
+    whose constructor sets flush-to-zero for the whole process when the library loads, and every float
+    computation of the user's program would lose its subnormal numbers."""
+    assert native.available()
+    tiny = np.finfo(np.float32).smallest_subnormal  # 2^-149; flush-to-zero would make the product 0
+    assert float(np.float32(tiny) * np.float32(3.0)) == 3 * 2.0**-149
