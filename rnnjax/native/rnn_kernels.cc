@@ -16,6 +16,7 @@
 // carry is held and the output is zero; reverse runs from the last step to the first.
 
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -61,6 +62,19 @@ inline bf16 to_bf16(float f) {
 }
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// Asks Linux to back the 2 MiB-aligned interior of a buffer this call is about to write in full with huge pages
+// (transparent huge pages in "madvise" mode, the common default), where it can. XLA allocates its output buffers
+// afresh for every call, and large allocations come as fresh mappings, so their first writes fault in one page
+// at a time: 4 KiB pages made training's forward call of the LSTM at B=16 T=512 H=512 cost 128 ms against 113 with
+// huge pages (bfloat16, AMD Zen 4), and fwd+bwd ran 6-11% faster at C1 and C2. Only advice: without it, or where
+// the kernel refuses it, nothing changes.
+void advise_huge_pages(void* data, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
 
 memory::desc matrix_desc(int64_t rows, int64_t cols, memory::data_type dt, int64_t ld, bool transposed) {
   return transposed ? memory::desc({rows, cols}, dt, {1, ld}) : memory::desc({rows, cols}, dt, {ld, 1});
@@ -589,6 +603,9 @@ ffi::Error rnn_fwd(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh, f
   }
   std::vector<bf16> hb(use_bf16 ? N * H : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(hb.size()); ++i) hb[i] = to_bf16(h[i]);
+  advise_huge_pages(ys->untyped_data(), ys->size_bytes());
+  if (save)
+    for (auto* kept : {&hs_prev, &gates, &extra}) advise_huge_pages((*kept)->untyped_data(), (*kept)->size_bytes());
   Packs packs;
   Fwd f{s, x.typed_data<float>(), w_ih.typed_data<float>(), w_hh.typed_data<float>(), b_ih.typed_data<float>(),
         b_hh.typed_data<float>(), valid.element_count() ? valid.typed_data<uint8_t>() : nullptr,
@@ -846,6 +863,7 @@ ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_hh, ffi::AnyBuffer valid,
       drh(kind == kGruCho ? N * H : 0);
   std::vector<bf16> srcb(use_bf16 && kind == kGru ? N * G : 0);
   std::unique_ptr<bf16[]> dzb(use_bf16 ? new bf16[s.T * N * G] : nullptr);  // every element is written in the loop
+  if (use_bf16) advise_huge_pages(dzb.get(), sizeof(bf16) * s.T * N * G);
   Bwd b{s, valid.element_count() ? valid.typed_data<uint8_t>() : nullptr,
         resets.element_count() ? resets.typed_data<uint8_t>() : nullptr, dys.typed_data<float>(),
         hs_prev.typed_data<float>(), extra.typed_data<float>(), dzx->typed_data<float>(),
@@ -875,6 +893,7 @@ ffi::Error input_grad(ffi::AnyBuffer dzx, ffi::AnyBuffer w_ih, ffi::Result<ffi::
   const int64_t R = zd[0] * zd[1], G = zd[2], F = w_ih.dimensions()[0];
   auto run = [&] {
     Operand dzo(dzx.typed_data<float>(), R * G, use_bf16);
+    advise_huge_pages(dx->untyped_data(), dx->size_bytes());
     Matmul product(R, G, F, G, false, w_ih.typed_data<float>(), G, true, F, use_bf16, false, false);
     product.run(dzo.get(), dx->typed_data<float>());
   };
