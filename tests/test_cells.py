@@ -29,16 +29,17 @@ def np_params(params):
     return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
 
 
-def ref_elman(p, h, x, act):
-    return act(x @ p.w_ih + p.b_ih + h @ p.w_hh + p.b_hh)
+# The references take the matrix product ``mm`` as a parameter: float64 ``@`` here, bfloat16-rounded operands in
+# tests/test_precision.py (the mixed-precision policy).
+def ref_elman(p, h, x, act, mm=np.matmul):
+    return act(mm(x, p.w_ih) + p.b_ih + mm(h, p.w_hh) + p.b_hh)
 
 
-def ref_lstm(p, carry, x):
+def ref_lstm(p, carry, x, mm=np.matmul):
     h, c = carry
     b_ih = 0 if p.b_ih is None else p.b_ih
     b_hh = 0 if p.b_hh is None else p.b_hh
-    z = x @ p.w_ih + b_ih + h @ p.w_hh + b_hh
-    i, f, g, o = (z[:, k * H:(k + 1) * H] for k in range(4))
+    i, f, g, o = np.split(mm(x, p.w_ih) + b_ih + mm(h, p.w_hh) + b_hh, 4, -1)
     if p.w_peep is not None:
         i, f = i + c * p.w_peep[0], f + c * p.w_peep[1]
     c = sig(f) * c + sig(i) * np.tanh(g)
@@ -46,20 +47,20 @@ def ref_lstm(p, carry, x):
         o = o + c * p.w_peep[2]
     h = sig(o) * np.tanh(c)
     if p.w_hr is not None:
-        h = h @ p.w_hr
+        h = mm(h, p.w_hr)
     return (h, c), h
 
 
-def ref_gru(p, h, x, reset_after):
-    W, U = p.w_ih, p.w_hh
-    gx = x @ W + p.b_ih
-    r = sig(gx[:, :H] + h @ U[:, :H] + p.b_hh[:H])
-    z = sig(gx[:, H:2 * H] + h @ U[:, H:2 * H] + p.b_hh[H:2 * H])
+def ref_gru(p, h, x, reset_after, mm=np.matmul):
+    W, U, n = p.w_ih, p.w_hh, p.w_hh.shape[0]
+    gx = mm(x, W) + p.b_ih
+    r = sig(gx[:, :n] + mm(h, U[:, :n]) + p.b_hh[:n])
+    z = sig(gx[:, n:2 * n] + mm(h, U[:, n:2 * n]) + p.b_hh[n:2 * n])
     if reset_after:
-        n = np.tanh(gx[:, 2 * H:] + r * (h @ U[:, 2 * H:] + p.b_hh[2 * H:]))
+        n_gate = np.tanh(gx[:, 2 * n:] + r * (mm(h, U[:, 2 * n:]) + p.b_hh[2 * n:]))
     else:
-        n = np.tanh(gx[:, 2 * H:] + (r * h) @ U[:, 2 * H:] + p.b_hh[2 * H:])
-    return (1 - z) * n + z * h
+        n_gate = np.tanh(gx[:, 2 * n:] + mm(r * h, U[:, 2 * n:]) + p.b_hh[2 * n:])
+    return (1 - z) * n_gate + z * h
 
 
 def ref_mgu(p, h, x):
@@ -70,28 +71,30 @@ def ref_mgu(p, h, x):
     return (1 - f) * n + f * h
 
 
-def ref_ln_lstm(p, carry, x):
+def _ln_gates(z, gain_shift):
+    """Layer norm of each gate's block of ``z`` with that gate's gain and shift (``gain_shift [2, gates, H]``)."""
+    blocks = np.split(z, gain_shift.shape[1], -1)
+    return [ln(blk, gain_shift[0, k], gain_shift[1, k]) for k, blk in enumerate(blocks)]
+
+
+def ref_ln_lstm(p, carry, x, mm=np.matmul):
     h, c = carry
-    a, b = x @ p.w_ih, h @ p.w_hh
-    z = [ln(a[:, k * H:(k + 1) * H], p.ln_x[0, k], p.ln_x[1, k])
-         + ln(b[:, k * H:(k + 1) * H], p.ln_h[0, k], p.ln_h[1, k]) for k in range(4)]
+    z = [a + b for a, b in zip(_ln_gates(mm(x, p.w_ih), p.ln_x), _ln_gates(mm(h, p.w_hh), p.ln_h))]
     c = sig(z[1]) * c + sig(z[0]) * np.tanh(z[2])
     h = sig(z[3]) * np.tanh(ln(c, p.ln_c[0], p.ln_c[1]))
     return (h, c), h
 
 
-def ref_ln_gru(p, h, x):
-    a, b = x @ p.w_ih, h @ p.w_hh
-    ga = [ln(a[:, k * H:(k + 1) * H], p.ln_x[0, k], p.ln_x[1, k]) for k in range(3)]
-    gb = [ln(b[:, k * H:(k + 1) * H], p.ln_h[0, k], p.ln_h[1, k]) for k in range(3)]
+def ref_ln_gru(p, h, x, mm=np.matmul):
+    ga, gb = _ln_gates(mm(x, p.w_ih), p.ln_x), _ln_gates(mm(h, p.w_hh), p.ln_h)
     r, z = sig(ga[0] + gb[0]), sig(ga[1] + gb[1])
     n = np.tanh(ga[2] + r * gb[2])
     return (1 - z) * n + z * h
 
 
-def ref_jordan(p, y, x):
-    h = np.tanh(x @ p.w_ih + p.b_h + y @ p.w_yh)
-    return np.tanh(h @ p.w_hy + p.b_y)
+def ref_jordan(p, y, x, mm=np.matmul):
+    h = np.tanh(mm(x, p.w_ih) + p.b_h + mm(y, p.w_yh))
+    return np.tanh(mm(h, p.w_hy) + p.b_y)
 
 
 def g(x):
@@ -107,48 +110,48 @@ def ref_lru(p, carry, x):
     return np.concatenate([h.real, h.imag], axis=1), y
 
 
-def ref_mingru(p, h, x):
-    k = x @ p.w + p.b
-    z = sig(k[:, :H])
-    return (1 - z) * h + z * g(k[:, H:])
+def ref_mingru(p, h, x, mm=np.matmul):
+    k_z, k_h = np.split(mm(x, p.w) + p.b, 2, -1)
+    z = sig(k_z)
+    return (1 - z) * h + z * g(k_h)
 
 
-def ref_minlstm(p, h, x):
-    k = x @ p.w + p.b
-    f, i = sig(k[:, :H]), sig(k[:, H:2 * H])
-    return f / (f + i) * h + i / (f + i) * g(k[:, 2 * H:])
+def ref_minlstm(p, h, x, mm=np.matmul):
+    f, i, k_h = np.split(mm(x, p.w) + p.b, 3, -1)
+    f, i = sig(f), sig(i)
+    return f / (f + i) * h + i / (f + i) * g(k_h)
 
 
-def ref_rglru(p, h, x, c=8.0):
-    k = x @ p.w + p.b
-    r, i, v = sig(k[:, :H]), sig(k[:, H:2 * H]), k[:, 2 * H:]
-    a = np.exp(-np.log1p(np.exp(p.a_param))) ** (c * r)
-    return a * h + np.sqrt(1 - a**2) * i * v
+def ref_rglru(p, h, x, c=8.0, mm=np.matmul):
+    k_r, k_i, v = np.split(mm(x, p.w) + p.b, 3, -1)
+    a = np.exp(-np.log1p(np.exp(p.a_param))) ** (c * sig(k_r))
+    return a * h + np.sqrt(1 - a**2) * sig(k_i) * v
 
 
-def reference_step(name, p, carry, x):
-    """(carry, y) of one step of the named cell configuration, in NumPy float64."""
+def reference_step(name, p, carry, x, mm=np.matmul):
+    """(carry, y) of one step of the named cell configuration, in NumPy float64 (products by ``mm``; the LRU and
+    the xLSTM and Mamba cells, which tests/test_precision.py does not take from here, by ``@``)."""
     if name.startswith("elman"):
-        h = ref_elman(p, carry, x, np.tanh if name == "elman_tanh" else lambda v: np.maximum(v, 0))
+        h = ref_elman(p, carry, x, np.tanh if name == "elman_tanh" else lambda v: np.maximum(v, 0), mm)
         return h, h
     if name == "jordan":
-        y = ref_jordan(p, carry, x)
+        y = ref_jordan(p, carry, x, mm)
         return y, y
     if name.startswith("lstm"):
-        return ref_lstm(p, carry, x)
+        return ref_lstm(p, carry, x, mm)
     if name.startswith("gru"):
-        h = ref_gru(p, carry, x, reset_after=name == "gru")
+        h = ref_gru(p, carry, x, reset_after=name == "gru", mm=mm)
         return h, h
     if name == "layer_norm_lstm":
-        return ref_ln_lstm(p, carry, x)
+        return ref_ln_lstm(p, carry, x, mm)
     if name == "lru":
         return ref_lru(p, carry, x)
     if name in ("slstm", "mlstm", "mamba"):  # the stabilised steps of the xLSTM paper; Mamba's S6
         return {"slstm": step_slstm, "mlstm": step_mlstm, "mamba": step_mamba}[name](p, carry, x)
     if name in ("mingru", "minlstm", "rglru"):
-        h = {"mingru": ref_mingru, "minlstm": ref_minlstm, "rglru": ref_rglru}[name](p, carry, x)
+        h = {"mingru": ref_mingru, "minlstm": ref_minlstm, "rglru": ref_rglru}[name](p, carry, x, mm=mm)
         return h, h
-    h = ref_ln_gru(p, carry, x)
+    h = ref_ln_gru(p, carry, x, mm)
     return h, h
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from test_cells import ref_lstm, reference_step
 
 from rnnjax import cells, models, unroll
 from rnnjax import layers as L
@@ -104,15 +105,6 @@ def test_policy_parallel_scans_equal_the_sequential_one(name):
         np.testing.assert_allclose(c, c_seq, rtol=0, atol=1e-6)
 
 
-def _sigmoid(z):
-    return 1 / (1 + np.exp(-z))
-
-
-def _g(z):
-    """minGRU/minLSTM's positive activation: ``z + 1/2`` for ``z >= 0``, ``sigmoid(z)`` below."""
-    return np.where(z >= 0, z + 0.5, _sigmoid(z))
-
-
 def _f64(a):
     return np.asarray(a, np.float64)
 
@@ -122,59 +114,11 @@ def _mm(a, w):
     return bf16_round(a) @ bf16_round(w)
 
 
-def _ln(z, gain_shift, groups, eps=1e-5):
-    """Layer norm of each of ``groups`` blocks of the last axis, then each block's gain and shift."""
-    blocks = z.reshape(*z.shape[:-1], groups, -1)
-    normed = (blocks - blocks.mean(-1, keepdims=True)) / np.sqrt(blocks.var(-1, keepdims=True) + eps)
-    return (normed * _f64(gain_shift[0]) + _f64(gain_shift[1])).reshape(z.shape)
-
-
-def _elman_step(name, p, h, x):
-    z = _mm(x, p.w_ih) + _f64(p.b_ih) + _mm(h, p.w_hh) + _f64(p.b_hh)
-    h = np.maximum(z, 0) if name == "elman_relu" else np.tanh(z)
-    return h, h
-
-
-def _jordan_step(name, p, y, x):
-    hidden = np.tanh(_mm(x, p.w_ih) + _f64(p.b_h) + _mm(y, p.w_yh))
-    y = np.tanh(_mm(hidden, p.w_hy) + _f64(p.b_y))
-    return y, y
-
-
-def _lstm_step(name, p, carry, x):
-    h, c = carry
-    if name == "layer_norm_lstm":
-        z = _ln(_mm(x, p.w_ih), p.ln_x, 4) + _ln(_mm(h, p.w_hh), p.ln_h, 4)
-    else:
-        z = _mm(x, p.w_ih) + _f64(p.b_ih) + _mm(h, p.w_hh) + _f64(p.b_hh)
-    i, f, g, o = np.split(z, 4, -1)
-    peep = _f64(p.w_peep) if name == "lstm_peephole" else np.zeros((3, 1))
-    c = _sigmoid(f + c * peep[1]) * c + _sigmoid(i + c * peep[0]) * np.tanh(g)  # the previous c on the right
-    h = _sigmoid(o + c * peep[2]) * np.tanh(_ln(c, p.ln_c, 1) if name == "layer_norm_lstm" else c)
-    if name == "lstm_proj":
-        h = _mm(h, p.w_hr)
-    return cells.LSTMCarry(h, c), h
-
-
-def _gru_step(name, p, h, x):
-    if name == "layer_norm_gru":
-        px, hz = _ln(_mm(x, p.w_ih), p.ln_x, 3), _ln(_mm(h, p.w_hh), p.ln_h, 3)
-    else:
-        px, hz = _mm(x, p.w_ih) + _f64(p.b_ih), _mm(h, p.w_hh) + _f64(p.b_hh)
-    (x_r, x_z, x_n), (h_r, h_z, h_n) = np.split(px, 3, -1), np.split(hz, 3, -1)
-    r, z = _sigmoid(x_r + h_r), _sigmoid(x_z + h_z)
-    if name == "gru_cho":  # the reset gate acts before the candidate's own product
-        n_h = h.shape[-1]
-        n = np.tanh(x_n + _mm(r * h, p.w_hh[:, 2 * n_h:]) + _f64(p.b_hh[2 * n_h:]))
-    else:
-        n = np.tanh(x_n + r * h_n)
-    h = (1 - z) * n + z * h
-    return h, h
-
-
-def _lru_step(name, p, carry, x):
+def _lru_step(p, carry, x):
+    """The LRU under the policy: B is scaled by gamma in float32 before its cast, as the cell does (so not
+    test_cells' reference, which scales the product)."""
     n = p.nu_log.shape[0]
-    gamma = np.exp(np.asarray(p.gamma_log))  # float32: the cell scales B by gamma before the cast
+    gamma = np.exp(np.asarray(p.gamma_log))
     px = _mm(x, np.concatenate([np.asarray(p.b_re) * gamma, np.asarray(p.b_im) * gamma, p.d], 1))
     lam = np.exp(-np.exp(_f64(p.nu_log)) + 1j * np.exp(_f64(p.theta_log)))
     h = lam * (carry[..., :n] + 1j * carry[..., n:]) + px[..., :n] + 1j * px[..., n:2 * n]
@@ -182,35 +126,16 @@ def _lru_step(name, p, carry, x):
     return carry, _mm(carry, np.concatenate([p.c_re, -p.c_im])) + px[..., 2 * n:]
 
 
-def _min_step(name, p, h, x):
-    k = _mm(x, p.w) + _f64(p.b)
-    if name == "mingru":
-        k_z, k_h = np.split(k, 2, -1)
-        h = (1 - _sigmoid(k_z)) * h + _sigmoid(k_z) * _g(k_h)
-    else:
-        f, i, k_h = np.split(k, 3, -1)
-        f, i = _sigmoid(f), _sigmoid(i)
-        h = f / (f + i) * h + i / (f + i) * _g(k_h)
-    return h, h
-
-
-def _rglru_step(name, p, h, x):
-    k_r, k_i, v = np.split(_mm(x, p.w) + _f64(p.b), 3, -1)
-    log_a = -8.0 * _sigmoid(k_r) * np.log1p(np.exp(_f64(p.a_param)))  # c = 8
-    h = np.exp(log_a) * h + np.sqrt(1 - np.exp(2 * log_a)) * (_sigmoid(k_i) * v)
-    return h, h
-
-
-_STEPS = {"elman": _elman_step, "elman_relu": _elman_step, "jordan": _jordan_step, "lstm": _lstm_step,
-          "lstm_proj": _lstm_step, "lstm_peephole": _lstm_step, "layer_norm_lstm": _lstm_step, "gru": _gru_step,
-          "gru_cho": _gru_step, "layer_norm_gru": _gru_step, "lru": _lru_step, "mingru": _min_step,
-          "minlstm": _min_step, "rglru": _rglru_step}
-
-
 def _reference_step(name, p, carry, x):
     """One step of ``FACTORIES[name]`` in float64 NumPy from the bfloat16-rounded matmul operands (the policy's
-    casts) and float32 biases: ``(new carry, y before its cast to bfloat16)``."""
-    return _STEPS[name](name, p, jax.tree_util.tree_map(_f64, carry), np.asarray(x, np.float32))
+    casts) and float32 biases: ``(new carry, y before its cast to bfloat16)``; test_cells' reference step with
+    the product ``_mm``."""
+    carry, x = jax.tree_util.tree_map(_f64, carry), np.asarray(x, np.float32)
+    if name == "lru":
+        return _lru_step(p, carry, x)
+    p64 = jax.tree_util.tree_map(_f64, p)
+    new_carry, y = reference_step("elman_tanh" if name == "elman" else name, p64, carry, x, mm=_mm)
+    return (cells.LSTMCarry(*new_carry) if isinstance(carry, cells.LSTMCarry) else new_carry), y
 
 
 def _reference_run(name, p, carry, xs):
@@ -250,16 +175,12 @@ def test_policy_matmul_accumulates_in_float32():
 
 
 def _reference_lstm64(params, xs):
-    """The LSTM's outputs in float64 NumPy, from the float32 master weights."""
-    w_ih, w_hh = np.asarray(params.w_ih, np.float64), np.asarray(params.w_hh, np.float64)
-    px = np.asarray(xs, np.float64) @ w_ih + np.asarray(params.b_ih, np.float64) + np.asarray(params.b_hh, np.float64)
-    h = c = np.zeros((*xs.shape[:-2], w_hh.shape[0]))
-    ys = []
-    for t in range(xs.shape[-2]):
-        i, f, g, o = np.split(px[..., t, :] + h @ w_hh, 4, -1)
-        c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
-        h = _sigmoid(o) * np.tanh(c)
-        ys.append(h)
+    """The LSTM's outputs in float64 NumPy (test_cells' reference step), from the float32 master weights."""
+    p, x = jax.tree_util.tree_map(_f64, params), _f64(xs)
+    carry, ys = (np.zeros((*x.shape[:-2], p.w_hh.shape[0])),) * 2, []
+    for t in range(x.shape[-2]):
+        carry, y = ref_lstm(p, carry, x[..., t, :])
+        ys.append(y)
     return np.stack(ys, -2)
 
 
