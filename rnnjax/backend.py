@@ -76,9 +76,6 @@ def _native_unsupported(request: Request) -> str | None:
         return "remat recomputes steps in the backward pass, which the native kernels do not"
     if jnp.dtype(request.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         return f"the native kernels compute in float32 or bfloat16, not {jnp.dtype(request.dtype).name}"
-    if jnp.dtype(request.dtype) == jnp.dtype(jnp.bfloat16) and request.cell.native.heads > 1:
-        return (f"the native kernels run heads={request.cell.native.heads} (block-diagonal W_hh) with float32 "
-                "products only, and this cell computes in bfloat16 (build it without dtype=bfloat16 for them)")
     missing = [flag for flag in NATIVE_BFLOAT16_NEEDS if flag not in native.cpu_flags()]
     if jnp.dtype(request.dtype) == jnp.dtype(jnp.bfloat16) and missing:
         return f"bfloat16 products need AVX-512 (oneDNN has no bfloat16 matmul for this CPU, which lacks " \

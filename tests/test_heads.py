@@ -61,7 +61,7 @@ def test_heads_equal_the_dense_cell_with_zero_off_diagonal_blocks(name, path):
 @pytest.mark.parametrize("path", ["xla", "auto"])
 def test_heads_bfloat16_policy_equals_the_dense_cell(path):
     """The same bfloat16 products (the dense matrix adds only exact zeros) with float32 accumulation: equal to
-    float32 round-off (bit-equal on the CPU), on the XLA path and on "auto" (which runs the heads on XLA)."""
+    float32 round-off (bit-equal on the CPU), on the XLA path and on "auto" where it runs XLA."""
     multi, dense = cells.lstm(H, heads=2, dtype=jnp.bfloat16), cells.lstm(H, dtype=jnp.bfloat16)
     if backend.choose("f", path, backend.Request(dense, jnp.bfloat16, None, jax.default_backend())) is not None:
         pytest.skip("auto runs the dense cell's bfloat16 products natively here; test_native.py compares them with "
@@ -104,20 +104,13 @@ def test_heads_must_divide_hidden_size():
                                "or heads=1.")
 
 
-def test_native_backend_runs_heads_in_float32_and_refuses_bfloat16_products():
-    """The native kernels run multi-head cells in float32 (tests/test_native.py compares them with XLA);
-    bfloat16 products with heads stay on XLA: "native" names why, "auto" runs the XLA policy."""
-    b16 = cells.gru(8, heads=4, dtype=jnp.bfloat16)
-    params = b16.init(jax.random.key(0), F)
-    xs = random_inputs(shape=(2, T, F))
-    assert backend.choose("f", "auto", backend.Request(b16, jnp.bfloat16, None, "cpu")) is None
-    with pytest.raises(ValueError) as info:
-        rnnjax.unroll(b16, params, xs, backend="native")
-    assert str(info.value) == ("rnnjax.unroll: backend='native' cannot run this call: the native kernels run "
-                               "heads=4 (block-diagonal W_hh) with float32 products only, and this cell computes in "
-                               "bfloat16 (build it without dtype=bfloat16 for them). Fix: pass backend='auto' "
-                               "(which falls back to XLA) or 'xla'.")
-    assert_trees_close(rnnjax.unroll(b16, params, xs), rnnjax.unroll(b16, params, xs, backend="xla"))
+def test_auto_runs_bfloat16_heads_where_it_runs_the_dense_cell_natively():
+    """The native kernels run multi-head cells in float32 and bfloat16 (tests/test_native.py compares both with
+    XLA): "auto" makes the same choice for a bfloat16 cell with heads as for its dense twin."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        multi, dense = cells.gru(8, heads=4, dtype=dtype), cells.gru(8, dtype=dtype)
+        choice = [backend.choose("f", "auto", backend.Request(c, dtype, None, "cpu")) for c in (multi, dense)]
+        assert choice[0] == choice[1], dtype
 
 
 def test_torch_interop_refuses_multi_head_params():

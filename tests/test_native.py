@@ -17,7 +17,7 @@ CELLS = {
     "elman_tanh": lambda: cells.elman(12),
     "elman_relu": lambda: cells.elman(12, activation="relu"),
 }
-# Multi-head cells (block-diagonal W_hh): each kernel with heads of 3 to 6 units, float32 products only.
+# Multi-head cells (block-diagonal W_hh): each kernel with heads of 3 to 6 units.
 HEADS = {
     "lstm_heads3": lambda: cells.lstm(12, heads=3),
     "gru_heads2": lambda: cells.gru(12, heads=2),
@@ -290,7 +290,7 @@ def test_native_bfloat16_needs_avx512(monkeypatch):
                     reason="oneDNN's bfloat16 matmul needs AVX-512 (test_native_bfloat16_needs_avx512)")
 @pytest.mark.parametrize("option", ["lengths", "reverse_resets"])
 @pytest.mark.parametrize("rows", [6, 9])
-@pytest.mark.parametrize("kind", CELLS)
+@pytest.mark.parametrize("kind", [*CELLS, *HEADS])
 def test_native_bfloat16_policy_equals_the_xla_policy(kind, rows, option):
     """dtype=bfloat16 (float32 params): bf16 products with float32 accumulation and state in both backends, so
     they agree to bfloat16 tolerance; outputs come back in bfloat16, carries in float32. 6 rows run on one thread,
@@ -298,7 +298,11 @@ def test_native_bfloat16_policy_equals_the_xla_policy(kind, rows, option):
     make = {"lstm": lambda: cells.lstm(12, dtype=jnp.bfloat16), "gru": lambda: cells.gru(12, dtype=jnp.bfloat16),
             "gru_cho": lambda: cells.gru(12, reset_after=False, dtype=jnp.bfloat16),
             "elman_tanh": lambda: cells.elman(12, dtype=jnp.bfloat16),
-            "elman_relu": lambda: cells.elman(12, activation="relu", dtype=jnp.bfloat16)}
+            "elman_relu": lambda: cells.elman(12, activation="relu", dtype=jnp.bfloat16),
+            "lstm_heads3": lambda: cells.lstm(12, heads=3, dtype=jnp.bfloat16),
+            "gru_heads2": lambda: cells.gru(12, heads=2, dtype=jnp.bfloat16),
+            "gru_cho_heads4": lambda: cells.gru(12, reset_after=False, heads=4, dtype=jnp.bfloat16),
+            "elman_relu_heads4": lambda: cells.elman(12, activation="relu", heads=4, dtype=jnp.bfloat16)}
     cell = make[kind]()
     params = cell.init(jax.random.key(0), F)
     xs = jax.random.normal(jax.random.key(1), (rows, T, F)).astype(jnp.bfloat16)

@@ -188,8 +188,7 @@ class Native(NamedTuple):
     PyTorch's gate order; ``split(carry) -> (h, c | None)`` and
     ``join(h, c) -> carry`` convert the carry. A factory sets it only for the
     settings the kernels cover (no peepholes, projections or layer norm).
-    ``heads > 1``: ``w_hh`` is block-diagonal, stored ``[heads, H/heads, G/heads]``
-    (float32 products only).
+    ``heads > 1``: ``w_hh`` is block-diagonal, stored ``[heads, H/heads, G/heads]``.
     """
 
     kind: str
