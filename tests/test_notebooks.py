@@ -3,7 +3,7 @@
 Cells tagged ``install`` (Colab's pip line) are skipped; the assignments in
 ``OVERRIDES`` run right after the cell tagged ``parameters`` (papermill's
 convention). The notebooks assert their own results (padded == unpadded,
-streaming == whole sequence, a finite validation loss; g2p: beam-search
+streaming == whole sequence; charlm: a falling loss and a validation loss below a uniform guess's; g2p: beam-search
 log-probabilities == teacher-forced ones, a greedy PER below 50% and a
 halved development loss; forecasting: a test RMSE below seasonal naive's);
 each runs as a script in a fresh process, so its JAX settings stay its own."""
