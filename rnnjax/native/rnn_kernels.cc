@@ -66,9 +66,9 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 // Asks Linux to back the 2 MiB-aligned interior of a buffer this call is about to write in full with huge pages
 // (transparent huge pages in "madvise" mode, the common default), where it can. XLA allocates its output buffers
 // afresh for every call, and large allocations come as fresh mappings, so their first writes fault in one page
-// at a time: 4 KiB pages made training's forward call of the LSTM at B=16 T=512 H=512 cost 128 ms against 113 with
-// huge pages (bfloat16, AMD Zen 4), and fwd+bwd ran 6-11% faster at C1 and C2. Only advice: without it, or where
-// the kernel refuses it, nothing changes.
+// at a time: with huge pages training's forward call of the LSTM at B=16 T=512 H=512 took 103 ms instead of 128
+// (bfloat16, AMD Zen 4), and fwd+bwd ran 7-15% faster at C1 and C2 (docs/performance.md). Only advice: without
+// it, or where the kernel refuses it, nothing changes.
 void advise_huge_pages(void* data, size_t bytes) {
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
@@ -148,8 +148,8 @@ struct BOperand {
 
 // C[M, N] (+)= A[M, K] B[K, N] (+ bias[N]), C float32 with leading dim ldc (or a Batch of them). With `packed`, B
 // is reordered once into oneDNN's preferred layout (for products run at every step); otherwise it is read in
-// place (a float32 B of a bf16 product as a bf16 copy). Each Matmul has its own stream, so threads running their own Matmuls need no lock; called inside an
-// OpenMP parallel region, oneDNN runs it on the calling thread alone.
+// place (a float32 B of a bf16 product as a bf16 copy). Each Matmul has its own stream, so threads running their
+// own Matmuls need no lock; called inside an OpenMP parallel region, oneDNN runs it on the calling thread alone.
 class Matmul {
  public:
   Matmul(int64_t M, int64_t K, int64_t N, int64_t lda, bool a_transposed, BOperand b, int64_t ldb,
@@ -522,10 +522,10 @@ class Projection {
       if (slot == nullptr) slot = product(k * M);
       return slot->run(a, gates_.at(t_lo, sh_.n0));
     }
-    if (full_ == nullptr) full_ = product(M);
+    if (step_ == nullptr) step_ = product(M);
     const size_t elem = s.use_bf16 ? sizeof(bf16) : sizeof(float);
     for (int64_t i = 0; i < k; ++i)
-      full_->run(static_cast<const char*>(a) + i * a_stride * elem, gates_.at(t_lo + i, sh_.n0));
+      step_->run(static_cast<const char*>(a) + i * a_stride * elem, gates_.at(t_lo + i, sh_.n0));
   }
 
  private:
@@ -538,7 +538,7 @@ class Projection {
   Shard sh_;
   const Rows& gates_;
   int64_t k_full_ = 0;
-  std::unique_ptr<Matmul> full_, rest_;
+  std::unique_ptr<Matmul> full_, rest_, step_;  // a whole chunk, a shorter last chunk, one step
   std::vector<bf16> xb_;
 };
 
