@@ -256,6 +256,18 @@ def test_kernel_unavailable_falls_back_to_xla(monkeypatch):
     assert backend.describe(cell) == "xla (native cannot run it: this CPU lacks avx2 (the kernels need x86-64-v3))"
 
 
+@pytest.mark.parametrize("make", [lambda: cells.lstm(40), lambda: cells.gru(80, heads=2)], ids=["lstm40", "gru_2x40"])
+def test_native_weight_copies_past_one_tile(make):
+    """The kernels copy W_hh (per head) and W_ih transposed in 32 x 32 tiles: 40 hidden units (or heads of 40)
+    and 37 input features span a full tile and a partial one in both directions, values and every gradient."""
+    cell = make()
+    params = cell.init(jax.random.key(3), 37)
+    xs = jax.random.normal(jax.random.key(4), (9, T, 37))
+    carry = jax.tree_util.tree_map(lambda z: jax.random.normal(jax.random.key(5), z.shape) * 0.5,
+                                   cell.initial_carry(params, (9,)))
+    _close(_loss_and_grads(cell, params, xs, carry, "native"), _loss_and_grads(cell, params, xs, carry, "xla"))
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru", "lstm_heads3",
                                   *(pytest.param(k, marks=pytest.mark.slow) for k in ("gru_cho", "elman_tanh"))])
 def test_second_order_gradients_go_through_the_xla_reference(kind):
