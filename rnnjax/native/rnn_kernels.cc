@@ -124,9 +124,9 @@ class Packs {
 bool is_brgemm(const dnnl::matmul::primitive_desc& pd) { return std::string(pd.impl_info_str()).rfind("brg", 0) == 0; }
 
 // Where oneDNN has no blocked ("brgemm") matmul for the CPU (oneDNN 3.2 on AVX2 CPUs, e.g. AMD Zen 3), it runs
-// float32 products on its jit sgemm, which re-packs B at every call: there the weight is a plain copy whose rows are padded by 16
-// elements, since rows a power of two bytes apart (G = 1,024 or 4,096 floats) alias in the cache and measured at
-// half the speed (32x256x1024: 29 against 58 GFLOP/s on one Zen 3 core; 8x512x2048: 16 against 34).
+// float32 products on its jit sgemm, which re-packs B at every call: there the weight is a plain copy whose rows are
+// padded by 16 elements, since rows a power of two bytes apart (G = 1,024 or 4,096 floats) alias in the cache and
+// measured at half the speed (32x256x1024: 29 against 58 GFLOP/s on one Zen 3 core; 8x512x2048: 16 against 34).
 memory::desc padded_weights(int64_t K, int64_t N, memory::data_type dt, int64_t count) {
   const int64_t ld = N + 16;
   return count > 0 ? memory::desc({count, K, N}, dt, {K * ld, ld, 1}) : memory::desc({K, N}, dt, {ld, 1});
@@ -370,9 +370,9 @@ class GateProducts {
 // kTeamRows rows runs as one shard whose products use all the cores (oneDNN splits each one): thin per-thread
 // products would each pack the whole weight. Measured on a 2-core AMD Zen 3, LSTM B=16 T=512 H=512: forward 19.0k
 // against 16.5k tokens/s, forward and backward 6.3k against 4.8k; at B=64 row shards stay faster (86-100k against
-// 60k forward). The team synchronises at every step, so only products of at least kTeamWork multiply-adds per step (about 0.1 ms
-// on one core) run that way: smaller ones stay on row shards, which never wait for each other, also when the
-// process has more threads than cores (pytest -n 2 on 2 cores).
+// 60k forward). The team synchronises at every step, so only products of at least kTeamWork multiply-adds per step
+// (about 0.1 ms on one core) run that way: smaller ones stay on row shards, which never wait for each other, also
+// when the process has more threads than cores (pytest -n 2 on 2 cores).
 constexpr int64_t kTeamRows = 32, kTeamWork = int64_t(1) << 22;
 
 bool has_blocked_matmul() {
