@@ -688,8 +688,8 @@ struct Bwd {
   float* tmp;            // [N, H] Cho GRU: dh of this step
   float* nsave;          // [N, H] Cho GRU: n of this step (overwritten by its cotangent before the second half)
   float* drh;            // [N, H] Cho GRU: d(r*h)
-  bf16* srcb;            // [N, G] GRU: bf16 copy of gs (bf16 only)
-  bf16* dzb;             // [T, N, G] bf16 copy of dzx, the products' source (bf16 only)
+  bf16* dzb;             // [T, N, G] bf16 copy of the per-step products' source: dzx (the GRU: gs) (bf16 only)
+  bf16* dnb;             // [T, N, H] GRU: bf16 copy of dzx's n block, d(n), for dW_ih (bf16 only)
 };
 
 // An invalid row outputs zero and passes its carry cotangents through: its pre-activation cotangents are zero.
@@ -795,22 +795,21 @@ void end_bwd_step(const Bwd& b, Shard sh, int64_t t) {
   }
 }
 
-// Rows [n0, n1) of `in` (leading dim G), columns [col, col + width), into the same places of `out` as bf16.
-void to_bf16_rows(const float* in, bf16* out, int64_t rows, int64_t G, int64_t col, int64_t width) {
+// `rows` rows of `width` floats (leading dim ld_in) into `out` (leading dim ld_out) as bf16.
+void to_bf16_rows(const float* in, int64_t ld_in, bf16* out, int64_t ld_out, int64_t rows, int64_t width) {
   for (int64_t n = 0; n < rows; ++n)
-    for (int64_t j = col; j < col + width; ++j) out[n * G + j] = to_bf16(in[n * G + j]);
+    for (int64_t j = 0; j < width; ++j) out[n * ld_out + j] = to_bf16(in[n * ld_in + j]);
 }
 
 // This step's source rows [n0, n1) of a product with W_hh^T, columns [col, col + width) (leading dim G): the rows
-// of dzx (the GRU's own gs), or their bf16 copy (dzx's kept in dzb for the weight gradients after the loop).
+// of dzx (the GRU's own gs), or their bf16 copy, kept in dzb for the weight gradients after the loop.
 const void* step_source(const Bwd& b, Shard sh, int64_t t, int64_t col, int64_t width) {
   const int64_t G = b.s.G, row = t * b.s.N + sh.n0;
-  const bool gru = b.s.kind == kGru;
-  const float* rows = gru ? b.gs + sh.n0 * G : b.dzx + row * G;
-  if (b.dzb == nullptr) return rows + col;
-  bf16* out = gru ? b.srcb + sh.n0 * G : b.dzb + row * G;
-  to_bf16_rows(rows, out, sh.n1 - sh.n0, G, col, width);
-  return out + col;
+  const float* rows = (b.s.kind == kGru ? b.gs + sh.n0 * G : b.dzx + row * G) + col;
+  if (b.dzb == nullptr) return rows;
+  bf16* out = b.dzb + row * G + col;
+  to_bf16_rows(rows, G, out, G, sh.n1 - sh.n0, width);
+  return out;
 }
 
 void backward_shard(const Bwd& b, BOperand w_t, Shard sh, Packs* packs) {
@@ -831,9 +830,9 @@ void backward_shard(const Bwd& b, BOperand w_t, Shard sh, Packs* packs) {
       for_rows(sh, team, [&](int64_t n) { gru_cho_bwd_rz(b, t, n); });
     }
     rec.run(step_source(b, sh, t, 0, rz), b.dh + sh.n0 * H);
-    if (s.kind == kGru && b.dzb != nullptr) {  // the GRU's products read gs: dzx's bf16 copy is one more pass
+    if (b.dnb != nullptr) {  // the GRU's dzb holds r * d(n), the products' n block; dW_ih's reads d(n)
       const int64_t row = t * s.N + sh.n0;
-      to_bf16_rows(b.dzx + row * G, b.dzb + row * G, M, G, 0, G);
+      to_bf16_rows(b.dzx + row * G + 2 * H, G, b.dnb + row * H, H, M, H);
     }
     end_bwd_step(b, sh, t);
   }
@@ -868,16 +867,18 @@ void recurrent_weight_grad(const Sizes& s, const void* a, BOperand b, int64_t ld
         .run(a, dw + g * d);
 }
 
-// The products after the loop: dW_ih = X^T dZx, dW_hh = H_prev^T dZh, and the bias sums; in bf16, dZx is read from
-// its copy dzb, made during the loop. (dx = dZx W_ih^T is a call of its own, input_grad, which XLA leaves out
-// where dx is not used.)
-void weight_grads(const Sizes& s, const float* x, const float* dzx, const bf16* dzb, const float* dzh_n,
-                  const float* hs_prev, const float* extra, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh) {
+// The products after the loop: dW_ih = X^T dZx, dW_hh = H_prev^T dZh, and the bias sums; in bf16 they read the
+// copies made during the loop: dzb, dZx's (the GRU's: dZh, [d(r), d(z), r * d(n)], with dnb holding dZx's n block
+// d(n)). (dx = dZx W_ih^T is a call of its own, input_grad, which XLA leaves out where dx is not used.)
+void weight_grads(const Sizes& s, const float* x, const float* dzx, const bf16* dzb, const bf16* dnb,
+                  const float* dzh_n, const float* hs_prev, const float* extra, float* dw_ih, float* dw_hh,
+                  float* db_ih, float* db_hh) {
   const int64_t R = s.T * s.N, F = s.F, H = s.H, G = s.G;
-  const bool b = s.use_bf16;
+  const bool b = s.use_bf16, gru_bf16 = dnb != nullptr;
   Operand xo(x, R * F, b), hpo(hs_prev, R * H, b);
   const BOperand dz = b ? BOperand(dzb) : BOperand(dzx);
-  Matmul(F, R, G, F, true, dz, G, false, G, b, false, false).run(xo.get(), dw_ih);
+  Matmul(F, R, gru_bf16 ? 2 * H : G, F, true, dz, G, false, G, b, false, false).run(xo.get(), dw_ih);
+  if (gru_bf16) Matmul(F, R, H, F, true, dnb, H, false, G, b, false, false).run(xo.get(), dw_ih + 2 * H);
   column_sums(dzx, R, G, G, db_ih);
   std::memcpy(db_hh, db_ih, sizeof(float) * G);
   if (s.kind == kGruCho) {  // W_hr, W_hz see h_prev; W_hn sees r*h (the extras)
@@ -886,10 +887,10 @@ void weight_grads(const Sizes& s, const float* x, const float* dzx, const bf16* 
     recurrent_weight_grad(s, rho.get(), dz.plus(2 * H), G, 2, 3, dw_hh);
     return;
   }
-  const int64_t blocks = s.kind == kGru ? 2 : G / H;  // the GRU's n block is computed from dzh_n below
-  recurrent_weight_grad(s, hpo.get(), dz, G, 0, blocks, dw_hh);
+  const bool n_apart = s.kind == kGru && !gru_bf16;  // float32: the GRU's n block is computed from dzh_n below
+  recurrent_weight_grad(s, hpo.get(), dz, G, 0, n_apart ? 2 : G / H, dw_hh);
   if (s.kind == kGru) {  // the n block of the recurrent part saw r * d(n)
-    recurrent_weight_grad(s, hpo.get(), dzh_n, H, 2, 3, dw_hh);
+    if (n_apart) recurrent_weight_grad(s, hpo.get(), dzh_n, H, 2, 3, dw_hh);
     column_sums(dzh_n, R, H, H, db_hh + 2 * H);
   }
 }
@@ -911,19 +912,21 @@ ffi::Error rnn_bwd(ffi::AnyBuffer x, ffi::AnyBuffer w_hh, ffi::AnyBuffer valid,
   std::memcpy(dc, dc_t.typed_data<float>(), sizeof(float) * N * H);
   std::vector<float> gs(kind == kGru ? N * G : 0), tmp(N * H), nsave(kind == kGruCho ? N * H : 0),
       drh(kind == kGruCho ? N * H : 0);
-  std::vector<bf16> srcb(use_bf16 && kind == kGru ? N * G : 0);
-  std::unique_ptr<bf16[]> dzb(use_bf16 ? new bf16[s.T * N * G] : nullptr);  // every element is written in the loop
+  // Every element of dzb and dnb is written in the loop.
+  std::unique_ptr<bf16[]> dzb(use_bf16 ? new bf16[s.T * N * G] : nullptr);
+  std::unique_ptr<bf16[]> dnb(use_bf16 && kind == kGru ? new bf16[s.T * N * H] : nullptr);
   if (use_bf16) advise_huge_pages(dzb.get(), sizeof(bf16) * s.T * N * G);
+  if (dnb) advise_huge_pages(dnb.get(), sizeof(bf16) * s.T * N * H);
   Bwd b{s, valid.element_count() ? valid.typed_data<uint8_t>() : nullptr,
         resets.element_count() ? resets.typed_data<uint8_t>() : nullptr, dys.typed_data<float>(),
         hs_prev.typed_data<float>(), extra.typed_data<float>(), dzx->typed_data<float>(),
         kind == kGru ? dzh_n->typed_data<float>() : nullptr, dh, kind == kLstm ? dc : nullptr, gs.data(), tmp.data(),
-        nsave.data(), drh.data(), srcb.data(), dzb.get()};
+        nsave.data(), drh.data(), dzb.get(), dnb.get()};
   Packs packs;
   const Operand w_t = Operand::transposed(w_hh.typed_data<float>(), s.heads, s.H / s.heads, s.G / s.heads, use_bf16);
   run_shards(s, [&](Shard sh) { backward_shard(b, w_t.b(), sh, &packs); });
   auto grads = [&] {
-    weight_grads(s, x.typed_data<float>(), dzx->typed_data<float>(), dzb.get(),
+    weight_grads(s, x.typed_data<float>(), dzx->typed_data<float>(), dzb.get(), dnb.get(),
                  kind == kGru ? dzh_n->typed_data<float>() : nullptr, hs_prev.typed_data<float>(),
                  extra.typed_data<float>(), dw_ih->typed_data<float>(),
                  dw_hh->typed_data<float>(), db_ih->typed_data<float>(), db_hh->typed_data<float>());
