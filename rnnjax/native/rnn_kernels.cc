@@ -245,7 +245,7 @@ void transpose_into(const float* in, T* out, int64_t count, int64_t rows, int64_
 // Weights are passed to the products this way, as plain row-major operands of the product's own type, copied
 // before the time loop's threads start: oneDNN packs such a weight on its fast path (a 2048 x 512 bf16 weight in
 // 0.04 ms on an AMD Zen 4), but a transposed or a float32-to-bf16 one on a generic one (1.3 ms and 0.6 ms), and on
-// the one thread that first needs it while the others wait: at LSTM B=64 T=8 H=512 in bf16 that was 2.3 ms of the
+// the one thread that first needs it while the others wait: at LSTM B=64 T=8 H=512 in bf16 that was 2.5 ms of the
 // 12.6 ms of forward and backward.
 class Operand {
  public:
