@@ -168,11 +168,6 @@ def _scheduled_lr(count, peak, warmup_steps, total_steps, end_fraction):
 # The train step
 
 
-def _all_finite(tree) -> Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def _select(pred, new, old):
     return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -195,7 +190,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       carry's) into ``k`` micro-batches, runs them one after the other and
       applies the mean of their gradients once: the update of a ``k`` times
       larger batch in the memory of one micro-batch.
-    - A step whose loss or gradients are not all finite is *skipped*: params
+    - A step whose loss or gradients are not all finite (or whose gradients' global norm
+      overflows float32) is *skipped*: params
       and optimiser state stay as they were (bit for bit) and
       ``metrics["skipped"]`` is 1. ``state.step`` still advances (it counts
       batches read), and so does the carry.
@@ -240,12 +236,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     def step(state: TrainState, batch, c=None):
         key = jax.random.fold_in(state.key, state.step)
         loss, grads, c = accumulated(state.params, batch, key, c)
-        finite = jnp.isfinite(loss) & _all_finite(grads)
+        # A NaN or an infinity in any gradient makes their global norm NaN or infinite too: one reduction (which
+        # clipping needs as well), not an isfinite pass over every gradient (0.5 ms of a 17 ms step of `rnnjax
+        # train charlm`).
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         params = _select(finite, params, state.params)
         opt_state = _select(finite, opt_state, state.opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": (~finite).astype(jnp.int32)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32)}
         return TrainState(state.step + 1, params, opt_state, state.key), c, metrics
 
     if carry:
