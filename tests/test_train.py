@@ -134,6 +134,10 @@ def test_non_finite_step_is_skipped_and_counted():
     step2 = train.make_train_step(inf_loss, opt, donate=False)
     s2, m = step2(state, {"x": state.params["w"]})
     assert np.isfinite(float(m["loss"])) and int(m["skipped"]) == 1 and _leaves_equal(s2.params, state.params)
+    # So is a finite gradient whose global norm overflows float32 (the check is on the norm): (1e20)^2 > 3.4e38.
+    step3 = train.make_train_step(lambda p, b, k: 1e20 * jnp.sum(p["w"]), opt, donate=False)
+    s3, m = step3(state, good)
+    assert np.isfinite(float(m["loss"])) and int(m["skipped"]) == 1 and _leaves_equal(s3.params, state.params)
 
 
 def test_gradient_accumulation_equals_one_big_batch():
