@@ -146,29 +146,30 @@ struct BOperand {
   }
 };
 
-// C[M, N] (+)= A[M, K] B[K, N] (+ bias[N]), C float32 with leading dim ldc (or a Batch of them). With `packed`, B
+// C[M, N] (+)= A[M, K] B[K, N] (+ bias[N]), C float32 with leading dim ldc (or a Batch of them); A row-major or
+// transposed, B row-major with leading dim ldb (a transposed weight is copied so, see Operand). With `packed`, B
 // is reordered once into oneDNN's preferred layout (for products run at every step); otherwise it is read in
 // place (a float32 B of a bf16 product as a bf16 copy). Each Matmul has its own stream, so threads running their
 // own Matmuls need no lock; called inside an OpenMP parallel region, oneDNN runs it on the calling thread alone.
 class Matmul {
  public:
-  Matmul(int64_t M, int64_t K, int64_t N, int64_t lda, bool a_transposed, BOperand b, int64_t ldb,
-         bool b_transposed, int64_t ldc, bool use_bf16, bool accumulate, bool packed, const float* bias = nullptr,
-         Batch batch = {}, Packs* packs = nullptr) {
+  Matmul(int64_t M, int64_t K, int64_t N, int64_t lda, bool a_transposed, BOperand b, int64_t ldb, int64_t ldc,
+         bool use_bf16, bool accumulate, bool packed, const float* bias = nullptr, Batch batch = {},
+         Packs* packs = nullptr) {
     auto& eng = cpu_engine();
     auto dt = op_type(use_bf16);
     auto a_md = matrix_desc(M, K, dt, lda, a_transposed);
-    auto b_plain = matrix_desc(K, N, b.type(), ldb, b_transposed);
-    auto b_md = packed ? memory::desc({K, N}, dt, memory::format_tag::any) : matrix_desc(K, N, dt, ldb, b_transposed);
+    auto b_plain = matrix_desc(K, N, b.type(), ldb, false);
+    auto b_md = packed ? memory::desc({K, N}, dt, memory::format_tag::any) : matrix_desc(K, N, dt, ldb, false);
     auto c_md = memory::desc({M, N}, memory::data_type::f32, {ldc, 1});
     auto bias_md = memory::desc({1, N}, memory::data_type::f32, {N, 1});
     const int64_t b_count = batch.b_stride > 0 ? batch.count : 1;
     if (batch.count > 0) {  // plain A and C with batch strides; B (and the bias) broadcast over the batch or not
       a_md = batch_desc(batch.count, M, K, dt, lda, a_transposed, batch.a_stride);
-      b_plain = batch_desc(b_count, K, N, b.type(), ldb, b_transposed,
-                           batch.b_stride > 0 ? batch.b_stride : K * ldb);
+      const int64_t b_stride = batch.b_stride > 0 ? batch.b_stride : K * ldb;
+      b_plain = batch_desc(b_count, K, N, b.type(), ldb, false, b_stride);
       b_md = packed ? memory::desc({b_count, K, N}, dt, memory::format_tag::any)
-                    : batch_desc(b_count, K, N, dt, ldb, b_transposed, batch.b_stride > 0 ? batch.b_stride : K * ldb);
+                    : batch_desc(b_count, K, N, dt, ldb, false, b_stride);
       c_md = memory::desc({batch.count, M, N}, memory::data_type::f32, {batch.c_stride, ldc, 1});
       bias_md = memory::desc({1, 1, N}, memory::data_type::f32, {N, N, 1});
     }
@@ -332,16 +333,16 @@ class GateProducts {
     const int64_t H = s.H, G = s.G, width = (g1 - g0) * H;
     const bool b16 = s.use_bf16;
     if (s.heads == 1) {
-      parts_.push_back(transposed ? std::make_unique<Matmul>(M, width, H, lda, false, w.plus(g0 * H * H), H, false,
-                                                             ldc, b16, accumulate, true, nullptr, Batch{}, packs)
-                                  : std::make_unique<Matmul>(M, H, width, lda, false, w.plus(g0 * H), G, false, ldc,
-                                                             b16, accumulate, true, nullptr, Batch{}, packs));
+      // Forward: W_hh's columns [g0 H, g1 H) (leading dim G); transposed: W_hh^T's rows [g0 H, g1 H) (leading dim H).
+      parts_.push_back(std::make_unique<Matmul>(M, transposed ? width : H, transposed ? H : width, lda, false,
+                                                w.plus(g0 * H * (transposed ? H : 1)), transposed ? H : G, ldc, b16,
+                                                accumulate, true, nullptr, Batch{}, packs));
       return;
     }
     const int64_t n = s.heads, d = H / n, gw = G / n;
     for (int64_t g = g0; g < g1; ++g)
-      parts_.push_back(std::make_unique<Matmul>(M, d, d, lda, false, transposed ? w.plus(g * d * d) : w.plus(g * d),
-                                                transposed ? d : gw, false, ldc, b16,
+      parts_.push_back(std::make_unique<Matmul>(M, d, d, lda, false, w.plus(g * d * (transposed ? d : 1)),
+                                                transposed ? d : gw, ldc, b16,
                                                 accumulate || (transposed && g > g0), true, nullptr,
                                                 Batch{n, d, d, d * gw}, packs));
   }
@@ -578,7 +579,7 @@ class Projection {
 
  private:
   std::unique_ptr<Matmul> product(int64_t rows) const {
-    return std::make_unique<Matmul>(rows, f_.s.F, f_.s.G, f_.s.F, false, f_.w_ih, f_.s.G, false, f_.s.G,
+    return std::make_unique<Matmul>(rows, f_.s.F, f_.s.G, f_.s.F, false, f_.w_ih, f_.s.G, f_.s.G,
                                     f_.s.use_bf16, false, true, f_.b_ih, Batch{}, f_.packs);
   }
 
@@ -859,10 +860,10 @@ void recurrent_weight_grad(const Sizes& s, const void* a, BOperand b, int64_t ld
                            float* dw) {
   const int64_t R = s.T * s.N, H = s.H, G = s.G;
   if (s.heads == 1)
-    return Matmul(H, R, (g1 - g0) * H, H, true, b, ldb, false, G, s.use_bf16, false, false).run(a, dw + g0 * H);
+    return Matmul(H, R, (g1 - g0) * H, H, true, b, ldb, G, s.use_bf16, false, false).run(a, dw + g0 * H);
   const int64_t n = s.heads, d = H / n, gw = G / n;
   for (int64_t g = g0; g < g1; ++g)
-    Matmul(d, R, d, H, true, b.plus((g - g0) * H), ldb, false, gw, s.use_bf16, false, false, nullptr,
+    Matmul(d, R, d, H, true, b.plus((g - g0) * H), ldb, gw, s.use_bf16, false, false, nullptr,
            Batch{n, d, d * gw, d})
         .run(a, dw + g * d);
 }
@@ -877,8 +878,8 @@ void weight_grads(const Sizes& s, const float* x, const float* dzx, const bf16* 
   const bool b = s.use_bf16, gru_bf16 = dnb != nullptr;
   Operand xo(x, R * F, b), hpo(hs_prev, R * H, b);
   const BOperand dz = b ? BOperand(dzb) : BOperand(dzx);
-  Matmul(F, R, gru_bf16 ? 2 * H : G, F, true, dz, G, false, G, b, false, false).run(xo.get(), dw_ih);
-  if (gru_bf16) Matmul(F, R, H, F, true, dnb, H, false, G, b, false, false).run(xo.get(), dw_ih + 2 * H);
+  Matmul(F, R, gru_bf16 ? 2 * H : G, F, true, dz, G, G, b, false, false).run(xo.get(), dw_ih);
+  if (gru_bf16) Matmul(F, R, H, F, true, dnb, H, G, b, false, false).run(xo.get(), dw_ih + 2 * H);
   column_sums(dzx, R, G, G, db_ih);
   std::memcpy(db_hh, db_ih, sizeof(float) * G);
   if (s.kind == kGruCho) {  // W_hr, W_hz see h_prev; W_hn sees r*h (the extras)
@@ -949,7 +950,7 @@ ffi::Error input_grad(ffi::AnyBuffer dzx, ffi::AnyBuffer w_ih, ffi::Result<ffi::
     Operand dzo(dzx.typed_data<float>(), R * G, use_bf16);
     advise_huge_pages(dx->untyped_data(), dx->size_bytes());
     const Operand w_t = Operand::transposed(w_ih.typed_data<float>(), 1, F, G, use_bf16);
-    Matmul product(R, G, F, G, false, w_t.b(), F, false, F, use_bf16, false, false);
+    Matmul product(R, G, F, G, false, w_t.b(), F, F, use_bf16, false, false);
     product.run(dzo.get(), dx->typed_data<float>());
   };
   if (loop_threads(zd[1]) == 1) {  // as the backward call's products after the loop
