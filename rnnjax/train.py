@@ -190,11 +190,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       carry's) into ``k`` micro-batches, runs them one after the other and
       applies the mean of their gradients once: the update of a ``k`` times
       larger batch in the memory of one micro-batch.
-    - A step whose loss or gradients are not all finite (or whose gradients' global norm
-      overflows float32) is *skipped*: params
-      and optimiser state stay as they were (bit for bit) and
-      ``metrics["skipped"]`` is 1. ``state.step`` still advances (it counts
-      batches read), and so does the carry.
+    - A step whose loss or gradients are not all finite (or whose gradients'
+      global norm overflows float32) is *skipped*: params and optimiser
+      state stay as they were (bit for bit) and ``metrics["skipped"]`` is 1.
+      ``state.step`` still advances (it counts batches read), and so does
+      the carry.
 
     ``metrics``: ``loss`` (before the update), ``grad_norm`` (before
     clipping) and ``skipped`` (0 or 1).
