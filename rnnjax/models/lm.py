@@ -54,6 +54,23 @@ CELLS: dict[str, tuple[Callable[..., Cell], dict]] = {
 OWN_BLOCKS: dict[str, tuple[Callable[..., L.Layer], int]] = {"mamba": (L.mamba_block, 2)}
 
 
+def cell_factory(fn: str, cell, cell_options: Mapping[str, Any] | None = None,
+                 dtype=None) -> tuple[Callable[[int], Cell], str]:
+    """``(hidden_size -> Cell, name)`` for a model's ``cell`` argument: a name in :data:`CELLS` (its default
+    options, then ``cell_options``) or a factory (given ``cell_options``); either also gets ``dtype=`` where
+    ``dtype`` is not None. ``fn`` names the model in error messages."""
+    policy = {} if dtype is None else {"dtype": dtype}
+    if isinstance(cell, str):
+        if cell not in CELLS:
+            require_choice(fn, "cell", cell, CELLS, fix="pass one of those names or a factory hidden_size -> Cell.")
+        factory, defaults = CELLS[cell]
+        return partial(factory, **{**defaults, **(cell_options or {}), **policy}), cell
+    if callable(cell):
+        return partial(cell, **{**(cell_options or {}), **policy}), getattr(cell, "__name__", "cell")
+    raise TypeError(f"{fn}: cell must be a name ({', '.join(CELLS)}) or a factory hidden_size -> Cell, "
+                    f"got {type(cell).__name__}.")
+
+
 class LMParams(NamedTuple):
     embed: Array  # [V, E]
     rnn: Any  # rnnjax.layers.StackParams
@@ -136,21 +153,7 @@ def language_model(vocab_size: int, *, cell: str | Callable[[int], Cell] = "lstm
         raise ValueError(f"{fn}: block=True adds each block's input to its output, so embed must equal hidden "
                          f"({H}), got embed={E}. Fix: leave embed unset or pass embed={H}.")
     require_rate(fn, "dropout", dropout)
-    if isinstance(cell, str):
-        if cell not in CELLS:
-            require_choice(fn, "cell", cell, CELLS, fix="pass one of those names or a factory hidden_size -> Cell.")
-        factory, defaults = CELLS[cell]
-        make_cell = partial(factory, **{**defaults, **(cell_options or {})})
-        cell_name = cell
-    elif callable(cell):
-        make_cell = partial(cell, **(cell_options or {}))
-        cell_name = getattr(cell, "__name__", "cell")
-    else:
-        raise TypeError(f"{fn}: cell must be a name ({', '.join(CELLS)}) or a factory hidden_size -> Cell, "
-                        f"got {type(cell).__name__}.")
-
-    if dtype is not None:
-        make_cell = partial(make_cell, dtype=dtype)
+    make_cell, cell_name = cell_factory(fn, cell, cell_options, dtype)
     embedding = L.embedding(V, E, dtype=dtype)
     if own_block is not None:
         make_block, expansion = own_block

@@ -41,11 +41,11 @@ import jax.numpy as jnp
 
 from rnnjax import layers as L
 from rnnjax import scan
-from rnnjax._checks import concrete_range, require_choice, require_rate
+from rnnjax._checks import concrete_range, require_rate
 from rnnjax.attention import DecoderCarry, attention_decoder, bind_memory
 from rnnjax.attention import attention as make_attention
 from rnnjax.cells.base import Cell, affine, check_size, compute_dtype
-from rnnjax.models.lm import CELLS
+from rnnjax.models.lm import cell_factory
 from rnnjax.types import Array, PRNGKey
 
 PAD, BOS, EOS = 0, 1, 2
@@ -95,19 +95,6 @@ class Seq2Seq(NamedTuple):
     src_vocab: int
     tgt_vocab: int
     name: str
-
-
-def _cell_factory(fn: str, cell, cell_options, dtype=None):
-    policy = {} if dtype is None else {"dtype": dtype}
-    if isinstance(cell, str):
-        if cell not in CELLS:
-            require_choice(fn, "cell", cell, CELLS, fix="pass one of those names or a factory hidden_size -> Cell.")
-        factory, defaults = CELLS[cell]
-        return partial(factory, **{**defaults, **(cell_options or {}), **policy}), cell
-    if callable(cell):
-        return partial(cell, **(cell_options or {}), **policy), getattr(cell, "__name__", "cell")
-    raise TypeError(f"{fn}: cell must be a name ({', '.join(CELLS)}) or a factory hidden_size -> Cell, "
-                    f"got {type(cell).__name__}.")
 
 
 def _check_src(fn: str, src, src_lengths):
@@ -164,8 +151,8 @@ def seq2seq(src_vocab: int, tgt_vocab: int, *, cell: str | Callable[[int], Cell]
     if bridge not in BRIDGES:
         raise ValueError(f"{fn}: unknown bridge {bridge!r}; expected 'dense' or 'zeros'. Fix: pass one of those.")
     require_rate(fn, "dropout", dropout)
-    make_enc, cell_name = _cell_factory(fn, cell, cell_options, dtype)
-    make_dec, _ = (make_enc, None) if decoder_cell is None else _cell_factory(fn, decoder_cell, cell_options, dtype)
+    make_enc, cell_name = cell_factory(fn, cell, cell_options, dtype)
+    make_dec, _ = (make_enc, None) if decoder_cell is None else cell_factory(fn, decoder_cell, cell_options, dtype)
 
     src_embedding = L.embedding(Vs, E, dtype=dtype)
     tgt_embedding = L.embedding(Vt, E, dtype=dtype)

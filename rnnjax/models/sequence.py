@@ -22,7 +22,6 @@ result: a padded batch gives the numbers of each sequence on its own.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 from rnnjax import layers as L
 from rnnjax._checks import require_choice, require_rate
 from rnnjax.cells.base import affine, check_size, compute_dtype
-from rnnjax.models.lm import CELLS
+from rnnjax.models.lm import cell_factory
 from rnnjax.types import Array, PRNGKey
 
 POOLINGS = ("last", "mean", "attention")
@@ -161,19 +160,6 @@ def chrono_init(params: SequenceParams, key: PRNGKey, t_max: float, cell: str) -
     return params._replace(rnn=params.rnn._replace(layers=fix(params.rnn.layers)))
 
 
-def _make_cell(fn: str, cell, cell_options, dtype=None):
-    policy = {} if dtype is None else {"dtype": dtype}
-    if isinstance(cell, str):
-        if cell not in CELLS:
-            require_choice(fn, "cell", cell, CELLS, fix="pass one of those names or a factory hidden_size -> Cell.")
-        factory, defaults = CELLS[cell]
-        return partial(factory, **{**defaults, **(cell_options or {}), **policy}), cell
-    if callable(cell):
-        return partial(cell, **(cell_options or {}), **policy), getattr(cell, "__name__", "cell")
-    raise TypeError(f"{fn}: cell must be a name ({', '.join(CELLS)}) or a factory hidden_size -> Cell, "
-                    f"got {type(cell).__name__}.")
-
-
 def _build(fn: str, outputs: int, *, input_size: int | None, vocab_size: int | None, embed: int | None,
            cell, layers: int, hidden: int, bidirectional: bool, dropout: float, pooling: str | None,
            cell_options, unroll, remat, hoist, backward, dtype=None, suffix: str = ""):
@@ -187,7 +173,7 @@ def _build(fn: str, outputs: int, *, input_size: int | None, vocab_size: int | N
     require_rate(fn, "dropout", dropout)
     if pooling is not None:
         require_choice(fn, "pooling", pooling, POOLINGS, fix="pass one of those, or None.")
-    make_cell, cell_name = _make_cell(fn, cell, cell_options, dtype)
+    make_cell, cell_name = cell_factory(fn, cell, cell_options, dtype)
     opts = dict(unroll=unroll, remat=remat, hoist=hoist, backward=backward)
     if bidirectional:
         rnn_layers = [L.bidirectional(make_cell(H), **opts) for _ in range(n_layers)]
