@@ -155,7 +155,25 @@ class BatchesView:
         return self
 
 
-class ExampleBatches:
+class IndexedBatches:
+    """Endless batches, batch ``i`` given by ``batch(i)``: iterating yields ``batch(position)`` and
+    advances ``position``, so setting ``position`` resumes a run where it stopped."""
+
+    position: int
+
+    def batch(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = self.batch(self.position)
+        self.position += 1
+        return b
+
+
+class ExampleBatches(IndexedBatches):
     """Shuffled mini-batches of a data set, every batch full: the examples are read in one
     permutation per epoch (seeded by ``seed`` and the epoch), the permutations end to end.
 
@@ -181,16 +199,8 @@ class ExampleBatches:
         idx = order[first - e0 * self.n: first - e0 * self.n + self.batch_size]
         return {k: v[idx] for k, v in self.arrays.items()}
 
-    def __iter__(self):
-        return self
 
-    def __next__(self) -> dict:
-        b = self.batch(self.position)
-        self.position += 1
-        return b
-
-
-class GeneratedBatches:
+class GeneratedBatches(IndexedBatches):
     """Batches made by ``make(rng, batch_size)`` from a NumPy generator seeded by ``(seed, i)``
     for batch ``i``: endless fresh data (synthetic tasks), resumable by ``position``."""
 
@@ -200,14 +210,6 @@ class GeneratedBatches:
 
     def batch(self, i: int) -> dict:
         return self.make(np.random.default_rng([self.seed, 1, i]), self.batch_size)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        b = self.batch(self.position)
-        self.position += 1
-        return b
 
 
 SHORTEST_BUCKET = 8

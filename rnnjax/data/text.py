@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from rnnjax import _checks
+from rnnjax.data.sequences import IndexedBatches
 
 Batch = Mapping[str, np.ndarray]
 
@@ -399,7 +400,7 @@ def _doc_start_mask(n: int, doc_starts, fn: str) -> np.ndarray:
 STAGGERS = ("spread", "consecutive")  # TokenStream(stagger=...): where the lanes' periodic fresh starts fall
 
 
-class TokenStream:
+class TokenStream(IndexedBatches):
     """Consecutive windows for stateful training with truncated backpropagation through time.
 
     The token ids are cut into ``batch_size`` contiguous *lanes*; batch ``j``
@@ -476,14 +477,6 @@ class TokenStream:
             phase = lanes * K // B if self.stagger == "spread" else lanes
             resets[(j + phase) % K == 0, 0] = True
         return {"x": self.ids[pos].astype(np.int32), "y": self.ids[pos + 1].astype(np.int32), "resets": resets}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        b = self.batch(self.position)
-        self.position += 1
-        return b
 
 
 def lanes(ids: np.ndarray, num_lanes: int, *, doc_starts=None) -> dict[str, np.ndarray]:
