@@ -256,10 +256,11 @@ def test_kernel_unavailable_falls_back_to_xla(monkeypatch):
     assert backend.describe(cell) == "xla (native cannot run it: this CPU lacks avx2 (the kernels need x86-64-v3))"
 
 
-@pytest.mark.parametrize("make", [lambda: cells.lstm(40), lambda: cells.gru(80, heads=2)], ids=["lstm40", "gru_2x40"])
+@pytest.mark.parametrize("make", [lambda: cells.lstm(50), lambda: cells.gru(100, heads=2)], ids=["lstm50", "gru_2x50"])
 def test_native_weight_copies_past_one_tile(make):
-    """The kernels copy W_hh (per head) and W_ih transposed in 32 x 32 tiles: 40 hidden units (or heads of 40)
-    and 37 input features span a full tile and a partial one in both directions, values and every gradient."""
+    """The kernels copy W_hh (per head) and W_ih transposed in tiles of 16 rows by 128 columns: 50 hidden units (or
+    heads of 50), 37 input features and 150-200 gate columns span full tiles and a partial one in both directions,
+    values and every gradient."""
     cell = make()
     params = cell.init(jax.random.key(3), 37)
     xs = jax.random.normal(jax.random.key(4), (9, T, 37))
